@@ -1,0 +1,278 @@
+"""Every default of a run, in typed dataclasses, and the loader that lets YAML and CLI override them.
+
+The defaults *are* the embedded demo: a tiny model built on first use and the bundled
+self-cognition set, so `python scripts/train.py` with no arguments trains something real.
+Shipped configs under configs/ override what a real model needs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ASSETS = Path(__file__).parent / "assets"
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message names the key, where it came from, and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    # A hub id, a local folder, or "builtin:tiny-qwen2" / "builtin:tiny-llama" (built offline by qlora_loop.tiny).
+    name_or_path: str = "builtin:tiny-qwen2"
+    trust_remote_code: bool = False
+    revision: str | None = None
+    # auto: bfloat16 where the device supports it, else float16 (with a warning about overflow).
+    compute_dtype: str = "auto"
+    gradient_checkpointing: bool = True
+    attn_implementation: str | None = None
+
+
+@dataclass
+class AdapterConfig:
+    kind: str = "lora"  # lora | adalora
+    # LoRA: the rank. AdaLoRA: the target average rank the budget shrinks to (peft's target_r).
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    # "auto" = every bnb.nn.Linear4bit except lm_head; or an explicit list of module-name suffixes.
+    target_modules: str | list[str] = "auto"
+    # AdaLoRA only. init_r: starting rank (default 1.5 x r). tinit / tfinal: fractions of the total
+    # optimizer steps spent before the budget starts shrinking / after it is frozen. delta_t: steps
+    # between two re-allocations.
+    init_r: int | None = None
+    tinit: float = 0.1
+    tfinal: float = 0.2
+    delta_t: int = 1
+    orth_reg_weight: float = 0.5
+    # Passed to peft's LoraConfig / AdaLoraConfig as is, e.g. {use_dora: true} or {use_rslora: true}.
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    train: str = str(ASSETS / "self_cognition.jsonl")
+    val: str | None = None
+    val_split: float = 0.1  # fraction of train held out when data.val is not given
+    max_length: int = 512
+    system_prompt: str | None = None  # added to rows that have no system turn
+    chat_template: str | None = None  # a Jinja string or a .jinja file, for tokenizers without one
+    num_workers: int = 0
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.05
+    scheduler: str = "cosine"  # cosine | linear | constant
+    optimizer: str = "paged_adamw_32bit"  # paged_adamw_32bit | paged_adamw_8bit
+    max_grad_norm: float = 1.0  # 0 disables clipping; the norm is logged either way
+    patience: int = 3  # evaluations without improvement before stopping
+    monitor: str = "val_loss"  # val_loss | train_loss
+    mode: str = "min"  # min | max
+    eval_every: int = 0  # also evaluate every N optimizer steps; 0 = once per epoch only
+    log_every: int = 1  # progress-bar refresh, in optimizer steps
+    seed: int = 42
+    mixed_precision: str = "auto"  # auto | no | bf16 | fp16; auto = the compute dtype on GPU, no on CPU
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output_dir: str = "outputs/self-cognition-tiny"
+
+
+CHOICES = {
+    "model.compute_dtype": ("auto", "bfloat16", "float16", "float32"),
+    "adapter.kind": ("lora", "adalora"),
+    "train.scheduler": ("cosine", "linear", "constant"),
+    "train.optimizer": ("paged_adamw_32bit", "paged_adamw_8bit"),
+    "train.monitor": ("val_loss", "train_loss"),
+    "train.mode": ("min", "max"),
+    "train.mixed_precision": ("auto", "no", "bf16", "fp16"),
+}
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults <- YAML file <- `key.path=value` overrides, checked key by key, then validated."""
+    cfg = Config()
+    if path is not None:
+        data, lines = _read_yaml(Path(path))
+        for key, value in _flatten(data):
+            _set(cfg, key, value, where=f"{path}:{lines.get(key, '?')}")
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key.path=value, e.g. train.lr=1e-4")
+        _set(cfg, key.strip(), yaml.safe_load(raw) if raw.strip() else None, where=f"override {item!r}")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that a type alone cannot express. Raises ConfigError naming key and fix."""
+    for key, allowed in CHOICES.items():
+        value = _get(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+    positive = ["adapter.r", "data.max_length", "train.epochs", "train.batch_size", "train.grad_accum",
+                "train.lr", "adapter.delta_t", "train.log_every"]
+    for key in positive:
+        if _get(cfg, key) <= 0:
+            raise ConfigError(f"{key}={_get(cfg, key)!r} must be > 0")
+    for key in ["adapter.dropout", "data.val_split", "train.warmup_ratio", "adapter.tinit", "adapter.tfinal"]:
+        if not 0 <= _get(cfg, key) < 1:
+            raise ConfigError(f"{key}={_get(cfg, key)!r} must be in [0, 1)")
+    for key in ["train.max_grad_norm", "train.weight_decay", "train.patience", "train.eval_every",
+                "adapter.orth_reg_weight", "data.num_workers"]:
+        if _get(cfg, key) < 0:
+            raise ConfigError(f"{key}={_get(cfg, key)!r} must be >= 0")
+    if cfg.adapter.kind == "adalora":
+        if cfg.adapter.tinit + cfg.adapter.tfinal >= 1:
+            raise ConfigError(
+                f"adapter.tinit + adapter.tfinal = {cfg.adapter.tinit + cfg.adapter.tfinal:g} leaves AdaLoRA no "
+                "steps to reallocate its rank budget; keep the sum below 1 (e.g. tinit=0.1 tfinal=0.2)")
+        if cfg.adapter.init_r is not None and cfg.adapter.init_r < cfg.adapter.r:
+            raise ConfigError(f"adapter.init_r={cfg.adapter.init_r} is below adapter.r={cfg.adapter.r}: AdaLoRA "
+                              "only shrinks ranks; set adapter.init_r >= adapter.r or leave it unset (1.5 x r)")
+    if cfg.train.monitor == "val_loss" and cfg.data.val is None and cfg.data.val_split == 0:
+        raise ConfigError("train.monitor=val_loss needs validation data: set data.val, or data.val_split > 0, "
+                          "or monitor train_loss with train.monitor=train_loss")
+    if isinstance(cfg.adapter.target_modules, str) and cfg.adapter.target_modules != "auto":
+        raise ConfigError(f"adapter.target_modules={cfg.adapter.target_modules!r}: use auto or a list of "
+                          "module names, e.g. [q_proj, v_proj]")
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def key_paths(cls: type = Config, prefix: str = "") -> list[str]:
+    """Every settable key, e.g. ['model.name_or_path', ..., 'output_dir']."""
+    paths = []
+    for f in dataclasses.fields(cls):
+        hint = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(hint):
+            paths += key_paths(hint, f"{prefix}{f.name}.")
+        else:
+            paths.append(prefix + f.name)
+    return paths
+
+
+# --- reading YAML with line numbers -------------------------------------------------------------
+
+def _read_yaml(path: Path) -> tuple[dict, dict[str, int]]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    try:
+        node = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{at}: not valid YAML: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        return {}, {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}:1: the top level must be a mapping of keys (model:, adapter:, data:, train:)")
+    lines: dict[str, int] = {}
+    _key_lines(node, "", lines)
+    return data, lines
+
+
+def _key_lines(node: yaml.Node, prefix: str, out: dict[str, int]) -> None:
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = prefix + str(key_node.value)
+            out[key] = key_node.start_mark.line + 1
+            _key_lines(value_node, key + ".", out)
+
+
+def _flatten(data: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    """{'train': {'lr': 1}} -> [('train.lr', 1)]; a section's dict is descended, a dict-typed value is not."""
+    items = []
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and _is_section(path):
+            items += _flatten(value, path + ".")
+        else:
+            items.append((path, value))
+    return items
+
+
+def _is_section(path: str) -> bool:
+    return dataclasses.is_dataclass(typing.get_type_hints(Config).get(path))
+
+
+# --- setting one key with a type check -----------------------------------------------------------
+
+def _set(cfg: Config, key: str, value: Any, where: str) -> None:
+    valid = key_paths()
+    if key not in valid:
+        close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+        hint = f"; did you mean {close[0]}?" if close else f"; valid keys: {', '.join(valid)}"
+        raise ConfigError(f"{where}: unknown config key {key!r}{hint}")
+    *parents, name = key.split(".")
+    obj = cfg
+    for part in parents:
+        obj = getattr(obj, part)
+    hint = typing.get_type_hints(type(obj))[name]
+    setattr(obj, name, _coerce(value, hint, key, where))
+
+
+def _coerce(value: Any, hint: Any, key: str, where: str) -> Any:
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    for option in options:
+        if option is type(None) and value is None:
+            return None
+        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if option is float and isinstance(value, str) and _is_number(value):
+            return float(value)  # YAML 1.1 reads `1e-4` (no dot) as a string
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if option in (str, bool, dict) and isinstance(value, option):
+            return value
+        if typing.get_origin(option) is list and isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return value
+    expected = " or ".join(_type_name(o) for o in options)
+    raise ConfigError(f"{where}: {key} must be {expected}, got {value!r} ({type(value).__name__})")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _type_name(t: Any) -> str:
+    if t is type(None):
+        return "null"
+    if typing.get_origin(t) is list:
+        return "a list of strings"
+    return {str: "a string", int: "an integer", float: "a number", bool: "true/false", dict: "a mapping"}[t]
+
+
+def _get(cfg: Config, key: str) -> Any:
+    obj = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj

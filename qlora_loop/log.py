@@ -1,0 +1,83 @@
+"""What a run shows and writes: rich progress and tables on the main process, history.jsonl and
+summary.json in the output folder. Every method is a no-op on the other processes."""
+
+from __future__ import annotations
+
+import json
+import resource
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+HISTORY_COLUMNS = ("epoch", "train_loss", "val_loss", "lr", "grad_norm", "train_tokens", "seconds",
+                   "tokens_per_second", "peak_memory_bytes")
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """CUDA max allocated on a GPU; the process's peak resident set on a CPU (Linux reports KiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class RunLog:
+    def __init__(self, accelerator, output_dir: str | Path):
+        self.output_dir = Path(output_dir)
+        self.console = Console()
+        self.progress: Progress | None = None
+        self.table = Table(title="epochs")
+        for column in ("epoch", "train_loss", "val_loss", "lr", "grad_norm", "tok/s", "seconds"):
+            self.table.add_column(column, justify="right")
+        # Everything that prints or writes runs on the main process only.
+        for name in ("print", "data_report", "model_report", "epoch_start", "step", "epoch_end", "summary"):
+            setattr(self, name, accelerator.on_main_process(getattr(self, name)))
+
+    def print(self, *args) -> None:
+        self.console.print(*args)
+
+    def data_report(self, stats: dict) -> None:
+        table = Table(title="data")
+        for column in ("split", "rows", "truncated", "dropped", "examples", "target tokens"):
+            table.add_column(column, justify="right")
+        for split, s in stats.items():
+            table.add_row(split, str(s.rows), str(s.truncated), str(s.dropped), str(s.examples), str(s.target_tokens))
+        self.console.print(table)
+        for split, s in stats.items():
+            if s.dropped:
+                shown = ", ".join(s.dropped_where[:5]) + (" ..." if s.dropped > 5 else "")
+                self.console.print(f"[yellow]{split}: {s.dropped} rows dropped, no assistant token left within "
+                                   f"data.max_length: {shown}")
+
+    def model_report(self, targets: list[str], trainable: int, total: int) -> None:
+        self.console.print(f"LoRA targets (every Linear4bit but lm_head): [bold]{', '.join(targets)}[/]")
+        self.console.print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
+
+    def epoch_start(self, epoch: int, epochs: int, steps: int) -> None:
+        self.progress = Progress(TextColumn(f"epoch {epoch}/{epochs}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                                 console=self.console, transient=False)
+        self.progress.start()
+        self.task = self.progress.add_task("train", total=steps, stats="")
+
+    def step(self, result, tokens_per_second: float) -> None:
+        stats = f"loss {result.loss:.4f}  lr {result.lr:.2e}  gnorm {result.grad_norm:.3f}  {tokens_per_second:,.0f} tok/s"
+        self.progress.update(self.task, advance=1, stats=stats)
+
+    def epoch_end(self, row: dict) -> None:
+        self.progress.stop()
+        val = "-" if row["val_loss"] is None else f"{row['val_loss']:.4f}"
+        self.table.add_row(str(row["epoch"]), f"{row['train_loss']:.4f}", val, f"{row['lr']:.2e}",
+                           f"{row['grad_norm']:.3f}", f"{row['tokens_per_second']:,.0f}", f"{row['seconds']:.1f}")
+        self.console.print(self.table)
+        with open(self.output_dir / "history.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps({k: row[k] for k in HISTORY_COLUMNS}) + "\n")
+
+    def summary(self, summary: dict) -> None:
+        (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        table = Table(title="summary", show_header=False)
+        for key, value in summary.items():
+            table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+        self.console.print(table)

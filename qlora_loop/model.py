@@ -1,0 +1,139 @@
+"""Tokenizer; 4-bit NF4 base -> every Linear4bit found -> k-bit preparation -> LoRA or AdaLoRA."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+
+import bitsandbytes as bnb
+import torch
+from peft import AdaLoraConfig, LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from peft.tuners.adalora import AdaLoraModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+
+class ModelError(ValueError):
+    """The model or tokenizer cannot be used as configured; the message says which key to change."""
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, revision: str | None = None,
+                   chat_template: str | None = None):
+    """The tokenizer, with a chat template (the config's wins) and a pad token (EOS if it has none)."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code,
+                                                  revision=revision)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"model.name_or_path={name_or_path!r}: cannot load a tokenizer "
+                         f"({str(e).splitlines()[0]}); give a local folder or a hub id you can reach") from None
+    if chat_template is not None:
+        tokenizer.chat_template = (Path(chat_template).read_text(encoding="utf-8")
+                                   if chat_template.endswith(".jinja") else chat_template)
+    if not tokenizer.chat_template:
+        raise ModelError(f"the tokenizer of {name_or_path} has no chat template; set data.chat_template "
+                         "to a Jinja template string or a .jinja file")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # safe: padding is masked by position, see data.collate
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def resolve_compute_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type != "cuda" or torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    warnings.warn("this GPU has no bfloat16: computing in float16, which can overflow in long or "
+                  "large-activation runs; watch for non-finite losses", stacklevel=2)
+    return torch.float16
+
+
+def load_base_model(name_or_path: str, device: torch.device, compute_dtype: torch.dtype = torch.bfloat16,
+                    gradient_checkpointing: bool = True, trust_remote_code: bool = False,
+                    revision: str | None = None, attn_implementation: str | None = None):
+    """The base model in 4-bit NF4 with double quantisation, frozen and prepared for k-bit training.
+    Each process loads onto its own device, so several ranks never share one GPU's copy."""
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                      bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype)
+    device_map = {"": device.index if device.type == "cuda" else str(device)}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path, quantization_config=quantization, device_map=device_map, dtype=compute_dtype,
+            trust_remote_code=trust_remote_code, revision=revision, attn_implementation=attn_implementation)
+    except OSError as e:
+        raise ModelError(f"model.name_or_path={name_or_path!r}: cannot load the model "
+                         f"({str(e).splitlines()[0]})") from None
+    model.config.use_cache = False  # the KV cache is useless while training and costs memory
+    return prepare_model_for_kbit_training(
+        model, use_gradient_checkpointing=gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def find_linear4bit_targets(model) -> list[str]:
+    """Names of every bnb.nn.Linear4bit except lm_head, as short suffixes when they are unambiguous."""
+    full = [name for name, module in model.named_modules()
+            if isinstance(module, bnb.nn.Linear4bit) and name.split(".")[-1] != "lm_head"]
+    if not full:
+        raise ModelError("no bnb.nn.Linear4bit layer found: the base was not loaded in 4-bit")
+    suffixes = sorted({name.split(".")[-1] for name in full})
+    # A suffix is only safe if every module carrying it is 4-bit (peft matches by suffix).
+    matched = [name for name, _ in model.named_modules() if name.split(".")[-1] in suffixes]
+    return suffixes if len(matched) == len(full) else full
+
+
+def add_adapter(model, kind: str = "lora", r: int = 16, alpha: float = 32.0, dropout: float = 0.05,
+                target_modules: str | list[str] = "auto", total_steps: int | None = None,
+                init_r: int | None = None, tinit: float = 0.1, tfinal: float = 0.2, delta_t: int = 1,
+                orth_reg_weight: float = 0.5, extra: dict | None = None) -> PeftModel:
+    """Wrap the prepared base in a LoRA or AdaLoRA adapter. AdaLoRA needs `total_steps` (optimizer
+    steps of the whole run) to schedule its rank budget; tinit/tfinal are fractions of it."""
+    targets = find_linear4bit_targets(model) if target_modules == "auto" else list(target_modules)
+    common = dict(lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM",
+                  **(extra or {}))
+    try:
+        if kind == "lora":
+            config = LoraConfig(r=r, **common)
+        else:
+            if not total_steps:
+                raise ModelError("AdaLoRA needs the run's total optimizer steps to schedule its rank budget")
+            t_init, t_final = int(tinit * total_steps), int(tfinal * total_steps)
+            if t_init >= total_steps - t_final:
+                raise ModelError(f"AdaLoRA has {total_steps} optimizer steps, too few to shrink ranks after "
+                                 f"adapter.tinit={tinit} and before adapter.tfinal={tfinal}; train more steps "
+                                 "(train.epochs) or lower adapter.tinit / adapter.tfinal")
+            config = AdaLoraConfig(target_r=r, init_r=init_r or math.ceil(1.5 * r), tinit=t_init,
+                                   tfinal=t_final, deltaT=delta_t, orth_reg_weight=orth_reg_weight,
+                                   total_step=total_steps, **common)
+    except TypeError as e:
+        raise ModelError(f"adapter.extra: {e}; see peft's {'LoraConfig' if kind == 'lora' else 'AdaLoraConfig'} "
+                         "for the accepted options") from None
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:
+        raise ModelError(f"adapter.target_modules={targets}: {e}") from None
+
+
+def adalora_of(model) -> AdaLoraModel | None:
+    """The AdaLoraModel inside an (unwrapped) PeftModel, or None for LoRA."""
+    base = getattr(model, "base_model", None)
+    return base if isinstance(base, AdaLoraModel) else None
+
+
+def adalora_orth_reg(adalora: AdaLoraModel) -> torch.Tensor:
+    """AdaLoRA's orthogonality regulariser, mean over its P and Q matrices of ||PP^T - I||_F.
+    peft adds it only when the model computes the loss itself from `labels`; our loss function
+    does not pass labels, so the StepRunner adds it explicitly. Same formula as peft."""
+    adapter = adalora.trainable_adapter_name
+    terms = []
+    for name, p in adalora.model.named_parameters():
+        if ("lora_A" in name or "lora_B" in name) and adapter in name:
+            cov = p @ p.T if "lora_A" in name else p.T @ p
+            terms.append(torch.linalg.matrix_norm(cov - torch.eye(*cov.shape, device=cov.device, dtype=cov.dtype)))
+    return torch.stack(terms).mean()
+
+
+def trainable_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts; 4-bit weights count as stored (two per byte)."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() * (2 if isinstance(p, bnb.nn.Params4bit) else 1) for p in model.parameters())
+    return trainable, total

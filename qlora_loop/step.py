@@ -1,0 +1,90 @@
+"""StepRunner: one optimizer step over its micro-batches, and the loss it is given.
+
+The runner never reads the config, never saves and never prints; `fit` calls it once per
+optimizer step with that step's micro-batches (`grad_accum` of them, fewer at an epoch's end).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from qlora_loop.data import IGNORE
+from qlora_loop.model import adalora_of, adalora_orth_reg
+
+
+def causal_lm_loss(model, batch: dict) -> torch.Tensor:
+    """Per-sample *sum* of next-token cross-entropy over trained tokens, shape [batch].
+
+    A loss function takes (model, batch) and returns per-sample sums; the runner divides by the
+    target-token count of the whole step. Swap in another objective by passing another function.
+    """
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:]
+    losses = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
+                             ignore_index=IGNORE, reduction="none")
+    return losses.view(labels.shape).sum(dim=1)
+
+
+def count_targets(batch: dict) -> int:
+    return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean cross-entropy per target token of this step, over all processes
+    grad_norm: float  # before clipping
+    lr: float  # the learning rate this step used
+    tokens: int  # non-padding tokens through forward, all processes
+    target_tokens: int  # loss-bearing tokens, all processes
+
+
+class StepRunner:
+    def __init__(self, model, optimizer, scheduler, accelerator, loss_fn=causal_lm_loss,
+                 max_grad_norm: float = 1.0, step: int = 0):
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.accelerator, self.loss_fn, self.max_grad_norm = accelerator, loss_fn, max_grad_norm
+        self.step = step  # optimizer steps taken so far
+        self.adalora = adalora_of(accelerator.unwrap_model(model))
+
+    def __call__(self, micro_batches: list[dict]) -> StepResult:
+        accelerator, model = self.accelerator, self.model
+        model.train()
+        # Normalise by the target tokens of the whole step on all processes, so a step is the mean
+        # over its tokens whatever the split into micro-batches and ranks. DDP averages gradients
+        # over ranks, hence the x num_processes.
+        local = torch.tensor([count_targets(b) for b in micro_batches], device=accelerator.device).sum()
+        n_targets = int(accelerator.reduce(local, "sum"))
+        scale = accelerator.num_processes / max(n_targets, 1)  # max(): a step with no targets is a no-op, not NaN
+        loss_sum = torch.zeros((), device=accelerator.device)
+        for i, batch in enumerate(micro_batches):
+            # Gradients are all-reduced once per step, on the last micro-batch only.
+            last = i == len(micro_batches) - 1
+            with contextlib.nullcontext() if last else accelerator.no_sync(model):
+                with accelerator.autocast():
+                    per_sample = self.loss_fn(model, batch)
+                    loss = per_sample.sum() * scale
+                    if self.adalora is not None:  # spread over the window: added once per step
+                        weight = self.adalora.peft_config[self.adalora.trainable_adapter_name].orth_reg_weight
+                        loss = loss + weight * adalora_orth_reg(self.adalora) / len(micro_batches)
+                accelerator.backward(loss)
+            loss_sum += per_sample.detach().sum().float()
+
+        # Clip (or, with max_grad_norm 0, only measure) the norm; accelerate unscales fp16 first.
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), self.max_grad_norm or math.inf)
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        if self.adalora is not None:  # needs this step's gradients, so before zero_grad
+            self.adalora.update_and_allocate(self.step)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+
+        tokens = accelerator.reduce(sum(b["attention_mask"].sum() for b in micro_batches), "sum")
+        loss = accelerator.reduce(loss_sum, "sum") / max(n_targets, 1)  # .item() below syncs with the GPU
+        return StepResult(loss=loss.item(), grad_norm=float(grad_norm), lr=lr, tokens=int(tokens),
+                          target_tokens=n_targets)
