@@ -107,6 +107,15 @@ CHOICES = {
     "train.mixed_precision": ("auto", "no", "bf16", "fp16"),
 }
 
+# Names other trainers use (transformers' TrainingArguments, peft) that string similarity alone
+# maps to the wrong key (difflib suggests train.warmup_ratio for learning_rate).
+ALIASES = {
+    "learning_rate": "train.lr", "num_train_epochs": "train.epochs", "num_epochs": "train.epochs",
+    "per_device_train_batch_size": "train.batch_size", "gradient_accumulation_steps": "train.grad_accum",
+    "lora_r": "adapter.r", "lora_alpha": "adapter.alpha", "lora_dropout": "adapter.dropout",
+    "max_seq_length": "data.max_length", "cutoff_len": "data.max_length",
+}
+
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """Defaults <- YAML file <- `key.path=value` overrides, checked key by key, then validated."""
@@ -133,14 +142,14 @@ def validate(cfg: Config) -> None:
     positive = ["adapter.r", "data.max_length", "train.epochs", "train.batch_size", "train.grad_accum",
                 "train.lr", "adapter.delta_t", "train.log_every"]
     for key in positive:
-        if _get(cfg, key) <= 0:
+        if not _get(cfg, key) > 0:  # written so that NaN fails too
             raise ConfigError(f"{key}={_get(cfg, key)!r} must be > 0")
     for key in ["adapter.dropout", "data.val_split", "train.warmup_ratio", "adapter.tinit", "adapter.tfinal"]:
         if not 0 <= _get(cfg, key) < 1:
             raise ConfigError(f"{key}={_get(cfg, key)!r} must be in [0, 1)")
     for key in ["train.max_grad_norm", "train.weight_decay", "train.patience", "train.eval_every",
                 "adapter.orth_reg_weight", "data.num_workers"]:
-        if _get(cfg, key) < 0:
+        if not _get(cfg, key) >= 0:
             raise ConfigError(f"{key}={_get(cfg, key)!r} must be >= 0")
     if cfg.adapter.kind == "adalora":
         if cfg.adapter.tinit + cfg.adapter.tfinal >= 1:
@@ -192,16 +201,19 @@ def _read_yaml(path: Path) -> tuple[dict, dict[str, int]]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}:1: the top level must be a mapping of keys (model:, adapter:, data:, train:)")
     lines: dict[str, int] = {}
-    _key_lines(node, "", lines)
+    _key_lines(node, "", lines, path)
     return data, lines
 
 
-def _key_lines(node: yaml.Node, prefix: str, out: dict[str, int]) -> None:
+def _key_lines(node: yaml.Node, prefix: str, out: dict[str, int], path: Path) -> None:
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
             key = prefix + str(key_node.value)
-            out[key] = key_node.start_mark.line + 1
-            _key_lines(value_node, key + ".", out)
+            line = key_node.start_mark.line + 1
+            if key in out:  # PyYAML keeps the last value silently, so an edit to the first would be ignored
+                raise ConfigError(f"{path}:{line}: {key} is set twice (also on line {out[key]}); keep one")
+            out[key] = line
+            _key_lines(value_node, key + ".", out, path)
 
 
 def _flatten(data: dict, prefix: str = "") -> list[tuple[str, Any]]:
@@ -209,6 +221,8 @@ def _flatten(data: dict, prefix: str = "") -> list[tuple[str, Any]]:
     items = []
     for key, value in data.items():
         path = f"{prefix}{key}"
+        if _is_section(path) and value is None:
+            continue  # a section whose keys are all commented out
         if isinstance(value, dict) and _is_section(path):
             items += _flatten(value, path + ".")
         else:
@@ -224,8 +238,12 @@ def _is_section(path: str) -> bool:
 
 def _set(cfg: Config, key: str, value: Any, where: str) -> None:
     valid = key_paths()
+    if _is_section(key):
+        raise ConfigError(f"{where}: {key} is a section, not a value; set its keys, e.g. "
+                          f"{next(k for k in valid if k.startswith(key + '.'))}")
     if key not in valid:
-        close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+        alias = ALIASES.get(key.split(".")[-1])
+        close = [alias] if alias else difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
         hint = f"; did you mean {close[0]}?" if close else f"; valid keys: {', '.join(valid)}"
         raise ConfigError(f"{where}: unknown config key {key!r}{hint}")
     *parents, name = key.split(".")

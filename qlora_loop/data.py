@@ -9,6 +9,7 @@ every other token has label -100.
 
 from __future__ import annotations
 
+import codecs
 import json
 import math
 import random
@@ -52,8 +53,9 @@ def read_rows(path: str | Path) -> list[tuple[int, object]]:
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not UTF-8 text ({e.reason} at byte {e.start}); re-save the file as UTF-8") from None
+        start = e.start + (len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0)  # counted after the BOM
+        line = raw[:start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text ({e.reason} at byte {start}); re-save the file as UTF-8") from None
     stripped = text.lstrip()
     rows = _read_json_array(text, path) if stripped.startswith("[") else _read_jsonl(text, path)
     if not rows:
@@ -63,7 +65,8 @@ def read_rows(path: str | Path) -> list[tuple[int, object]]:
 
 def _read_jsonl(text: str, path: Path) -> list[tuple[int, object]]:
     rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    # split("\n"), not splitlines(): JSON strings may hold U+2028, U+0085 or \f, which splitlines breaks on.
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -90,6 +93,10 @@ def _read_json_array(text: str, path: Path) -> list[tuple[int, object]]:
         raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
     if i >= len(text):
         raise DataError(f"{path}:{text.count(chr(10)) + 1}: invalid JSON (the array is never closed with ']')")
+    after = _skip_space(text, i + 1)
+    if after < len(text):  # e.g. two arrays concatenated: the second would be silently lost
+        raise DataError(f"{path}:{text.count(chr(10), 0, after) + 1}: invalid JSON (text after the array's "
+                        "closing ']'); a file holds one array, or one object per line")
     return rows
 
 
@@ -208,8 +215,10 @@ def tokenize_conversation(tokenizer, messages: list[dict], max_length: int) -> t
     text, spans = render_with_spans(tokenizer, messages)
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = encoded["input_ids"]
-    labels = [tok if any(s <= begin < e for s, e in spans) else IGNORE
-              for tok, (begin, _) in zip(ids, encoded["offset_mapping"])]
+    # A token that starts before a span but runs into it is trained too: a prompt ending in a space
+    # ("assistant: ") merges that space into the answer's first token ("Ġhel"), which must be learned.
+    labels = [tok if any(s <= begin < e or begin < s < end for s, e in spans) else IGNORE
+              for tok, (begin, end) in zip(ids, encoded["offset_mapping"])]
     truncated = len(ids) > max_length
     return ids[:max_length], labels[:max_length], truncated
 

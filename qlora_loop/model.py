@@ -108,9 +108,16 @@ def add_adapter(model, kind: str = "lora", r: int = 16, alpha: float = 32.0, dro
         raise ModelError(f"adapter.extra: {e}; see peft's {'LoraConfig' if kind == 'lora' else 'AdaLoraConfig'} "
                          "for the accepted options") from None
     try:
-        return get_peft_model(model, config)
+        model = get_peft_model(model, config)
     except ValueError as e:
         raise ModelError(f"adapter.target_modules={targets}: {e}") from None
+    # peft leaves AdaLoRA's `ranknum` (the fixed init_r its updates are divided by) trainable, so
+    # the optimizer would drift it; peft's loader restores init_r, and the saved adapter would then
+    # compute something else than the trained one.
+    for name, param in model.named_parameters():
+        if ".ranknum." in name:
+            param.requires_grad_(False)
+    return model
 
 
 def adalora_of(model) -> AdaLoraModel | None:

@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny models built offline once per session, loaded through from_pretrained,
+and a helper that runs scripts/train.py in-process."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from qlora_loop.model import add_adapter, load_base_model, load_tokenizer
+from qlora_loop.tiny import build_tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory) -> Path:
+    """Qwen2 architecture, ChatML template, pad token distinct from EOS."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-qwen2"), arch="qwen2")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """Llama architecture, Llama-2 [INST] template, no pad token (so pad = EOS)."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), arch="llama")
+
+
+@pytest.fixture(scope="session")
+def qwen2_tokenizer(tiny_qwen2):
+    return load_tokenizer(str(tiny_qwen2))
+
+
+@pytest.fixture(scope="session")
+def llama_tokenizer(tiny_llama):
+    return load_tokenizer(str(tiny_llama))
+
+
+@pytest.fixture
+def accelerator():
+    return Accelerator(mixed_precision="no")
+
+
+def peft_model(path, kind: str = "lora", seed: int = 0, **adapter):
+    """The real 4-bit base + adapter, as scripts/train.py builds it."""
+    torch.manual_seed(seed)
+    base = load_base_model(str(path), torch.device("cpu"), torch.bfloat16)
+    return add_adapter(base, kind, **adapter)
+
+
+@pytest.fixture(scope="session")
+def train_main():
+    """scripts/train.py's main(argv), imported from the checkout."""
+    spec = importlib.util.spec_from_file_location("qlora_loop_train_script", ROOT / "scripts" / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module.main
