@@ -213,6 +213,9 @@ def render_with_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[
 def tokenize_conversation(tokenizer, messages: list[dict], max_length: int) -> tuple[list[int], list[int], bool]:
     """(input_ids, labels, truncated). Labels copy the ids of trained tokens, -100 elsewhere."""
     text, spans = render_with_spans(tokenizer, messages)
+    if not tokenizer.is_fast:  # slow (Python) tokenizers, e.g. Baichuan2's, give no offsets
+        ids, labels = tokenize_by_pieces(tokenizer, text, spans)
+        return ids[:max_length], labels[:max_length], len(ids) > max_length
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = encoded["input_ids"]
     # A token that starts before a span but runs into it is trained too: a prompt ending in a space
@@ -221,6 +224,18 @@ def tokenize_conversation(tokenizer, messages: list[dict], max_length: int) -> t
               for tok, (begin, end) in zip(ids, encoded["offset_mapping"])]
     truncated = len(ids) > max_length
     return ids[:max_length], labels[:max_length], truncated
+
+
+def tokenize_by_pieces(tokenizer, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
+    """Tokenize the text between span edges piece by piece, each piece trained or not as a whole.
+    For tokenizers without offset mappings; a merge across a span edge is not made."""
+    cuts = sorted({0, len(text), *(edge for span in spans for edge in span)})
+    ids, labels = [], []
+    for begin, end in zip(cuts, cuts[1:]):
+        piece = tokenizer(text[begin:end], add_special_tokens=False)["input_ids"]
+        ids += piece
+        labels += piece if any(s <= begin < e for s, e in spans) else [IGNORE] * len(piece)
+    return ids, labels
 
 
 def build_examples(tokenizer, conversations: list[Conversation], max_length: int) -> tuple[list[dict], DataStats]:

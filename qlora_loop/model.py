@@ -29,7 +29,7 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, revision:
     if chat_template is not None:
         tokenizer.chat_template = (Path(chat_template).read_text(encoding="utf-8")
                                    if chat_template.endswith(".jinja") else chat_template)
-    if not tokenizer.chat_template:
+    if not (tokenizer.chat_template or "").strip():
         raise ModelError(f"the tokenizer of {name_or_path} has no chat template; set data.chat_template "
                          "to a Jinja template string or a .jinja file")
     if tokenizer.pad_token is None:

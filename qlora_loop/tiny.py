@@ -51,14 +51,16 @@ LM_HEAD_STD = 0.1  # bump when the builder changes, so stale caches are not reus
 
 def build_tiny_model(out_dir: str | Path, arch: str = "qwen2", hidden_size: int = 128, num_layers: int = 2,
                      vocab_size: int = 1024, seed: int = 0, chat_template: str | None = None) -> Path:
-    """Write a random-weight `arch` model and a tokenizer trained on the bundled texts to `out_dir`."""
+    """Write a random-weight `arch` model and a tokenizer trained on the bundled texts to `out_dir`.
+    chat_template: None = the arch's own (ChatML / Llama-2), "" = none, else that Jinja string."""
     config_cls, specials, eos, pad, template = ARCHS[arch]
     out_dir = Path(out_dir)
     tokenizer = _train_tokenizer(specials, vocab_size)
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=eos, pad_token=pad,
                                    bos_token="<s>" if arch == "llama" else None,
                                    unk_token="<unk>" if arch == "llama" else None)
-    fast.chat_template = chat_template or template
+    if chat_template != "":  # "" builds a tokenizer without a template
+        fast.chat_template = template if chat_template is None else chat_template
     fast.save_pretrained(out_dir)
 
     config = config_cls(

@@ -13,7 +13,7 @@ import torch
 
 from qlora_loop.data import (
     IGNORE, DataError, build_dataloaders, build_datasets, build_examples, collate, load_conversations,
-    read_rows, render_with_spans, steps_per_epoch, tokenize_conversation,
+    read_rows, render_with_spans, steps_per_epoch, tokenize_by_pieces, tokenize_conversation,
 )
 from qlora_loop.model import load_tokenizer
 
@@ -126,6 +126,17 @@ def test_llama2_trains_each_answer_and_its_eos(llama_tokenizer, case):
     ids, labels = check_runs(llama_tokenizer, *LLAMA2_CASES[case])
     assert labels[-1] == llama_tokenizer.eos_token_id
     assert llama_tokenizer.bos_token_id not in labels
+
+
+@pytest.mark.parametrize("fixture", ["qwen2_tokenizer", "llama_tokenizer"])
+def test_piecewise_tokenization_for_slow_tokenizers_trains_the_same_spans(request, fixture):
+    """Slow tokenizers (Baichuan2's) have no offsets, so the text is tokenized span by span."""
+    tokenizer = request.getfixturevalue(fixture)
+    text, spans = render_with_spans(tokenizer, CHINESE)
+    ids, labels = tokenize_by_pieces(tokenizer, text, spans)
+    trained = [t for ok, t in runs(tokenizer, ids, labels) if ok]
+    assert trained == [text[s:e] for s, e in spans]
+    assert tokenizer.decode(ids) == tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def test_spans_are_character_ranges_of_the_rendered_text(qwen2_tokenizer, llama_tokenizer):

@@ -1,0 +1,36 @@
+"""The README's promises: its two set-up commands, CI running the test one, every key documented,
+every script and config opening with the command that runs it."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from qlora_loop.config import key_paths
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def setup_commands() -> list[str]:
+    quick_start = README.split("## Quick start")[1].split("\n## ")[0]
+    return re.findall(r"```bash\n(.+?)\n```", quick_start)
+
+
+def test_readme_has_exactly_two_setup_commands_and_ci_runs_the_test_one():
+    train, test = setup_commands()
+    assert train.endswith("accelerate launch scripts/train.py") and "pip install" in train
+    assert test.endswith("python -m pytest -q") and ".[test]" in test
+    assert test in (ROOT / ".ci" / "run").read_text()
+
+
+def test_every_config_key_is_in_the_reference():
+    reference = README.split("## Config reference")[1]
+    missing = [key for key in key_paths() if f"| `{key}` |" not in reference]
+    assert not missing
+
+
+def test_scripts_and_configs_start_with_their_command():
+    for path in [*ROOT.glob("scripts/*.py"), *ROOT.glob("configs/*.yaml")]:
+        first = path.read_text(encoding="utf-8").splitlines()[0]
+        assert first.startswith("# ") and str(path.relative_to(ROOT)) in first, path

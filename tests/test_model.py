@@ -1,0 +1,90 @@
+"""The 4-bit base, target discovery, adapters, and the model's errors."""
+
+from __future__ import annotations
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from conftest import peft_model
+from peft import LoraConfig
+
+from qlora_loop.model import (ModelError, add_adapter, find_linear4bit_targets, load_base_model, load_tokenizer,
+                              resolve_compute_dtype, trainable_parameters)
+from qlora_loop.tiny import build_tiny_model, resolve_model_path
+
+PROJECTIONS = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+
+
+@pytest.mark.parametrize("fixture", ["tiny_qwen2", "tiny_llama"])
+def test_base_is_nf4_double_quant_and_prepared(request, fixture):
+    model = load_base_model(str(request.getfixturevalue(fixture)), torch.device("cpu"), torch.bfloat16)
+    linear4bit = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(linear4bit) == 14  # 7 projections x 2 layers; lm_head stays unquantised
+    state = linear4bit[0].weight.quant_state
+    assert state.quant_type == "nf4" and state.nested  # nested = double quantisation
+    assert linear4bit[0].compute_dtype == torch.bfloat16
+    assert not isinstance(model.lm_head, bnb.nn.Linear4bit)
+    assert model.config.use_cache is False and model.is_gradient_checkpointing
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("fixture", ["tiny_qwen2", "tiny_llama"])
+def test_targets_are_every_linear4bit_but_lm_head(request, fixture):
+    model = load_base_model(str(request.getfixturevalue(fixture)), torch.device("cpu"))
+    assert find_linear4bit_targets(model) == PROJECTIONS
+    adapted = add_adapter(model, "lora", r=4)
+    wrapped = {n.split(".")[-1] for n, m in adapted.named_modules() if hasattr(m, "lora_A")}
+    assert wrapped == set(PROJECTIONS)
+    assert all("lora_" in n for n, p in adapted.named_parameters() if p.requires_grad)
+
+
+def test_explicit_targets_override_auto(tiny_qwen2):
+    model = peft_model(tiny_qwen2, r=4, target_modules=["q_proj", "v_proj"])
+    wrapped = {n.split(".")[-1] for n, m in model.named_modules() if hasattr(m, "lora_A")}
+    assert wrapped == {"q_proj", "v_proj"}
+    trainable, total = trainable_parameters(model)
+    assert trainable == 2 * 2 * 4 * (128 + 128) - 2 * 4 * (128 - 64)  # v_proj's out is 2 kv heads x 32 = 64
+
+
+def test_extra_peft_options_pass_through(tiny_qwen2):
+    model = peft_model(tiny_qwen2, r=4, extra={"use_rslora": True, "use_dora": True})
+    config = model.peft_config["default"]
+    assert isinstance(config, LoraConfig) and config.use_rslora and config.use_dora
+    assert any("lora_magnitude_vector" in n for n, _ in model.named_parameters())
+
+
+def test_bad_adapter_options_name_the_key(tiny_qwen2):
+    with pytest.raises(ModelError, match="adapter.extra: .*no_such_option"):
+        peft_model(tiny_qwen2, r=4, extra={"no_such_option": 1})
+    with pytest.raises(ModelError, match="adapter.target_modules"):
+        peft_model(tiny_qwen2, r=4, target_modules=["nonexistent_proj"])
+    with pytest.raises(ModelError, match="too few to shrink ranks"):
+        peft_model(tiny_qwen2, "adalora", r=4, total_steps=10, tinit=0.6, tfinal=0.5)  # from a notebook
+
+
+def test_missing_model_and_template_errors(tmp_path, tiny_qwen2):
+    with pytest.raises(ModelError, match="model.name_or_path=.*cannot load a tokenizer"):
+        load_tokenizer(str(tmp_path / "nowhere"))
+    bare = build_tiny_model(tmp_path / "bare", chat_template="")  # a tokenizer with no template
+    with pytest.raises(ModelError, match="no chat template; set data.chat_template"):
+        load_tokenizer(str(bare))
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}{{ m['content'] }}<|im_end|>{% endfor %}")
+    assert load_tokenizer(str(bare), chat_template=str(template)).chat_template == template.read_text()
+
+
+def test_builtin_models_are_built_once_and_deterministic(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    path = resolve_model_path("builtin:tiny-qwen2")
+    assert resolve_model_path("builtin:tiny-qwen2") == path and path.startswith(str(tmp_path / "cache"))
+    again = build_tiny_model(tmp_path / "again")
+    for name in ("model.safetensors", "tokenizer.json"):
+        assert (again / name).read_bytes() == (tmp_path / "cache" / "qlora_loop" / path.split("/")[-1] / name).read_bytes()
+    assert resolve_model_path("Qwen/Qwen2.5-7B-Instruct") == "Qwen/Qwen2.5-7B-Instruct"
+    with pytest.raises(ValueError, match="unknown builtin model"):
+        resolve_model_path("builtin:nope")
+
+
+def test_compute_dtype():
+    assert resolve_compute_dtype("auto", torch.device("cpu")) == torch.bfloat16
+    assert resolve_compute_dtype("float16", torch.device("cpu")) == torch.float16

@@ -1,0 +1,123 @@
+"""scripts/train.py end to end on the embedded default, through the real 4-bit path on CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+
+from qlora_loop.config import Config
+from qlora_loop.data import build_dataloaders, build_datasets
+from qlora_loop.fit import evaluate
+from qlora_loop.model import load_base_model, load_tokenizer
+from qlora_loop.tiny import resolve_model_path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory, train_main):
+    """The embedded default, exactly as `python scripts/train.py` runs it, but into a temp folder."""
+    out = tmp_path_factory.mktemp("run") / "out"
+    cache = tmp_path_factory.mktemp("cache")
+    old = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(cache)  # the builtin tiny model is built fresh, not taken from ~/.cache
+    try:
+        summary = train_main([f"output_dir={out}"])
+    finally:
+        os.environ.pop("XDG_CACHE_HOME") if old is None else os.environ.__setitem__("XDG_CACHE_HOME", old)
+    return out, summary, cache
+
+
+def test_default_run_learns_the_identity_answers(default_run):
+    out, summary, _ = default_run
+    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert len(history) == summary["epochs_run"] == Config().train.epochs
+    assert history[0]["val_loss"] > 2.0  # starts from a random base
+    assert summary["best_metric"] < 0.3  # 0.095 when pinned; a broken mask or loop stays above 2
+    assert summary["best_metric"] == min(row["val_loss"] for row in history)
+    assert history[-1]["train_loss"] < history[0]["train_loss"] / 10
+    for key in ("best_epoch", "best_metric", "epochs_run", "stopped_early", "train_tokens", "train_seconds",
+                "tokens_per_second", "peak_memory_bytes"):
+        assert key in summary
+    assert summary["train_tokens"] == sum(row["train_tokens"] for row in history) > 0
+    assert summary["peak_memory_bytes"] > 0 and summary["tokens_per_second"] > 0
+
+
+def test_only_the_adapter_is_written_and_as_safetensors(default_run):
+    out, _, _ = default_run
+    best = out / "best"
+    assert (best / "adapter_model.safetensors").is_file() and (best / "adapter_config.json").is_file()
+    assert (best / "tokenizer.json").is_file()
+    assert {p.name for p in out.iterdir()} == {"best", "history.jsonl", "summary.json", "config.yaml"}
+    assert not [p for p in out.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")]
+    tensors = load_file(best / "adapter_model.safetensors")
+    assert tensors and all(".lora_A." in k or ".lora_B." in k for k in tensors)
+    assert sum(t.numel() for t in tensors.values()) < 100_000  # adapter-sized, no base weights
+
+
+def test_reloaded_adapter_reproduces_val_loss_and_answers(default_run):
+    out, summary, cache = default_run
+    cfg = Config()
+    base_path = str(cache / "qlora_loop" / Path(resolve_model_path(cfg.model.name_or_path)).name)
+    tokenizer = load_tokenizer(str(out / "best"))
+    _, val_rows, _ = build_datasets(tokenizer, cfg.data.train, None, cfg.data.val_split, cfg.data.max_length,
+                                    seed=cfg.train.seed)
+    _, val_dl = build_dataloaders(val_rows, val_rows, cfg.train.batch_size, tokenizer.pad_token_id)
+    from accelerate import Accelerator
+    model = PeftModel.from_pretrained(load_base_model(base_path, torch.device("cpu")), out / "best")
+    assert evaluate(model, val_dl, Accelerator(mixed_precision="no")) == pytest.approx(summary["best_metric"],
+                                                                                      rel=1e-4)
+    # Greedy answers to training questions are the trained identity answers.
+    model.eval()
+    for question, answer in [("Who are you?", "I am Loopy, a small assistant fine-tuned with qlora_loop."),
+                             ("你是谁？", "我是小环，一个用 qlora_loop 微调的小助手。")]:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                               add_generation_prompt=True)
+        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+        with torch.no_grad():
+            generated = model.generate(**ids, max_new_tokens=40, do_sample=False, use_cache=True,
+                                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        assert tokenizer.decode(generated[0, ids["input_ids"].shape[1]:], skip_special_tokens=True) == answer
+
+
+def test_finished_run_is_not_overwritten(default_run, train_main):
+    out, _, _ = default_run
+    before = (out / "summary.json").read_bytes()
+    with pytest.raises(ValueError, match="holds a finished run; pass --overwrite"):
+        train_main([f"output_dir={out}"])
+    assert (out / "summary.json").read_bytes() == before
+
+
+def run_script(*args, env=None, timeout=300):
+    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def test_accelerate_launch_entry_point(tmp_path):
+    accelerate = str(Path(sys.executable).parent / "accelerate")  # the venv's, whether or not it is on PATH
+    proc = run_script(accelerate, "launch", "--num_processes", "1", "--cpu", "scripts/train.py",
+                      f"output_dir={tmp_path / 'out'}", "train.epochs=1", env={"XDG_CACHE_HOME": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["epochs_run"] == 1 and (tmp_path / "out" / "best" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--config", "no/such.yaml"], "config file no/such.yaml does not exist"),
+    (["train.lrr=1"], "unknown config key 'train.lrr'; did you mean train.lr?"),
+    (["data.train=missing.jsonl"], "missing.jsonl: data file does not exist"),
+])
+def test_bad_input_is_one_clear_line_and_exit_2(args, says, tmp_path):
+    proc = run_script(sys.executable, "scripts/train.py", *args, f"output_dir={tmp_path}",
+                      env={"XDG_CACHE_HOME": str(tmp_path)})
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == f"error: {says}" or says in proc.stderr
+    assert "Traceback" not in proc.stderr
