@@ -83,7 +83,7 @@ class TrainConfig:
     monitor: str = "val_loss"  # val_loss | train_loss
     mode: str = "min"  # min | max
     eval_every: int = 0  # also evaluate every N optimizer steps; 0 = once per epoch only
-    log_every: int = 1  # progress-bar refresh, in optimizer steps
+    log_every: int = 1  # a row in steps.jsonl every N optimizer steps
     seed: int = 42
     mixed_precision: str = "auto"  # auto | no | bf16 | fp16; auto = the compute dtype on GPU, no on CPU
 

@@ -127,7 +127,7 @@ def fit(runner, train_dl, val_dl, log, save_best, *, epochs: int, grad_accum: in
             seconds = time.perf_counter() - t0
             meter.add(result, seconds)
             run.add(result, seconds)
-            log.step(result, meter.tokens_per_second)
+            log.step(runner.step, epoch, result, meter.tokens_per_second)
             if eval_every and runner.step % eval_every == 0 and runner.step % steps:  # mid-epoch only
                 val_loss, stopped_early = check(epoch, meter.loss)
                 if stopped_early:

@@ -1,8 +1,10 @@
-"""What a run shows and writes: rich progress and tables on the main process, history.jsonl and
-summary.json in the output folder. Every method is a no-op on the other processes."""
+"""What a run shows and writes: rich progress and tables on the main process; steps.jsonl (one row
+every log_every steps), history.jsonl (one per epoch) and summary.json in the output folder.
+Every method is a no-op on the other processes."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import resource
 from pathlib import Path
@@ -24,8 +26,8 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 class RunLog:
-    def __init__(self, accelerator, output_dir: str | Path):
-        self.output_dir = Path(output_dir)
+    def __init__(self, accelerator, output_dir: str | Path, log_every: int = 1):
+        self.output_dir, self.log_every = Path(output_dir), log_every
         self.console = Console()
         self.progress: Progress | None = None
         self.table = Table(title="epochs")
@@ -62,9 +64,13 @@ class RunLog:
         self.progress.start()
         self.task = self.progress.add_task("train", total=steps, stats="")
 
-    def step(self, result, tokens_per_second: float) -> None:
+    def step(self, step: int, epoch: int, result, tokens_per_second: float) -> None:
         stats = f"loss {result.loss:.4f}  lr {result.lr:.2e}  gnorm {result.grad_norm:.3f}  {tokens_per_second:,.0f} tok/s"
         self.progress.update(self.task, advance=1, stats=stats)
+        if step % self.log_every == 0:
+            row = {"step": step, "epoch": epoch, **dataclasses.asdict(result)}
+            with open(self.output_dir / "steps.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
 
     def epoch_end(self, row: dict) -> None:
         self.progress.stop()

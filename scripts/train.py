@@ -48,13 +48,13 @@ def main(argv: list[str] | None = None) -> dict:
         precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no") if device_type == "cuda" else "no"
     accelerator = Accelerator(mixed_precision=precision)
     set_seed(cfg.train.seed)
-    log = RunLog(accelerator, output_dir)
+    log = RunLog(accelerator, output_dir, cfg.train.log_every)
     with accelerator.main_process_first():  # the first process builds a builtin model, the others reuse it
         model_path = resolve_model_path(cfg.model.name_or_path)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "history.jsonl").unlink(missing_ok=True)
-        (output_dir / "summary.json").unlink(missing_ok=True)
+        for name in ("steps.jsonl", "history.jsonl", "summary.json"):  # an unfinished earlier run's
+            (output_dir / name).unlink(missing_ok=True)
         (output_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
 
     # data

@@ -51,12 +51,25 @@ def test_default_run_learns_the_identity_answers(default_run):
     assert summary["peak_memory_bytes"] > 0 and summary["tokens_per_second"] > 0
 
 
+def test_steps_jsonl_has_a_row_per_step_that_adds_up_to_history(default_run):
+    out, summary, _ = default_run
+    steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
+    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in steps] == list(range(1, summary["steps"] + 1))
+    assert set(steps[0]) == {"step", "epoch", "loss", "grad_norm", "lr", "tokens", "target_tokens"}
+    for epoch in history:
+        rows = [r for r in steps if r["epoch"] == epoch["epoch"]]
+        weighted = sum(r["loss"] * r["target_tokens"] for r in rows) / sum(r["target_tokens"] for r in rows)
+        assert epoch["train_loss"] == pytest.approx(weighted, rel=1e-9)
+        assert epoch["train_tokens"] == sum(r["tokens"] for r in rows) and epoch["lr"] == rows[-1]["lr"]
+
+
 def test_only_the_adapter_is_written_and_as_safetensors(default_run):
     out, _, _ = default_run
     best = out / "best"
     assert (best / "adapter_model.safetensors").is_file() and (best / "adapter_config.json").is_file()
     assert (best / "tokenizer.json").is_file()
-    assert {p.name for p in out.iterdir()} == {"best", "history.jsonl", "summary.json", "config.yaml"}
+    assert {p.name for p in out.iterdir()} == {"best", "steps.jsonl", "history.jsonl", "summary.json", "config.yaml"}
     assert not [p for p in out.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")]
     tensors = load_file(best / "adapter_model.safetensors")
     assert tensors and all(".lora_A." in k or ".lora_B." in k for k in tensors)
