@@ -4,6 +4,7 @@ and a helper that runs scripts/train.py in-process."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -59,3 +60,18 @@ def train_main():
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module.main
+
+
+@pytest.fixture(scope="session")
+def default_run(tmp_path_factory, train_main):
+    """The embedded default, exactly as `python scripts/train.py` runs it, into a temp folder:
+    (output_dir, summary, cache dir holding the builtin tiny model it was trained on)."""
+    out = tmp_path_factory.mktemp("run") / "out"
+    cache = tmp_path_factory.mktemp("cache")
+    old = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(cache)  # the builtin tiny model is built fresh, not taken from ~/.cache
+    try:
+        summary = train_main([f"output_dir={out}"])
+    finally:
+        os.environ.pop("XDG_CACHE_HOME") if old is None else os.environ.__setitem__("XDG_CACHE_HOME", old)
+    return out, summary, cache

@@ -22,20 +22,6 @@ from qlora_loop.tiny import resolve_model_path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def default_run(tmp_path_factory, train_main):
-    """The embedded default, exactly as `python scripts/train.py` runs it, but into a temp folder."""
-    out = tmp_path_factory.mktemp("run") / "out"
-    cache = tmp_path_factory.mktemp("cache")
-    old = os.environ.get("XDG_CACHE_HOME")
-    os.environ["XDG_CACHE_HOME"] = str(cache)  # the builtin tiny model is built fresh, not taken from ~/.cache
-    try:
-        summary = train_main([f"output_dir={out}"])
-    finally:
-        os.environ.pop("XDG_CACHE_HOME") if old is None else os.environ.__setitem__("XDG_CACHE_HOME", old)
-    return out, summary, cache
-
-
 def test_default_run_learns_the_identity_answers(default_run):
     out, summary, _ = default_run
     history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
