@@ -1,30 +1,253 @@
-"""Writing the adapter: safetensors + adapter_config.json (+ tokenizer), loadable by plain peft."""
+"""What a run writes to disk: the best adapter (plain peft), and full training checkpoints to resume.
+
+OUTPUT_DIR/checkpoints/step-NNNNNN/ holds everything needed to continue exactly: the adapter's
+trainable weights (unresized, so AdaLoRA's masked ranks come back too), optimizer and scheduler
+state, RNG states per rank, AdaLoRA's importance scores, the loop's position and early-stopping
+state, the config and a hash of the data. It is written into a temporary folder beside it, fsynced,
+renamed, and only then given its COMPLETE marker: a folder without one is ignored on resume.
+Nothing is ever unpickled: safetensors, JSON, and torch.load(weights_only=True).
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import random
+import re
 import shutil
 from pathlib import Path
 
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from qlora_loop.model import adalora_of
+
+MARKER = "COMPLETE"
+FORMAT = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be written or resumed; the message names the path and what to do."""
+
+
+# --- the best adapter ---------------------------------------------------------------------------
 
 def save_adapter(accelerator, model, tokenizer, directory: str | Path) -> None:
     """Write only the adapter (never base weights, never pickle) to `directory`, replacing any
     adapter there only once the new one is complete: a crash mid-save leaves the old one intact."""
+    directory = Path(directory)
     accelerator.wait_for_everyone()
-    _write_adapter(accelerator, accelerator.unwrap_model(model), tokenizer, Path(directory))
-    accelerator.wait_for_everyone()
+    peft_model = accelerator.unwrap_model(model)
 
-
-def _write_adapter(accelerator, peft_model, tokenizer, directory: Path) -> None:
     @accelerator.on_main_process
     def write():
         tmp, old = directory.with_name(f".{directory.name}.tmp"), directory.with_name(f".{directory.name}.old")
         shutil.rmtree(tmp, ignore_errors=True)
-        peft_model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        if directory.exists():
-            os.replace(directory, old)
-        os.replace(tmp, directory)
+        try:
+            peft_model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            _fsync_tree(tmp)
+            if directory.exists():
+                os.replace(directory, old)
+            os.replace(tmp, directory)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(f"cannot write the best adapter to {directory}: {e.strerror or e}; "
+                                  "the previous best adapter is untouched") from None
         shutil.rmtree(old, ignore_errors=True)
 
     write()
+    accelerator.wait_for_everyone()
+
+
+# --- full training checkpoints ------------------------------------------------------------------
+
+def data_hash(*paths: str | None) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        if path is not None:
+            digest.update(Path(path).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+class Checkpoints:
+    """The checkpoints of one run. `identity` holds what must not change between a save and a
+    resume (batch size, grad accumulation, max length, world size, data hash)."""
+
+    def __init__(self, accelerator, output_dir: str | Path, identity: dict, config: dict, keep_last: int = 2):
+        self.accelerator, self.dir = accelerator, Path(output_dir) / "checkpoints"
+        self.identity, self.config, self.keep_last = identity, config, keep_last
+
+    def complete(self) -> list[Path]:
+        """Complete checkpoints, oldest first (by step number, not by name)."""
+        found = [p for p in self.dir.glob("step-*") if re.fullmatch(r"step-\d+", p.name) and (p / MARKER).is_file()]
+        return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+    def incomplete(self) -> list[Path]:
+        return sorted(p for p in self.dir.glob("*step-*") if p.is_dir() and not (p / MARKER).is_file())
+
+    def latest(self) -> Path | None:
+        complete = self.complete()
+        return complete[-1] if complete else None
+
+    def save(self, runner, loop: dict) -> Path:
+        """Write the state after `runner.step` optimizer steps; all processes must call it."""
+        accelerator, peft_model = self.accelerator, accelerator_unwrap(runner)
+        final = self.dir / f"step-{runner.step:06d}"
+        tmp = self.dir / f".{final.name}.tmp"
+        weights = {n: p.detach().cpu().contiguous() for n, p in peft_model.named_parameters() if p.requires_grad}
+        if not all(torch.isfinite(w).all() for w in weights.values()):
+            raise CheckpointError(f"refusing to write {final}: the adapter holds non-finite weights; "
+                                  f"resume from {self.latest() or 'the start'}")
+        try:
+            if accelerator.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+            accelerator.wait_for_everyone()
+            _write(tmp / f"rng-rank{accelerator.process_index}.pt", torch.save, _rng_state())
+            if accelerator.is_main_process:
+                _write(tmp / "adapter.safetensors", save_file, weights)
+                _write(tmp / "optimizer.pt", torch.save, runner.optimizer.state_dict())
+                _write(tmp / "scheduler.pt", torch.save, runner.scheduler.state_dict())
+                adalora = adalora_of(peft_model)
+                if adalora is not None:
+                    _write(tmp / "adalora.safetensors", save_file, _allocator_state(adalora))
+                state = {"format": FORMAT, "step": runner.step, "loop": loop, "identity": self.identity,
+                         "config": self.config, "world_size": accelerator.num_processes,
+                         "rank_pattern": adalora and adalora.peft_config[adalora.trainable_adapter_name].rank_pattern}
+                _write(tmp / "state.json", _write_json, state)
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                _fsync_dir(tmp)
+                shutil.rmtree(final, ignore_errors=True)
+                os.replace(tmp, final)
+                _write(final / MARKER, _write_json, {"step": runner.step})  # last: the checkpoint is now complete
+                _fsync_dir(self.dir)
+                self._prune(final)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(f"cannot write checkpoint {final}: {e.strerror or e}; the previous checkpoint "
+                                  f"({self.latest() or 'none'}) and the best adapter are untouched") from None
+        accelerator.wait_for_everyone()
+        return final
+
+    def _prune(self, newest: Path) -> None:
+        """Keep the newest `keep_last` complete checkpoints (0 keeps all); the best adapter is elsewhere."""
+        if self.keep_last:
+            for old in self.complete()[: -self.keep_last]:
+                if old != newest:
+                    shutil.rmtree(old)
+
+    def restore(self, path: Path, runner, force: bool = False) -> dict:
+        """Load `path` into the runner's model, optimizer, scheduler, RNG and AdaLoRA allocator;
+        return the loop state. Refuses a checkpoint of a different run setup unless `force`."""
+        if not (path / MARKER).is_file():
+            raise CheckpointError(f"{path} is not a complete checkpoint (no {MARKER} marker: the run was stopped "
+                                  "while writing it); resume from an earlier one or with train.resume=auto")
+        state = _read(path / "state.json", lambda f: json.loads(Path(f).read_text(encoding="utf-8")))
+        changed = {k: (state["identity"].get(k), v) for k, v in self.identity.items() if state["identity"].get(k) != v}
+        if changed and not force:
+            what = "; ".join(f"{k} was {old!r}, is now {new!r}" for k, (old, new) in changed.items())
+            raise CheckpointError(f"cannot resume from {path}: {what}. Resuming would not continue the same run; "
+                                  "restore the settings, or resume anyway with train.force_resume=true")
+        peft_model = accelerator_unwrap(runner)
+        weights = _read(path / "adapter.safetensors", load_file)
+        params = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
+        if set(weights) != set(params):
+            raise CheckpointError(f"{path / 'adapter.safetensors'} does not match this model's adapter "
+                                  f"({len(set(weights) ^ set(params))} tensors differ); check adapter.* settings")
+        with torch.no_grad():
+            for name, param in params.items():
+                param.copy_(weights[name])
+        runner.optimizer.load_state_dict(_read(path / "optimizer.pt", _load_tensors))
+        runner.scheduler.load_state_dict(_read(path / "scheduler.pt", _load_tensors))
+        adalora = adalora_of(peft_model)
+        if adalora is not None:
+            _restore_allocator(adalora, _read(path / "adalora.safetensors", load_file), state["rank_pattern"],
+                               self.accelerator.device)
+        rank = self.accelerator.process_index % state["world_size"]
+        _set_rng_state(_read(path / f"rng-rank{rank}.pt", _load_tensors))
+        runner.step = state["step"]
+        return state["loop"]
+
+
+def accelerator_unwrap(runner):
+    return runner.accelerator.unwrap_model(runner.model)
+
+
+# --- pieces -------------------------------------------------------------------------------------
+
+def _write(path: Path, writer, obj) -> None:
+    writer(obj, str(path))
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _write_json(obj, path: str) -> None:
+    Path(path).write_text(json.dumps(obj, indent=1), encoding="utf-8")
+
+
+def _read(path: Path, reader):
+    try:
+        return reader(str(path))
+    except Exception as e:  # noqa: BLE001 — any failure here means the same thing to the user
+        kind = "missing" if not path.exists() else "corrupt"
+        raise CheckpointError(f"{path} is {kind} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                              f"this checkpoint cannot be resumed, pick another with train.resume=PATH") from None
+
+
+def _load_tensors(path: str):
+    return torch.load(path, weights_only=True, map_location="cpu")  # never unpickles arbitrary objects
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    for file in path.rglob("*"):
+        if file.is_file():
+            with open(file, "rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(path)
+
+
+def _rng_state() -> dict:
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(internal), gauss], "numpy": [name, keys.tolist(), pos, has_gauss, cached],
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _allocator_state(adalora) -> dict[str, torch.Tensor]:
+    """AdaLoRA's smoothed importance scores, which decide the next rank allocation."""
+    allocator = adalora.rankallocator
+    return {f"{kind}/{name}": t.detach().cpu().contiguous()
+            for kind in ("ipt", "exp_avg_ipt", "exp_avg_unc") for name, t in getattr(allocator, kind).items()}
+
+
+def _restore_allocator(adalora, tensors: dict, rank_pattern, device) -> None:
+    allocator = adalora.rankallocator
+    for kind in ("ipt", "exp_avg_ipt", "exp_avg_unc"):
+        setattr(allocator, kind, {k.split("/", 1)[1]: t.to(device) for k, t in tensors.items()
+                                  if k.startswith(kind + "/")})
+    adalora.peft_config[adalora.trainable_adapter_name].rank_pattern = rank_pattern

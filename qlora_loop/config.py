@@ -66,6 +66,8 @@ class DataConfig:
     system_prompt: str | None = None  # added to rows that have no system turn
     chat_template: str | None = None  # a Jinja string or a .jinja file, for tokenizers without one
     num_workers: int = 0
+    on_error: str = "error"  # error: the first bad row stops the run; skip: drop bad rows, counted by kind
+    max_skip_fraction: float = 0.1  # with on_error=skip, stop when more than this share of a file is bad
 
 
 @dataclass
@@ -84,6 +86,11 @@ class TrainConfig:
     mode: str = "min"  # min | max
     eval_every: int = 0  # also evaluate every N optimizer steps; 0 = once per epoch only
     log_every: int = 1  # a row in steps.jsonl every N optimizer steps
+    save_every: int = 0  # a full checkpoint every N optimizer steps (and always at each epoch end)
+    keep_last: int = 2  # complete checkpoints kept; older ones are deleted (0 keeps all)
+    resume: str | None = None  # auto: from the newest complete checkpoint, if any; or a checkpoint folder
+    force_resume: bool = False  # resume even if batch size, grad_accum, max_length, world size or data changed
+    skip_nonfinite: int = 0  # skip up to N non-finite steps in a row; 0 stops at the first
     seed: int = 42
     mixed_precision: str = "auto"  # auto | no | bf16 | fp16; auto = the compute dtype on GPU, no on CPU
 
@@ -105,6 +112,7 @@ CHOICES = {
     "train.monitor": ("val_loss", "train_loss"),
     "train.mode": ("min", "max"),
     "train.mixed_precision": ("auto", "no", "bf16", "fp16"),
+    "data.on_error": ("error", "skip"),
 }
 
 # Names other trainers use (transformers' TrainingArguments, peft) that string similarity alone
@@ -148,7 +156,8 @@ def validate(cfg: Config) -> None:
         if not 0 <= _get(cfg, key) < 1:
             raise ConfigError(f"{key}={_get(cfg, key)!r} must be in [0, 1)")
     for key in ["train.max_grad_norm", "train.weight_decay", "train.patience", "train.eval_every",
-                "adapter.orth_reg_weight", "data.num_workers"]:
+                "adapter.orth_reg_weight", "data.num_workers", "train.save_every", "train.keep_last",
+                "train.skip_nonfinite"]:
         if not _get(cfg, key) >= 0:
             raise ConfigError(f"{key}={_get(cfg, key)!r} must be >= 0")
     if cfg.adapter.kind == "adalora":
@@ -159,6 +168,8 @@ def validate(cfg: Config) -> None:
         if cfg.adapter.init_r is not None and cfg.adapter.init_r < cfg.adapter.r:
             raise ConfigError(f"adapter.init_r={cfg.adapter.init_r} is below adapter.r={cfg.adapter.r}: AdaLoRA "
                               "only shrinks ranks; set adapter.init_r >= adapter.r or leave it unset (1.5 x r)")
+    if not 0 <= cfg.data.max_skip_fraction <= 1:
+        raise ConfigError(f"data.max_skip_fraction={cfg.data.max_skip_fraction!r} must be in [0, 1]")
     if cfg.train.monitor == "val_loss" and cfg.data.val is None and cfg.data.val_split == 0:
         raise ConfigError("train.monitor=val_loss needs validation data: set data.val, or data.val_split > 0, "
                           "or monitor train_loss with train.monitor=train_loss")

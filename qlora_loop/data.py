@@ -1,172 +1,33 @@
-"""Rows on disk -> chat messages -> token ids with a label mask -> padded batches.
+"""Chat messages -> token ids with a label mask -> padded batches (reading files: rows.py).
 
-Two row formats, detected per file from its first row:
-  alpaca    {"instruction", "input"?, "output", "system"?, "history"?: [[q, a], ...]}
-  messages  {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
 Every assistant turn, plus the end-of-turn token the chat template closes it with, is trained;
 every other token has label -100.
 """
 
 from __future__ import annotations
 
-import codecs
-import json
 import math
 import random
 from dataclasses import dataclass, field
-from pathlib import Path
 
+import jinja2
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
+
+from qlora_loop.rows import Conversation, DataError, Rejects, load_conversations
 
 IGNORE = -100
 
 
-class DataError(ValueError):
-    """Bad input data; the message names file:line, the field and the fix."""
-
-
-@dataclass
-class Conversation:
-    where: str  # "file:line", for error messages
-    messages: list[dict]
-
-
 @dataclass
 class DataStats:
-    rows: int = 0
+    rows: int = 0  # rows read, bad ones included
     truncated: int = 0
-    dropped: int = 0  # nothing left to train after truncation
+    dropped: int = 0  # rows skipped under data.on_error=skip
     examples: int = 0
     target_tokens: int = 0
+    dropped_by_kind: dict = field(default_factory=dict)
     dropped_where: list[str] = field(default_factory=list)
-
-
-# --- reading ------------------------------------------------------------------------------------
-
-def read_rows(path: str | Path) -> list[tuple[int, object]]:
-    """(line, row) pairs from a JSON array or a JSONL file."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: data file does not exist")
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        start = e.start + (len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0)  # counted after the BOM
-        line = raw[:start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not UTF-8 text ({e.reason} at byte {start}); re-save the file as UTF-8") from None
-    stripped = text.lstrip()
-    rows = _read_json_array(text, path) if stripped.startswith("[") else _read_jsonl(text, path)
-    if not rows:
-        raise DataError(f"{path}: no rows; expected a JSON array or one JSON object per line")
-    return rows
-
-
-def _read_jsonl(text: str, path: Path) -> list[tuple[int, object]]:
-    rows = []
-    # split("\n"), not splitlines(): JSON strings may hold U+2028, U+0085 or \f, which splitlines breaks on.
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append((number, json.loads(line)))
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{number}: invalid JSON ({e.msg}, column {e.colno})") from None
-    return rows
-
-
-def _read_json_array(text: str, path: Path) -> list[tuple[int, object]]:
-    """Parse `[obj, obj, ...]` element by element so each row keeps the line it starts on."""
-    decoder = json.JSONDecoder()
-    rows, i = [], _skip_space(text, text.index("[") + 1)
-    try:
-        while i < len(text) and text[i] != "]":
-            row, end = decoder.raw_decode(text, i)
-            rows.append((text.count("\n", 0, i) + 1, row))
-            i = _skip_space(text, end)
-            if i < len(text) and text[i] == ",":
-                i = _skip_space(text, i + 1)
-            elif i >= len(text) or text[i] != "]":
-                raise json.JSONDecodeError("expected ',' or ']' after a row", text, i)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
-    if i >= len(text):
-        raise DataError(f"{path}:{text.count(chr(10)) + 1}: invalid JSON (the array is never closed with ']')")
-    after = _skip_space(text, i + 1)
-    if after < len(text):  # e.g. two arrays concatenated: the second would be silently lost
-        raise DataError(f"{path}:{text.count(chr(10), 0, after) + 1}: invalid JSON (text after the array's "
-                        "closing ']'); a file holds one array, or one object per line")
-    return rows
-
-
-def _skip_space(text: str, i: int) -> int:
-    while i < len(text) and text[i] in " \t\r\n":
-        i += 1
-    return i
-
-
-# --- rows -> messages ---------------------------------------------------------------------------
-
-def load_conversations(path: str | Path, system_prompt: str | None = None) -> list[Conversation]:
-    rows = read_rows(path)
-    first_line, first = rows[0]
-    if not isinstance(first, dict):
-        raise DataError(f"{path}:{first_line}: a row must be a JSON object, got {type(first).__name__}")
-    fmt = "messages" if "messages" in first else "alpaca" if "instruction" in first else None
-    if fmt is None:
-        raise DataError(f"{path}:{first_line}: unknown row format with keys {sorted(first)}; expected "
-                        "'messages' (role/content list) or alpaca 'instruction'/'input'/'output'")
-    convert = _from_messages if fmt == "messages" else _from_alpaca
-    conversations = []
-    for line, row in rows:
-        where = f"{path}:{line}"
-        if not isinstance(row, dict):
-            raise DataError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
-        messages = convert(row, where)
-        if system_prompt and messages[0]["role"] != "system":
-            messages = [{"role": "system", "content": system_prompt}] + messages
-        conversations.append(Conversation(where, messages))
-    return conversations
-
-
-def _field(row: dict, name: str, kind: type, where: str, required: bool = True):
-    if name not in row or row[name] is None:
-        if required:
-            raise DataError(f"{where}: missing field {name!r}")
-        return None
-    if not isinstance(row[name], kind):
-        raise DataError(f"{where}: field {name!r} must be {kind.__name__}, got {type(row[name]).__name__}")
-    return row[name]
-
-
-def _from_alpaca(row: dict, where: str) -> list[dict]:
-    instruction = _field(row, "instruction", str, where)
-    extra = _field(row, "input", str, where, required=False)
-    output = _field(row, "output", str, where)
-    system = _field(row, "system", str, where, required=False)
-    history = _field(row, "history", list, where, required=False) or []
-    messages = [{"role": "system", "content": system}] if system else []
-    for k, pair in enumerate(history):
-        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
-            raise DataError(f"{where}: field 'history'[{k}] must be a [question, answer] pair of strings")
-        messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
-    prompt = f"{instruction}\n{extra}" if extra else instruction
-    return messages + [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
-
-
-def _from_messages(row: dict, where: str) -> list[dict]:
-    messages = _field(row, "messages", list, where)
-    for k, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise DataError(f"{where}: field 'messages'[{k}] must be an object with 'role' and 'content'")
-        role = _field(message, "role", str, f"{where}: messages[{k}]")
-        _field(message, "content", str, f"{where}: messages[{k}]")
-        if role not in ("system", "user", "assistant"):
-            raise DataError(f"{where}: messages[{k}].role is {role!r}; expected system, user or assistant")
-    if not any(m["role"] == "assistant" for m in messages):
-        raise DataError(f"{where}: field 'messages' has no assistant turn, so nothing would be trained")
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
 # --- messages -> tokens and labels --------------------------------------------------------------
@@ -192,7 +53,8 @@ def render_with_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[
         before, through = render(messages[:i], True), render(messages[: i + 1])
         if not (full.startswith(through) and through.startswith(before)):
             raise DataError("the chat template renders earlier turns differently once later turns are added, "
-                            "so assistant turns cannot be located; supply a plain template with data.chat_template")
+                            "so assistant turns cannot be located; supply a plain template with data.chat_template",
+                            "template_error")
         start, end = len(before), len(through)
         turn = full[start:end]
         close = max((turn.rfind(t) + len(t) for t in specials if t in turn), default=-1)
@@ -238,32 +100,52 @@ def tokenize_by_pieces(tokenizer, text: str, spans: list[tuple[int, int]]) -> tu
     return ids, labels
 
 
-def build_examples(tokenizer, conversations: list[Conversation], max_length: int) -> tuple[list[dict], DataStats]:
-    stats = DataStats(rows=len(conversations))
-    examples = []
+def build_examples(tokenizer, conversations: list[Conversation], max_length: int,
+                   rejects: Rejects | None = None) -> tuple[list[dict], DataStats]:
+    """Tokenized examples; a row the template rejects, or whose prompt fills max_length, goes to
+    `rejects` (an error in strict mode). Stats count the rows `rejects` already dropped on reading."""
+    rejects = rejects or Rejects()
+    rows = len(conversations) + rejects.count
+    stats, examples = DataStats(), []
     for conversation in conversations:
         try:
-            ids, labels, truncated = tokenize_conversation(tokenizer, conversation.messages, max_length)
+            ids, labels, truncated = _tokenize_row(tokenizer, conversation, max_length)
         except DataError as e:
-            raise DataError(f"{conversation.where}: {e}") from None
-        stats.truncated += truncated
-        trained = sum(label != IGNORE for label in labels[1:])  # position 0 is never predicted
-        if trained == 0:
-            stats.dropped += 1
-            stats.dropped_where.append(conversation.where)
+            rejects.reject(e)
             continue
-        stats.target_tokens += trained
-        examples.append({"input_ids": ids, "labels": labels, "index": len(examples)})
-    stats.examples = len(examples)
+        stats.truncated += truncated
+        stats.target_tokens += sum(label != IGNORE for label in labels[1:])
+        examples.append({"input_ids": ids, "labels": labels, "index": len(examples), "where": conversation.where})
+    stats.rows, stats.examples, stats.dropped = rows, len(examples), rejects.count
+    stats.dropped_by_kind, stats.dropped_where = dict(rejects.by_kind), list(rejects.where)
     return examples, stats
 
 
+def _tokenize_row(tokenizer, conversation: Conversation, max_length: int):
+    where = conversation.where
+    try:
+        ids, labels, truncated = tokenize_conversation(tokenizer, conversation.messages, max_length)
+    except jinja2.TemplateError as e:  # e.g. "Conversation roles must alternate user/assistant/..."
+        raise DataError(f"{where}: the chat template rejects this conversation: {e}", "template_error") from None
+    except DataError as e:
+        raise DataError(f"{where}: {e}", e.kind) from None
+    if not any(label != IGNORE for label in labels[1:]):  # position 0 is never predicted
+        raise DataError(f"{where}: the prompt fills all data.max_length={max_length} tokens, leaving no answer "
+                        "token to train; raise data.max_length, or drop such rows with data.on_error=skip",
+                        "too_long")
+    return ids, labels, truncated
+
+
 def build_datasets(tokenizer, train: str, val: str | None, val_split: float, max_length: int,
-                   system_prompt: str | None = None, seed: int = 0):
-    """(train examples, val examples or [], {"train": DataStats, "val": DataStats})."""
-    conversations = load_conversations(train, system_prompt)
+                   system_prompt: str | None = None, seed: int = 0, on_error: str = "error",
+                   max_skip_fraction: float = 0.1):
+    """(train examples, val examples or [], {"train": DataStats, "val": DataStats}).
+    on_error: "error" stops at the first bad row; "skip" drops bad rows, counting them by kind, and
+    stops only when more than max_skip_fraction of a file's rows would be dropped."""
+    train_rejects, val_rejects = Rejects(on_error == "error"), Rejects(on_error == "error")
+    conversations = load_conversations(train, system_prompt, train_rejects)
     if val is not None:
-        held_out = load_conversations(val, system_prompt)
+        held_out = load_conversations(val, system_prompt, val_rejects)
     elif val_split > 0:
         order = list(range(len(conversations)))
         random.Random(seed).shuffle(order)
@@ -275,13 +157,17 @@ def build_datasets(tokenizer, train: str, val: str | None, val_split: float, max
         conversations = [conversations[i] for i in sorted(order[n_val:])]
     else:
         held_out = []
-    train_examples, train_stats = build_examples(tokenizer, conversations, max_length)
-    val_examples, val_stats = build_examples(tokenizer, held_out, max_length)
+    train_examples, train_stats = build_examples(tokenizer, conversations, max_length, train_rejects)
+    val_examples, val_stats = build_examples(tokenizer, held_out, max_length, val_rejects)
+    for path, stats in ((train, train_stats), (val or train, val_stats)):
+        if stats.rows and stats.dropped / stats.rows > max_skip_fraction:
+            kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(stats.dropped_by_kind.items()))
+            raise DataError(f"{path}: {stats.dropped} of {stats.rows} rows would be skipped ({kinds}), more than "
+                            f"data.max_skip_fraction={max_skip_fraction}; first: {stats.dropped_where[0]}")
     if not train_examples:
-        raise DataError(f"{train}: all {train_stats.rows} rows were dropped: no assistant token fits in "
-                        f"data.max_length={max_length}; raise data.max_length")
+        raise DataError(f"{train}: no usable rows left")
     if held_out and not val_examples:
-        raise DataError(f"{val or train}: every validation row was dropped at data.max_length={max_length}")
+        raise DataError(f"{val or train}: no usable validation rows left")
     return train_examples, val_examples, {"train": train_stats, "val": val_stats}
 
 
@@ -303,16 +189,35 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "index": index}
 
 
+class EpochSampler(Sampler):
+    """A shuffled order that depends only on (seed, epoch), so a resumed run rebuilds any epoch's
+    order without replaying the epochs before it. Accelerate's dataloader calls set_epoch()."""
+
+    def __init__(self, size: int, seed: int = 0):
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.size
+
+
 def build_dataloaders(train_examples: list[dict], val_examples: list[dict], batch_size: int, pad_id: int,
                       seed: int = 0, num_workers: int = 0) -> tuple[DataLoader, DataLoader | None]:
     def collate_fn(batch):
         return collate(batch, pad_id)
 
-    generator = torch.Generator().manual_seed(seed)
-    train = DataLoader(train_examples, batch_size=batch_size, shuffle=True, generator=generator,
-                       collate_fn=collate_fn, num_workers=num_workers)
+    # Each loader gets its own generator: creating an iterator draws a seed from it, and without one
+    # that draw comes from the global RNG, which dropout uses, so a resumed epoch would shift it.
+    train = DataLoader(train_examples, batch_size=batch_size, sampler=EpochSampler(len(train_examples), seed),
+                       collate_fn=collate_fn, num_workers=num_workers, generator=torch.Generator().manual_seed(seed))
     val = DataLoader(val_examples, batch_size=batch_size, shuffle=False, collate_fn=collate_fn,
-                     num_workers=num_workers) if val_examples else None
+                     num_workers=num_workers, generator=torch.Generator().manual_seed(seed)) if val_examples else None
     return train, val
 
 

@@ -1,13 +1,15 @@
-"""fit(): epochs of StepRunner calls, evaluation, early stopping, the best adapter kept.
+"""fit(): epochs of StepRunner calls, evaluation, early stopping, the best adapter, checkpoints.
 
-fit never calls backward(): all gradient work is in step.StepRunner.
+fit never calls backward(): all gradient work is in step.StepRunner. Where the loop stands is one
+LoopState, saved in every checkpoint, so a resumed run continues from exactly that position.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -16,12 +18,25 @@ from qlora_loop.log import peak_memory_bytes
 from qlora_loop.step import causal_lm_loss
 
 
+class NonFiniteError(RuntimeError):
+    """Training stopped on a non-finite loss or gradient norm; `sample_ids` are the step's examples."""
+
+    def __init__(self, message: str, sample_ids: list[int]):
+        super().__init__(message)
+        self.sample_ids = sample_ids
+
+
+class Interrupted(RuntimeError):
+    """A SIGTERM/SIGINT stopped training after the current step; a checkpoint was written first."""
+
+
 @dataclass
 class EarlyStopping:
-    """Stop after `patience` evaluations in a row without improvement of the monitored value
-    (patience 0 never stops). NaN never counts as an improvement."""
+    """Stop after `patience` evaluations in a row without improvement of `monitor` (patience 0
+    never stops). NaN never counts as an improvement."""
     patience: int
     mode: str = "min"
+    monitor: str = "val_loss"
     best: float | None = None
     bad_evals: int = 0
 
@@ -38,6 +53,55 @@ class EarlyStopping:
     @property
     def should_stop(self) -> bool:
         return self.patience > 0 and self.bad_evals >= self.patience
+
+
+@dataclass
+class Meter:
+    """Token-weighted running means over a span of steps."""
+    loss_sum: float = 0.0
+    targets: int = 0
+    tokens: int = 0
+    steps: int = 0
+    grad_norm_sum: float = 0.0
+    seconds: float = 0.0
+    lr: float = 0.0
+
+    def add(self, result, seconds: float) -> None:
+        self.loss_sum += result.loss * result.target_tokens
+        self.targets += result.target_tokens
+        self.tokens += result.tokens
+        self.grad_norm_sum += result.grad_norm
+        self.steps += 1
+        self.seconds += seconds
+        self.lr = result.lr
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / max(self.targets, 1)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / max(self.seconds, 1e-9)
+
+
+@dataclass
+class LoopState:
+    """Where training continues from: `epoch` and the micro-batches of it already consumed."""
+    epoch: int = 1
+    batches_done: int = 0
+    best_epoch: int | None = None
+    best_step: int | None = None
+    stopped: bool = False  # early stopping has decided; a resumed run ends at once
+    nonfinite_in_row: int = 0
+    skipped_steps: int = 0
+    best: float | None = None  # EarlyStopping's state
+    bad_evals: int = 0
+    epoch_meter: Meter = field(default_factory=Meter)
+    run_meter: Meter = field(default_factory=Meter)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LoopState":
+        return cls(**{**d, "epoch_meter": Meter(**d["epoch_meter"]), "run_meter": Meter(**d["run_meter"])})
 
 
 @torch.no_grad()
@@ -71,80 +135,96 @@ def windows(dataloader, size: int):
         yield window
 
 
-class Meter:
-    """Token-weighted running means over a span of steps."""
-
-    def __init__(self):
-        self.loss_sum = self.targets = self.tokens = self.steps = 0
-        self.grad_norm_sum = self.seconds = 0.0
-        self.lr = 0.0
-
-    def add(self, result, seconds: float) -> None:
-        self.loss_sum += result.loss * result.target_tokens
-        self.targets += result.target_tokens
-        self.tokens += result.tokens
-        self.grad_norm_sum += result.grad_norm
-        self.steps += 1
-        self.seconds += seconds
-        self.lr = result.lr
-
-    @property
-    def loss(self) -> float:
-        return self.loss_sum / max(self.targets, 1)
-
-    @property
-    def tokens_per_second(self) -> float:
-        return self.tokens / max(self.seconds, 1e-9)
+def epoch_batches(dataloader, epoch: int, skip: int, accelerator):
+    """The dataloader in `epoch`'s order (see data.EpochSampler), past its first `skip` micro-batches."""
+    if skip:
+        dataloader = accelerator.skip_first_batches(dataloader, skip)
+    for target in (dataloader, getattr(dataloader, "sampler", None)):
+        if hasattr(target, "set_epoch"):
+            target.set_epoch(epoch)
+            break
+    return dataloader
 
 
-def fit(runner, train_dl, val_dl, log, save_best, *, epochs: int, grad_accum: int, stopper: EarlyStopping,
-        monitor: str = "val_loss", eval_every: int = 0) -> dict:
-    """Train for up to `epochs`; `save_best()` is called each time the monitored value improves."""
+def fit(runner, train_dl, val_dl, log, save_best, checkpoints=None, *, epochs: int, grad_accum: int,
+        stopper: EarlyStopping, eval_every: int = 0, save_every: int = 0, skip_nonfinite: int = 0,
+        state: LoopState | None = None) -> dict:
+    """Train up to `epochs` from `state` (a fresh run without one). `save_best()` runs each time the
+    monitored value improves; `checkpoints` (checkpoint.Checkpoints) is saved every `save_every`
+    steps and at each epoch end. Non-finite steps are skipped, at most `skip_nonfinite` in a row."""
     accelerator, started = runner.accelerator, time.perf_counter()
+    state = state or LoopState()
+    stopper.best, stopper.bad_evals = state.best, state.bad_evals
     steps = steps_per_epoch(len(train_dl), grad_accum)
-    run, best = Meter(), {"best_epoch": None, "best_step": None}
-    stopped_early, epoch = False, 0
 
-    def check(epoch: int, train_loss: float) -> tuple[float | None, bool]:
-        """Evaluate, keep the adapter if it is the best yet; True when all ranks agree to stop."""
+    def check(epoch: int) -> float | None:
+        """Evaluate; keep the adapter if it is the best yet; decide whether to stop."""
         val_loss = evaluate(runner.model, val_dl, accelerator, runner.loss_fn)
-        if stopper.update(val_loss if monitor == "val_loss" else train_loss):
-            best.update(best_epoch=epoch, best_step=runner.step)
+        if stopper.update(val_loss if stopper.monitor == "val_loss" else state.epoch_meter.loss):
+            state.best_epoch, state.best_step = epoch, runner.step
             save_best()
-        if stopper.should_stop:
-            accelerator.set_trigger()
-        return val_loss, accelerator.check_trigger()
+        state.best, state.bad_evals, state.stopped = stopper.best, stopper.bad_evals, stopper.should_stop
+        return val_loss
 
-    for epoch in range(1, epochs + 1):
-        if hasattr(train_dl, "set_epoch"):
-            train_dl.set_epoch(epoch)
-        log.epoch_start(epoch, epochs, steps)
-        meter, val_loss = Meter(), None
+    def checkpoint():
+        if checkpoints is not None:
+            checkpoints.save(runner, dataclasses.asdict(state))
+
+    for epoch in range(state.epoch, epochs + 1):
+        if state.stopped:
+            break
+        log.epoch_start(epoch, epochs, steps, done=math.ceil(state.batches_done / grad_accum))
+        val_loss = None
         # forward/backward/update: one StepRunner call per optimizer step
-        for window in windows(train_dl, grad_accum):
+        for window in windows(epoch_batches(train_dl, epoch, state.batches_done, accelerator), grad_accum):
             t0 = time.perf_counter()
             result = runner(window)
-            seconds = time.perf_counter() - t0
-            meter.add(result, seconds)
-            run.add(result, seconds)
-            log.step(runner.step, epoch, result, meter.tokens_per_second)
-            if eval_every and runner.step % eval_every == 0 and runner.step % steps:  # mid-epoch only
-                val_loss, stopped_early = check(epoch, meter.loss)
-                if stopped_early:
-                    break
-        # evaluation, best adapter, logging
-        if not stopped_early:
-            val_loss, stopped_early = check(epoch, meter.loss)
+            state.batches_done += len(window)
+            if not result.finite:
+                _skip_nonfinite(state, result, runner, log, skip_nonfinite, checkpoints)
+                continue
+            state.nonfinite_in_row = 0
+            state.epoch_meter.add(result, time.perf_counter() - t0)
+            state.run_meter.add(result, time.perf_counter() - t0)
+            log.step(runner.step, epoch, result, state.epoch_meter.tokens_per_second)
+            # termination on a signal: every rank agrees through the trigger, saves, then stops
+            if accelerator.check_trigger():
+                checkpoint()
+                raise Interrupted(f"stopped by a signal after step {runner.step}")
+            mid_epoch = state.batches_done < len(train_dl)
+            if eval_every and runner.step % eval_every == 0 and mid_epoch:
+                val_loss = check(epoch)
+            if state.stopped:
+                break
+            if save_every and runner.step % save_every == 0 and mid_epoch:
+                checkpoint()
+        # end of epoch: evaluate, keep the best, log, checkpoint the position of the next epoch
+        if not state.stopped:
+            val_loss = check(epoch)
+        meter = state.epoch_meter
         log.epoch_end({"epoch": epoch, "train_loss": meter.loss, "val_loss": val_loss, "lr": meter.lr,
                        "grad_norm": meter.grad_norm_sum / max(meter.steps, 1), "train_tokens": meter.tokens,
                        "seconds": meter.seconds, "tokens_per_second": meter.tokens_per_second,
                        "peak_memory_bytes": peak_memory_bytes(accelerator.device)})
-        # termination
-        if stopped_early:
-            break
+        state.epoch, state.batches_done, state.epoch_meter = epoch + 1, 0, Meter()
+        checkpoint()
 
-    return {**best, "best_metric": stopper.best, "monitor": monitor, "epochs_run": epoch,
-            "stopped_early": runner.step < steps * epochs, "steps": runner.step,
+    run = state.run_meter
+    return {"best_epoch": state.best_epoch, "best_step": state.best_step, "best_metric": stopper.best,
+            "monitor": stopper.monitor, "epochs_run": min(state.epoch - 1, epochs),
+            "stopped_early": state.stopped, "steps": runner.step, "skipped_steps": state.skipped_steps,
             "train_loss": run.loss, "train_tokens": run.tokens, "train_target_tokens": run.targets,
             "train_seconds": time.perf_counter() - started, "step_seconds": run.seconds,
             "tokens_per_second": run.tokens_per_second, "peak_memory_bytes": peak_memory_bytes(accelerator.device)}
+
+
+def _skip_nonfinite(state: LoopState, result, runner, log, limit: int, checkpoints) -> None:
+    """Count a skipped step; past `limit` in a row, stop with what a user needs to find the cause."""
+    state.nonfinite_in_row += 1
+    state.skipped_steps += 1
+    what = f"non-finite loss ({result.loss}) or gradient norm ({result.grad_norm}) at step {runner.step + 1}"
+    if state.nonfinite_in_row > limit:
+        last = checkpoints.latest() if checkpoints is not None else None
+        raise NonFiniteError(f"{what}, {state.nonfinite_in_row} in a row (train.skip_nonfinite={limit}); the "
+                             f"last good checkpoint is {last or 'none yet'}", result.sample_ids)
+    log.print(f"[yellow]skipped: {what} ({state.nonfinite_in_row} in a row, {state.skipped_steps} in all)")

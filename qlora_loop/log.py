@@ -34,7 +34,7 @@ class RunLog:
         for column in ("epoch", "train_loss", "val_loss", "lr", "grad_norm", "tok/s", "seconds"):
             self.table.add_column(column, justify="right")
         # Everything that prints or writes runs on the main process only.
-        for name in ("print", "data_report", "model_report", "epoch_start", "step", "epoch_end", "summary"):
+        for name in ("print", "data_report", "model_report", "epoch_start", "resume", "step", "epoch_end", "summary"):
             setattr(self, name, accelerator.on_main_process(getattr(self, name)))
 
     def print(self, *args) -> None:
@@ -49,20 +49,28 @@ class RunLog:
         self.console.print(table)
         for split, s in stats.items():
             if s.dropped:
-                shown = ", ".join(s.dropped_where[:5]) + (" ..." if s.dropped > 5 else "")
-                self.console.print(f"[yellow]{split}: {s.dropped} rows dropped, no assistant token left within "
-                                   f"data.max_length: {shown}")
+                kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(s.dropped_by_kind.items()))
+                self.console.print(f"[yellow]{split}: {s.dropped} rows skipped ({kinds}); first: {s.dropped_where[0]}")
 
     def model_report(self, targets: list[str], trainable: int, total: int) -> None:
         self.console.print(f"LoRA targets (every Linear4bit but lm_head): [bold]{', '.join(targets)}[/]")
         self.console.print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
 
-    def epoch_start(self, epoch: int, epochs: int, steps: int) -> None:
+    def epoch_start(self, epoch: int, epochs: int, steps: int, done: int = 0) -> None:
         self.progress = Progress(TextColumn(f"epoch {epoch}/{epochs}"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                                  console=self.console, transient=False)
         self.progress.start()
-        self.task = self.progress.add_task("train", total=steps, stats="")
+        self.task = self.progress.add_task("train", total=steps, completed=done, stats="")
+
+    def resume(self, step: int, epoch: int) -> None:
+        """Cut steps.jsonl and history.jsonl back to a checkpoint taken after `step`, inside `epoch`."""
+        for name, keep in (("steps.jsonl", lambda row: row["step"] <= step),
+                           ("history.jsonl", lambda row: row["epoch"] < epoch)):
+            path = self.output_dir / name
+            if path.exists():
+                rows = [line for line in path.read_text(encoding="utf-8").splitlines() if keep(json.loads(line))]
+                path.write_text("".join(line + "\n" for line in rows), encoding="utf-8")
 
     def step(self, step: int, epoch: int, result, tokens_per_second: float) -> None:
         stats = f"loss {result.loss:.4f}  lr {result.lr:.2e}  gnorm {result.grad_norm:.3f}  {tokens_per_second:,.0f} tok/s"

@@ -41,6 +41,8 @@ class StepResult:
     lr: float  # the learning rate this step used
     tokens: int  # non-padding tokens through forward, all processes
     target_tokens: int  # loss-bearing tokens, all processes
+    finite: bool = True  # False: loss or grad norm was inf/NaN and the update was not applied
+    sample_ids: list[int] | None = None  # the step's example indices on all processes, when not finite
 
 
 class StepRunner:
@@ -75,16 +77,21 @@ class StepRunner:
             loss_sum += per_sample.detach().sum().float()
 
         # Clip (or, with max_grad_norm 0, only measure) the norm; accelerate unscales fp16 first.
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), self.max_grad_norm or math.inf)
+        grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), self.max_grad_norm or math.inf))
+        loss = (accelerator.reduce(loss_sum, "sum") / max(n_targets, 1)).item()  # a CPU-GPU sync point
+        tokens = int(accelerator.reduce(sum(b["attention_mask"].sum() for b in micro_batches), "sum"))
         lr = self.scheduler.get_last_lr()[0]
+        # Loss and norm are reduced over processes, so every rank takes the same branch. Under fp16
+        # an inf norm is the grad scaler's business (it skips the step and lowers the scale).
+        finite = math.isfinite(loss) and (math.isfinite(grad_norm) or accelerator.scaler is not None)
+        if not finite:  # leave weights, optimizer, schedule and AdaLoRA budget as they were
+            self.optimizer.zero_grad(set_to_none=True)
+            ids = accelerator.gather(torch.cat([b["index"] for b in micro_batches]))
+            return StepResult(loss, grad_norm, lr, tokens, n_targets, finite=False, sample_ids=ids.tolist())
         self.optimizer.step()
         self.scheduler.step()
         if self.adalora is not None:  # needs this step's gradients, so before zero_grad
             self.adalora.update_and_allocate(self.step)
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-
-        tokens = accelerator.reduce(sum(b["attention_mask"].sum() for b in micro_batches), "sum")
-        loss = accelerator.reduce(loss_sum, "sum") / max(n_targets, 1)  # .item() below syncs with the GPU
-        return StepResult(loss=loss.item(), grad_norm=float(grad_norm), lr=lr, tokens=int(tokens),
-                          target_tokens=n_targets)
+        return StepResult(loss, grad_norm, lr, tokens, n_targets)

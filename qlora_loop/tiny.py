@@ -26,12 +26,15 @@ CHATML = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
-# Llama-2-chat's format: the system prompt folded into the first [INST], answers closed by </s>.
+# Llama-2-chat's format: the system prompt folded into the first [INST], answers closed by </s>,
+# and, like Meta's template, an error when user and assistant turns do not alternate.
 LLAMA2 = (
     "{% if messages[0]['role'] == 'system' %}"
     "{% set system = '<<SYS>>\\n' + messages[0]['content'] + '\\n<</SYS>>\\n\\n' %}"
     "{% set messages = messages[1:] %}{% else %}{% set system = '' %}{% endif %}"
     "{% for message in messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
     "{% if message['role'] == 'user' %}"
     "{{ bos_token + '[INST] ' + (system if loop.first else '') + message['content'] + ' [/INST]' }}"
     "{% else %}{{ ' ' + message['content'] + ' ' + eos_token }}{% endif %}"
@@ -45,7 +48,7 @@ ARCHS = {
 }
 
 BUILTIN = {"builtin:tiny-qwen2": "qwen2", "builtin:tiny-llama": "llama"}
-BUILD_VERSION = 1
+BUILD_VERSION = 2
 LM_HEAD_STD = 0.1  # bump when the builder changes, so stale caches are not reused
 
 

@@ -5,6 +5,7 @@ Run: /work/venv/bin/python -m pytest tests/test_data.py -q
 
 from __future__ import annotations
 
+import codecs
 import json
 import re
 
@@ -12,9 +13,10 @@ import pytest
 import torch
 
 from qlora_loop.data import (
-    IGNORE, DataError, build_dataloaders, build_datasets, build_examples, collate, load_conversations,
-    read_rows, render_with_spans, steps_per_epoch, tokenize_by_pieces, tokenize_conversation,
+    IGNORE, build_dataloaders, build_datasets, build_examples, collate, render_with_spans, steps_per_epoch,
+    tokenize_by_pieces, tokenize_conversation,
 )
+from qlora_loop.rows import DataError, Rejects, load_conversations, read_rows
 from qlora_loop.model import load_tokenizer
 
 # --- helpers ------------------------------------------------------------------------------------
@@ -360,10 +362,14 @@ def test_truncation_is_counted_and_rows_with_no_trained_token_are_dropped(tmp_pa
         {"instruction": "hi", "output": "答" * 30},              # cut inside a Chinese answer: kept
     ])
     assert prompt_tokens(tok, "hi") < max_length < prompt_tokens(tok, "long question " * 20)
-    examples, stats = build_examples(tok, load_conversations(path), max_length)
+    # strict (the default): the row whose prompt fills max_length is an error naming it
+    with data_error(f"{path}:3", "prompt fills all data.max_length=24 tokens", "data.on_error=skip"):
+        build_examples(tok, load_conversations(path), max_length)
+    examples, stats = build_examples(tok, load_conversations(path), max_length, Rejects(strict=False))
 
-    assert (stats.rows, stats.truncated, stats.dropped, stats.examples) == (4, 3, 1, 3)
-    assert stats.dropped_where == [f"{path}:3"]
+    assert (stats.rows, stats.truncated, stats.dropped, stats.examples) == (4, 2, 1, 3)
+    assert stats.dropped_by_kind == {"too_long": 1}
+    assert [w.split(": ")[0] for w in stats.dropped_where] == [f"{path}:3"]
     assert [e["index"] for e in examples] == [0, 1, 2]
     assert [len(e["input_ids"]) for e in examples][1:] == [max_length, max_length]
     ok_tokens = len(tok("ok<|im_end|>", add_special_tokens=False)["input_ids"])
@@ -378,17 +384,22 @@ def test_truncation_is_counted_and_rows_with_no_trained_token_are_dropped(tmp_pa
     assert not truncated and examples[1]["input_ids"] == full[:max_length]
 
 
-def test_all_rows_dropped_is_an_error_naming_max_length(tmp_path, qwen2_tokenizer):
-    path = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "long question " * 20, "output": "a"}] * 3)
-    with data_error(path, "all 3 rows were dropped", "data.max_length=16; raise data.max_length"):
-        build_datasets(qwen2_tokenizer, path, None, 0.0, max_length=16)
+def test_skipping_more_than_max_skip_fraction_stops_the_run(tmp_path, qwen2_tokenizer):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "long question " * 20, "output": "a"}] * 3
+                       + [{"instruction": "hi", "output": "ok"}] * 7)
+    with data_error(path, "3 of 10 rows would be skipped (3 too_long)", "data.max_skip_fraction=0.1",
+                    f"first: {path}:1"):
+        build_datasets(qwen2_tokenizer, path, None, 0.0, max_length=16, on_error="skip")
+    train, _, stats = build_datasets(qwen2_tokenizer, path, None, 0.0, max_length=16, on_error="skip",
+                                     max_skip_fraction=0.3)
+    assert len(train) == 7 and stats["train"].dropped == 3
 
 
 def test_all_val_rows_dropped_is_an_error(tmp_path, qwen2_tokenizer):
     train = write_jsonl(tmp_path / "train.jsonl", [{"instruction": "hi", "output": "ok"}])
     val = write_jsonl(tmp_path / "val.jsonl", [{"instruction": "long question " * 20, "output": "a"}])
-    with data_error(val, "every validation row was dropped at data.max_length=24"):
-        build_datasets(qwen2_tokenizer, train, val, 0.0, max_length=24)
+    with data_error(val, "no usable validation rows left"):
+        build_datasets(qwen2_tokenizer, train, val, 0.0, max_length=24, on_error="skip", max_skip_fraction=1.0)
 
 
 # --- splits -------------------------------------------------------------------------------------
@@ -501,3 +512,47 @@ def test_dataloaders_shuffle_by_seed_and_keep_val_order(numbered, qwen2_tokenize
 @pytest.mark.parametrize(("micro_batches", "grad_accum", "steps"), [(8, 4, 2), (9, 4, 3), (3, 4, 1), (5, 1, 5)])
 def test_steps_per_epoch_counts_a_short_last_window(micro_batches, grad_accum, steps):
     assert steps_per_epoch(micro_batches, grad_accum) == steps
+
+
+# --- data.on_error: skip -------------------------------------------------------------------------
+
+def test_skip_mode_drops_each_bad_alpaca_row_and_counts_it_by_kind(tmp_path, llama_tokenizer):
+    good = json.dumps({"instruction": "hi", "output": "ok"})
+    lines = [
+        good,                                                                # 1
+        "{not json",                                                         # 2 invalid_json
+        json.dumps({"instruction": "hi"}),                                   # 3 missing_field
+        json.dumps({"instruction": 3, "output": "x"}),                       # 4 wrong_type
+        json.dumps({"instruction": "hi", "output": "  "}),                   # 5 empty_response
+        json.dumps({"instruction": "long question " * 40, "output": "a"}),   # 6 too_long
+        "",                                                                  # 7 blank: not a row
+    ]
+    raw = ("\n".join(lines) + "\n").encode() + b'{"instruction": "\xff", "output": "x"}\n' + (good + "\n").encode()
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(codecs.BOM_UTF8 + raw)                                 # 8 not_utf8, 9 good
+    train, _, stats = build_datasets(llama_tokenizer, str(path), None, 0.0, max_length=48, on_error="skip",
+                                     max_skip_fraction=0.9)
+    s = stats["train"]
+    assert s.dropped_by_kind == {"invalid_json": 1, "missing_field": 1, "wrong_type": 1, "empty_response": 1,
+                                 "too_long": 1, "not_utf8": 1}
+    assert (len(train), s.rows, s.dropped) == (2, 8, 6)
+    assert sorted(w.split(": ")[0] for w in s.dropped_where) == sorted(f"{path}:{n}" for n in (2, 3, 4, 5, 6, 8))
+    with data_error(f"{path}:2", "invalid JSON"):  # strict, the default: the first bad row stops the run
+        build_datasets(llama_tokenizer, str(path), None, 0.0, max_length=48)
+
+
+def test_skip_mode_drops_bad_conversations(tmp_path, llama_tokenizer):
+    user, answer = {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}
+    path = write_jsonl(tmp_path / "m.jsonl", [
+        {"messages": [user, answer]},
+        {"messages": [user]},                                       # no_assistant
+        {"messages": [{"role": "robot", "content": "q"}, answer]},  # bad_role
+        {"messages": [user, user, answer]},                         # template_error: Llama-2 needs alternation
+        {"messages": [user, {"role": "assistant", "content": ""}]},  # empty_response
+    ])
+    train, _, stats = build_datasets(llama_tokenizer, path, None, 0.0, max_length=64, on_error="skip",
+                                     max_skip_fraction=0.9)
+    assert len(train) == 1 and stats["train"].dropped_by_kind == {
+        "no_assistant": 1, "bad_role": 1, "template_error": 1, "empty_response": 1}
+    with data_error(f"{path}:4", "the chat template rejects this conversation", "must alternate"):
+        build_examples(llama_tokenizer, load_conversations(path, rejects=Rejects(strict=False)), 64)

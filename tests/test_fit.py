@@ -33,8 +33,7 @@ def run_fit(tmp_path, losses, patience, mode="min", epochs=None):
     runner = ScriptedRunner(accelerator, losses, steps_per_epoch=2)
     saved_at = []
     summary = fit(runner, batches, None, RunLog(accelerator, tmp_path), lambda: saved_at.append(runner.step),
-                  epochs=epochs or len(losses), grad_accum=2, stopper=EarlyStopping(patience, mode),
-                  monitor="train_loss")
+                  epochs=epochs or len(losses), grad_accum=2, stopper=EarlyStopping(patience, mode, "train_loss"))
     history = [json.loads(line) for line in (tmp_path / "history.jsonl").read_text().splitlines()]
     return summary, saved_at, history
 
