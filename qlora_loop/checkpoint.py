@@ -82,11 +82,11 @@ class Checkpoints:
 
     def complete(self) -> list[Path]:
         """Complete checkpoints, oldest first (by step number, not by name)."""
-        found = [p for p in self.dir.glob("step-*") if re.fullmatch(r"step-\d+", p.name) and (p / MARKER).is_file()]
+        found = [p for p in self.dir.glob("step-*") if re.fullmatch(r"step-\d+", p.name) and is_complete(p)]
         return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
     def incomplete(self) -> list[Path]:
-        return sorted(p for p in self.dir.glob("*step-*") if p.is_dir() and not (p / MARKER).is_file())
+        return sorted(p for p in self.dir.glob("*step-*") if p.is_dir() and not is_complete(p))
 
     def latest(self) -> Path | None:
         complete = self.complete()
@@ -128,6 +128,7 @@ class Checkpoints:
                 self._prune(final)
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
+            (final / MARKER).unlink(missing_ok=True)  # a save that failed never counts, even past the rename
             raise CheckpointError(f"cannot write checkpoint {final}: {e.strerror or e}; the previous checkpoint "
                                   f"({self.latest() or 'none'}) and the best adapter are untouched") from None
         accelerator.wait_for_everyone()
@@ -143,7 +144,7 @@ class Checkpoints:
     def restore(self, path: Path, runner, force: bool = False) -> dict:
         """Load `path` into the runner's model, optimizer, scheduler, RNG and AdaLoRA allocator;
         return the loop state. Refuses a checkpoint of a different run setup unless `force`."""
-        if not (path / MARKER).is_file():
+        if not is_complete(path):
             raise CheckpointError(f"{path} is not a complete checkpoint (no {MARKER} marker: the run was stopped "
                                   "while writing it); resume from an earlier one or with train.resume=auto")
         state = _read(path / "state.json", lambda f: json.loads(Path(f).read_text(encoding="utf-8")))
@@ -171,6 +172,15 @@ class Checkpoints:
         _set_rng_state(_read(path / f"rng-rank{rank}.pt", _load_tensors))
         runner.step = state["step"]
         return state["loop"]
+
+
+def is_complete(path: Path) -> bool:
+    """A checkpoint counts only once its marker is whole and names its step (a marker cut short by
+    a full disk does not)."""
+    try:
+        return json.loads((path / MARKER).read_text(encoding="utf-8"))["step"] == int(path.name.split("-")[-1])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def accelerator_unwrap(runner):

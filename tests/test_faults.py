@@ -1,0 +1,187 @@
+"""Faults during training: non-finite steps, a full disk while saving, damaged checkpoints, signals."""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+from conftest import ROOT, peft_model
+from safetensors.torch import load_file
+
+from qlora_loop.checkpoint import CheckpointError, Checkpoints, save_adapter
+from qlora_loop.config import ASSETS
+from qlora_loop.data import build_datasets, collate
+from qlora_loop.fit import NonFiniteError
+from qlora_loop.optim import build_optimizer, build_scheduler
+from qlora_loop.step import StepRunner, causal_lm_loss
+
+# 40 train rows, batch 4, grad_accum 1: loss calls 1..10 are the 10 optimizer steps of epoch 1
+SETTINGS = ["train.epochs=1", "train.batch_size=4", "train.save_every=2", "train.keep_last=0", "adapter.r=4"]
+
+
+def nan_on_calls(*calls):
+    """The default loss, made NaN on the given calls: a fault injected at an exact step."""
+    seen = [0]
+
+    def loss(model, batch):
+        seen[0] += 1
+        value = causal_lm_loss(model, batch)
+        return value * math.nan if seen[0] in calls else value
+    return loss
+
+
+def all_checkpoint_weights_finite(out: Path) -> bool:
+    return all(torch.isfinite(t).all() for p in out.glob("checkpoints/step-*/adapter.safetensors")
+               for t in load_file(p).values())
+
+
+def test_nonfinite_step_stops_with_step_rows_and_last_checkpoint(tiny_qwen2, train_main, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(NonFiniteError) as caught:
+        train_main([f"model.name_or_path={tiny_qwen2}", f"output_dir={out}", *SETTINGS], loss_fn=nan_on_calls(3))
+    message = str(caught.value)
+    assert "non-finite loss (nan)" in message and "at step 3" in message
+    assert f"the last good checkpoint is {out / 'checkpoints' / 'step-000002'}" in message
+    rows = message.split("the step's rows: ")[1].split(", ")
+    assert len(rows) == 4 and all(r.startswith(f"{ASSETS / 'self_cognition.jsonl'}:") for r in rows)
+    assert len(caught.value.sample_ids) == 4
+    assert all_checkpoint_weights_finite(out) and not (out / "summary.json").exists()
+
+
+def test_skip_nonfinite_skips_steps_and_stops_after_too_many_in_a_row(tiny_qwen2, train_main, tmp_path):
+    args = [f"model.name_or_path={tiny_qwen2}", *SETTINGS, "train.skip_nonfinite=1"]
+    summary = train_main(args + [f"output_dir={tmp_path / 'a'}"], loss_fn=nan_on_calls(3))
+    assert summary["skipped_steps"] == 1 and summary["steps"] == 9  # the schedule did not advance on it
+    steps = [json.loads(line) for line in (tmp_path / "a" / "steps.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in steps] == list(range(1, 10)) and all(math.isfinite(r["loss"]) for r in steps)
+    assert all_checkpoint_weights_finite(tmp_path / "a")
+    with pytest.raises(NonFiniteError, match=r"at step 3, 2 in a row \(train.skip_nonfinite=1\)"):
+        train_main(args + [f"output_dir={tmp_path / 'b'}"], loss_fn=nan_on_calls(3, 4))
+
+
+# --- a full disk while saving -------------------------------------------------------------------
+
+@pytest.fixture
+def runner(tiny_qwen2, qwen2_tokenizer):
+    accelerator = Accelerator(mixed_precision="no")
+    model = peft_model(tiny_qwen2, r=4)
+    optimizer = build_optimizer(model, lr=1e-3)
+    runner = StepRunner(model, optimizer, build_scheduler(optimizer, "cosine", 10, 0.1), accelerator)
+    train, _, _ = build_datasets(qwen2_tokenizer, str(ASSETS / "self_cognition.jsonl"), None, 0.0, 128)
+    runner.batch = collate(train[:2], qwen2_tokenizer.pad_token_id)
+    return runner
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_disk_full_at_any_stage_of_a_save_keeps_the_previous_checkpoint(runner, monkeypatch, tmp_path):
+    checkpoints = Checkpoints(runner.accelerator, tmp_path, {"batch_size": 2}, {}, keep_last=1)
+    runner([runner.batch])
+    first = checkpoints.save(runner, {"epoch": 1})
+    before = snapshot(first)
+    runner([runner.batch])
+
+    real_fsync, calls = os.fsync, [0]
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.__setitem__(0, calls[0] + 1), real_fsync(fd)))
+    Checkpoints(runner.accelerator, tmp_path / "dry", {}, {}).save(runner, {"epoch": 1})  # counts one save's fsyncs
+    stages = calls[0]
+    assert stages >= 8  # 5 files, the folder, the marker, the parent folder
+    for stage in range(1, stages + 1):
+        count = [0]
+
+        def full_disk(fd, stage=stage):
+            count[0] += 1
+            if count[0] == stage:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return real_fsync(fd)
+
+        monkeypatch.setattr(os, "fsync", full_disk)
+        with pytest.raises(CheckpointError, match=r"cannot write checkpoint .*step-000002: No space left on device"
+                                                  r".*previous checkpoint .*step-000001.*untouched"):
+            checkpoints.save(runner, {"epoch": 1})
+        assert checkpoints.latest() == first and snapshot(first) == before, f"stage {stage}"
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert checkpoints.save(runner, {"epoch": 1}) == checkpoints.latest() == tmp_path / "checkpoints" / "step-000002"
+    assert not first.exists()  # keep_last=1 prunes only once the new one is complete
+
+
+def test_disk_full_while_saving_the_best_adapter_keeps_the_old_one(runner, qwen2_tokenizer, monkeypatch, tmp_path):
+    save_adapter(runner.accelerator, runner.model, qwen2_tokenizer, tmp_path / "best")
+    before = snapshot(tmp_path / "best")
+    runner([runner.batch])
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
+    with pytest.raises(CheckpointError, match="cannot write the best adapter to .*best: No space left on device"):
+        save_adapter(runner.accelerator, runner.model, qwen2_tokenizer, tmp_path / "best")
+    assert snapshot(tmp_path / "best") == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
+
+
+@pytest.mark.parametrize("damage, says", [
+    (lambda c: (c / "optimizer.pt").unlink(), r"optimizer\.pt is missing"),
+    (lambda c: (c / "adapter.safetensors").write_bytes(b"\0" * 10), r"adapter\.safetensors is corrupt"),
+    (lambda c: (c / "rng-rank0.pt").write_bytes(b"not a tensor file"), r"rng-rank0\.pt is corrupt"),
+])
+def test_missing_or_corrupt_checkpoint_file_is_an_error_naming_it(runner, tmp_path, damage, says):
+    checkpoints = Checkpoints(runner.accelerator, tmp_path, {}, {})
+    runner([runner.batch])
+    saved = checkpoints.save(runner, {"epoch": 1})
+    damage(saved)
+    with pytest.raises(CheckpointError, match=says + ".*cannot be resumed"):
+        checkpoints.restore(saved, runner)
+
+
+def test_pickled_objects_are_never_loaded(runner, tmp_path):
+    checkpoints = Checkpoints(runner.accelerator, tmp_path, {}, {})
+    runner([runner.batch])
+    saved = checkpoints.save(runner, {"epoch": 1})
+    torch.save({"state": {}, "param_groups": [], "evil": Path("/")}, saved / "optimizer.pt")  # a pickled object
+    with pytest.raises(CheckpointError, match=r"optimizer\.pt is corrupt \(UnpicklingError"):
+        checkpoints.restore(saved, runner)
+
+
+# --- signals ------------------------------------------------------------------------------------
+
+def test_sigterm_finishes_the_step_writes_a_checkpoint_and_exits_75(tiny_qwen2, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "scripts/train.py", f"model.name_or_path={tiny_qwen2}",
+                             f"output_dir={out}", "train.epochs=100", "train.batch_size=2"],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        steps = out / "steps.jsonl"
+        if steps.exists() and len(steps.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 75, stderr[-2000:]
+    last = json.loads((out / "steps.jsonl").read_text().splitlines()[-1])["step"]
+    checkpoint = out / "checkpoints" / f"step-{last:06d}"
+    assert f"interrupted: stopped by a signal after step {last}; checkpoint {checkpoint}" in stderr
+    assert json.loads((checkpoint / "COMPLETE").read_text()) == {"step": last}
+    assert "Traceback" not in stderr
+
+
+def test_second_signal_gets_the_default_action(train_main):
+    spec = sys.modules["qlora_loop_train_script"]
+    accelerator = Accelerator(mixed_precision="no")
+    previous = spec.stop_on_signals(accelerator)
+    try:
+        signal.raise_signal(signal.SIGINT)  # the first: only asks to stop after the step
+        assert accelerator.check_trigger()
+        assert signal.getsignal(signal.SIGINT) == signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
