@@ -5,7 +5,7 @@ trainable weights (unresized, so AdaLoRA's masked ranks come back too), optimize
 state, RNG states per rank, AdaLoRA's importance scores, the loop's position and early-stopping
 state, the config and a hash of the data. It is written into a temporary folder beside it, fsynced,
 renamed, and only then given its COMPLETE marker: a folder without one is ignored on resume.
-Nothing is ever unpickled: safetensors, JSON, and torch.load(weights_only=True).
+Nothing is pickled, so loading runs no code: tensors in safetensors, everything else in JSON.
 """
 
 from __future__ import annotations
@@ -106,11 +106,11 @@ class Checkpoints:
                 shutil.rmtree(tmp, ignore_errors=True)
                 tmp.mkdir(parents=True)
             accelerator.wait_for_everyone()
-            _write(tmp / f"rng-rank{accelerator.process_index}.pt", torch.save, _rng_state())
+            _save_tree(tmp / f"rng-rank{accelerator.process_index}", _rng_state())
             if accelerator.is_main_process:
                 _write(tmp / "adapter.safetensors", save_file, weights)
-                _write(tmp / "optimizer.pt", torch.save, runner.optimizer.state_dict())
-                _write(tmp / "scheduler.pt", torch.save, runner.scheduler.state_dict())
+                _save_tree(tmp / "optimizer", runner.optimizer.state_dict())
+                _save_tree(tmp / "scheduler", runner.scheduler.state_dict())
                 adalora = adalora_of(peft_model)
                 if adalora is not None:
                     _write(tmp / "adalora.safetensors", save_file, _allocator_state(adalora))
@@ -162,14 +162,14 @@ class Checkpoints:
         with torch.no_grad():
             for name, param in params.items():
                 param.copy_(weights[name])
-        runner.optimizer.load_state_dict(_read(path / "optimizer.pt", _load_tensors))
-        runner.scheduler.load_state_dict(_read(path / "scheduler.pt", _load_tensors))
+        runner.optimizer.load_state_dict(_load_tree(path / "optimizer"))
+        runner.scheduler.load_state_dict(_load_tree(path / "scheduler"))
         adalora = adalora_of(peft_model)
         if adalora is not None:
             _restore_allocator(adalora, _read(path / "adalora.safetensors", load_file), state["rank_pattern"],
                                self.accelerator.device)
         rank = self.accelerator.process_index % state["world_size"]
-        _set_rng_state(_read(path / f"rng-rank{rank}.pt", _load_tensors))
+        _set_rng_state(_load_tree(path / f"rng-rank{rank}"))
         runner.step = state["step"]
         return state["loop"]
 
@@ -208,8 +208,48 @@ def _read(path: Path, reader):
                               f"this checkpoint cannot be resumed, pick another with train.resume=PATH") from None
 
 
-def _load_tensors(path: str):
-    return torch.load(path, weights_only=True, map_location="cpu")  # never unpickles arbitrary objects
+def _save_tree(stem: Path, tree) -> None:
+    """A nested state (optimizer, scheduler, RNG) as stem.safetensors (its tensors) + stem.json
+    (the rest, each tensor replaced by its key): no pickle, so loading can run no code."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def encode(obj):
+        if isinstance(obj, torch.Tensor):
+            key = f"t{len(tensors)}"
+            tensors[key] = obj.detach().cpu().contiguous()
+            return {"__tensor__": key}
+        if isinstance(obj, dict):  # keys keep their type (optimizer state is keyed by int)
+            return {"__dict__": [[encode(k), encode(v)] for k, v in obj.items()]}
+        if isinstance(obj, (list, tuple)):
+            return {"__tuple__" if isinstance(obj, tuple) else "__list__": [encode(v) for v in obj]}
+        if obj is None or isinstance(obj, (bool, int, float, str)):
+            return obj
+        raise TypeError(f"cannot store a {type(obj).__name__} in a checkpoint")
+
+    structure = encode(tree)
+    _write(stem.with_suffix(".safetensors"), save_file, tensors)
+    _write(stem.with_suffix(".json"), _write_json, structure)
+
+
+def _load_tree(stem: Path):
+    tensors = _read(stem.with_suffix(".safetensors"), load_file)
+    structure = _read(stem.with_suffix(".json"), lambda f: json.loads(Path(f).read_text(encoding="utf-8")))
+
+    def decode(obj):
+        if isinstance(obj, dict) and "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if isinstance(obj, dict) and "__dict__" in obj:
+            return {decode(k): decode(v) for k, v in obj["__dict__"]}
+        if isinstance(obj, dict) and ("__list__" in obj or "__tuple__" in obj):
+            items = [decode(v) for v in obj.get("__list__", obj.get("__tuple__"))]
+            return tuple(items) if "__tuple__" in obj else items
+        return obj
+
+    try:
+        return decode(structure)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{stem.with_suffix('.json')} is corrupt ({type(e).__name__}: {e}); this checkpoint "
+                              "cannot be resumed, pick another with train.resume=PATH") from None
 
 
 def _fsync_dir(path: Path) -> None:

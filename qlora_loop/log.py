@@ -4,7 +4,6 @@ Every method is a no-op on the other processes."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import resource
 from pathlib import Path
@@ -14,6 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+STEP_COLUMNS = ("loss", "grad_norm", "lr", "tokens", "target_tokens", "positions")
 HISTORY_COLUMNS = ("epoch", "train_loss", "val_loss", "lr", "grad_norm", "train_tokens", "seconds",
                    "tokens_per_second", "peak_memory_bytes")
 
@@ -76,7 +76,7 @@ class RunLog:
         stats = f"loss {result.loss:.4f}  lr {result.lr:.2e}  gnorm {result.grad_norm:.3f}  {tokens_per_second:,.0f} tok/s"
         self.progress.update(self.task, advance=1, stats=stats)
         if step % self.log_every == 0:
-            row = {"step": step, "epoch": epoch, **dataclasses.asdict(result)}
+            row = {"step": step, "epoch": epoch, **{k: getattr(result, k) for k in STEP_COLUMNS}}
             with open(self.output_dir / "steps.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
 

@@ -97,7 +97,7 @@ def test_disk_full_at_any_stage_of_a_save_keeps_the_previous_checkpoint(runner, 
     monkeypatch.setattr(os, "fsync", lambda fd: (calls.__setitem__(0, calls[0] + 1), real_fsync(fd)))
     Checkpoints(runner.accelerator, tmp_path / "dry", {}, {}).save(runner, {"epoch": 1})  # counts one save's fsyncs
     stages = calls[0]
-    assert stages >= 8  # 5 files, the folder, the marker, the parent folder
+    assert stages >= 11  # 8 files, the folder, the marker, the parent folder
     for stage in range(1, stages + 1):
         count = [0]
 
@@ -129,9 +129,10 @@ def test_disk_full_while_saving_the_best_adapter_keeps_the_old_one(runner, qwen2
 
 
 @pytest.mark.parametrize("damage, says", [
-    (lambda c: (c / "optimizer.pt").unlink(), r"optimizer\.pt is missing"),
+    (lambda c: (c / "optimizer.safetensors").unlink(), r"optimizer\.safetensors is missing"),
     (lambda c: (c / "adapter.safetensors").write_bytes(b"\0" * 10), r"adapter\.safetensors is corrupt"),
-    (lambda c: (c / "rng-rank0.pt").write_bytes(b"not a tensor file"), r"rng-rank0\.pt is corrupt"),
+    (lambda c: (c / "rng-rank0.json").write_text("{not json"), r"rng-rank0\.json is corrupt"),
+    (lambda c: (c / "scheduler.json").write_text('{"__tensor__": "t99"}'), r"scheduler\.json is corrupt"),
 ])
 def test_missing_or_corrupt_checkpoint_file_is_an_error_naming_it(runner, tmp_path, damage, says):
     checkpoints = Checkpoints(runner.accelerator, tmp_path, {}, {})
@@ -142,13 +143,21 @@ def test_missing_or_corrupt_checkpoint_file_is_an_error_naming_it(runner, tmp_pa
         checkpoints.restore(saved, runner)
 
 
-def test_pickled_objects_are_never_loaded(runner, tmp_path):
+def test_checkpoints_hold_no_pickle_only_safetensors_and_json(runner, tmp_path):
     checkpoints = Checkpoints(runner.accelerator, tmp_path, {}, {})
     runner([runner.batch])
     saved = checkpoints.save(runner, {"epoch": 1})
-    torch.save({"state": {}, "param_groups": [], "evil": Path("/")}, saved / "optimizer.pt")  # a pickled object
-    with pytest.raises(CheckpointError, match=r"optimizer\.pt is corrupt \(UnpicklingError"):
-        checkpoints.restore(saved, runner)
+    names = sorted(p.name for p in saved.iterdir())
+    assert names == ["COMPLETE", "adapter.safetensors", "optimizer.json", "optimizer.safetensors", "rng-rank0.json",
+                     "rng-rank0.safetensors", "scheduler.json", "scheduler.safetensors", "state.json"]
+    before = {n: p.detach().clone() for n, p in runner.model.named_parameters() if p.requires_grad}
+    optimizer_state = runner.optimizer.state_dict()
+    runner([runner.batch])  # move on, then come back
+    checkpoints.restore(saved, runner)
+    assert all(torch.equal(before[n], p) for n, p in runner.model.named_parameters() if p.requires_grad)
+    restored = runner.optimizer.state_dict()
+    assert restored["param_groups"] == optimizer_state["param_groups"]
+    assert runner.step == 1
 
 
 # --- signals ------------------------------------------------------------------------------------
