@@ -50,23 +50,52 @@ def resolve_compute_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def load_base_model(name_or_path: str, device: torch.device, compute_dtype: torch.dtype = torch.bfloat16,
                     gradient_checkpointing: bool = True, trust_remote_code: bool = False,
-                    revision: str | None = None, attn_implementation: str | None = None):
+                    revision: str | None = None, attn_implementation: str | None = None,
+                    quant_storage: torch.dtype | None = None):
     """The base model in 4-bit NF4 with double quantisation, frozen and prepared for k-bit training.
-    Each process loads onto its own device, so several ranks never share one GPU's copy."""
+    Each process loads onto its own device, so several ranks never share one GPU's copy.
+
+    quant_storage: the dtype the packed 4-bit weights are stored in; None = bitsandbytes' uint8. For
+    FSDP (or DeepSpeed ZeRO-3) give a float dtype, e.g. torch.bfloat16: FSDP shards only float
+    tensors. The whole model is then loaded in that dtype and kept in it, since FSDP flattens a
+    wrapped unit only if all its parameters share one dtype.
+    """
+    sharded = quant_storage is not None and quant_storage.is_floating_point
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                      bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype)
+                                      bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype,
+                                      bnb_4bit_quant_storage=quant_storage or torch.uint8)
     device_map = {"": device.index if device.type == "cuda" else str(device)}
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            name_or_path, quantization_config=quantization, device_map=device_map, dtype=compute_dtype,
-            trust_remote_code=trust_remote_code, revision=revision, attn_implementation=attn_implementation)
+            name_or_path, quantization_config=quantization, device_map=device_map,
+            dtype=quant_storage if sharded else compute_dtype, trust_remote_code=trust_remote_code,
+            revision=revision, attn_implementation=attn_implementation)
     except OSError as e:
         raise ModelError(f"model.name_or_path={name_or_path!r}: cannot load the model "
                          f"({str(e).splitlines()[0]})") from None
     model.config.use_cache = False  # the KV cache is useless while training and costs memory
-    return prepare_model_for_kbit_training(
-        model, use_gradient_checkpointing=gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False})
+    keep_training_layout(model)
+    if not sharded:
+        return prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    # prepare_model_for_kbit_training would up-cast norms and embeddings to float32 beside the 4-bit
+    # weights stored in quant_storage: one wrapped unit, two dtypes. Do the rest of what it does.
+    model.requires_grad_(False)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def keep_training_layout(model) -> None:
+    """On CPUs with AVX512-BF16, bitsandbytes repacks a Linear4bit's weights for a faster kernel the
+    first time it runs in eval mode without grad, and never packs them back. After an evaluation the
+    training forward would then (a) fail on layers with a bias (Qwen2's q/k/v: an in-place add on a
+    grad-requiring view) and (b) compute with other numbers (absmax un-nested to bf16), so a resumed
+    run would no longer reproduce the uninterrupted one. Training keeps the one layout it started with."""
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def find_linear4bit_targets(model) -> list[str]:
