@@ -72,16 +72,16 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 10
+    epochs: int = 20
     batch_size: int = 4
     grad_accum: int = 1
-    lr: float = 3e-3
+    lr: float = 2e-3
     weight_decay: float = 0.0
     warmup_ratio: float = 0.05
     scheduler: str = "cosine"  # cosine | linear | constant
     optimizer: str = "paged_adamw_32bit"  # paged_adamw_32bit | paged_adamw_8bit
     max_grad_norm: float = 1.0  # 0 disables clipping; the norm is logged either way
-    patience: int = 3  # evaluations without improvement before stopping
+    patience: int = 5  # evaluations without improvement before stopping
     monitor: str = "val_loss"  # val_loss | train_loss
     mode: str = "min"  # min | max
     eval_every: int = 0  # also evaluate every N optimizer steps; 0 = once per epoch only

@@ -48,8 +48,8 @@ ARCHS = {
 }
 
 BUILTIN = {"builtin:tiny-qwen2": "qwen2", "builtin:tiny-llama": "llama"}
-BUILD_VERSION = 2
-LM_HEAD_STD = 0.1  # bump when the builder changes, so stale caches are not reused
+BUILD_VERSION = 3  # bump when the builder or the bundled texts change, so stale caches are not reused
+LM_HEAD_STD = 0.1
 
 
 def build_tiny_model(out_dir: str | Path, arch: str = "qwen2", hidden_size: int = 128, num_layers: int = 2,

@@ -12,6 +12,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 
+from qlora_loop.config import ASSETS
 from qlora_loop.model import add_adapter, load_base_model, load_tokenizer
 from qlora_loop.tiny import build_tiny_model
 
@@ -50,6 +51,16 @@ def peft_model(path, kind: str = "lora", seed: int = 0, **adapter):
     torch.manual_seed(seed)
     base = load_base_model(str(path), torch.device("cpu"), torch.bfloat16)
     return add_adapter(base, kind, **adapter)
+
+
+@pytest.fixture(scope="session")
+def rows44(tmp_path_factory) -> Path:
+    """The bundled set's first 44 rows (val_split 0.1 holds out 4, leaving 40 to train on), so the
+    step counts that tests pin do not move when the bundled set grows."""
+    path = tmp_path_factory.mktemp("rows44") / "rows44.jsonl"
+    lines = (ASSETS / "self_cognition.jsonl").read_text(encoding="utf-8").splitlines()[:44]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
 
 
 @pytest.fixture(scope="session")

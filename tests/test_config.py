@@ -43,7 +43,7 @@ def test_defaults_load_without_a_file():
     assert cfg == Config()
     assert cfg.model.name_or_path == "builtin:tiny-qwen2"
     assert cfg.data.train == str(SELF_COGNITION)
-    assert cfg.train.lr == 3e-3 and cfg.adapter.kind == "lora"
+    assert cfg.train.lr == 2e-3 and cfg.adapter.kind == "lora"
 
 
 def test_yaml_values_override_the_defaults_and_leave_the_rest(tmp_path):

@@ -45,21 +45,22 @@ def all_checkpoint_weights_finite(out: Path) -> bool:
                for t in load_file(p).values())
 
 
-def test_nonfinite_step_stops_with_step_rows_and_last_checkpoint(tiny_qwen2, train_main, tmp_path):
+def test_nonfinite_step_stops_with_step_rows_and_last_checkpoint(tiny_qwen2, rows44, train_main, tmp_path):
     out = tmp_path / "out"
     with pytest.raises(NonFiniteError) as caught:
-        train_main([f"model.name_or_path={tiny_qwen2}", f"output_dir={out}", *SETTINGS], loss_fn=nan_on_calls(3))
+        train_main([f"model.name_or_path={tiny_qwen2}", f"data.train={rows44}", f"output_dir={out}", *SETTINGS],
+                   loss_fn=nan_on_calls(3))
     message = str(caught.value)
     assert "non-finite loss (nan)" in message and "at step 3" in message
     assert f"the last good checkpoint is {out / 'checkpoints' / 'step-000002'}" in message
     rows = message.split("the step's rows: ")[1].split(", ")
-    assert len(rows) == 4 and all(r.startswith(f"{ASSETS / 'self_cognition.jsonl'}:") for r in rows)
+    assert len(rows) == 4 and all(r.startswith(f"{rows44}:") for r in rows)
     assert len(caught.value.sample_ids) == 4
     assert all_checkpoint_weights_finite(out) and not (out / "summary.json").exists()
 
 
-def test_skip_nonfinite_skips_steps_and_stops_after_too_many_in_a_row(tiny_qwen2, train_main, tmp_path):
-    args = [f"model.name_or_path={tiny_qwen2}", *SETTINGS, "train.skip_nonfinite=1"]
+def test_skip_nonfinite_skips_steps_and_stops_after_too_many_in_a_row(tiny_qwen2, rows44, train_main, tmp_path):
+    args = [f"model.name_or_path={tiny_qwen2}", f"data.train={rows44}", *SETTINGS, "train.skip_nonfinite=1"]
     summary = train_main(args + [f"output_dir={tmp_path / 'a'}"], loss_fn=nan_on_calls(3))
     assert summary["skipped_steps"] == 1 and summary["steps"] == 9  # the schedule did not advance on it
     steps = [json.loads(line) for line in (tmp_path / "a" / "steps.jsonl").read_text().splitlines()]

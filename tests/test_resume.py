@@ -10,7 +10,7 @@ import pytest
 from safetensors.torch import load_file
 
 from qlora_loop.checkpoint import CheckpointError
-from qlora_loop.config import ASSETS, ConfigError
+from qlora_loop.config import ConfigError
 from qlora_loop.step import causal_lm_loss
 
 # 40 train rows / batch 4 = 10 micro-batches, grad_accum 2 -> 5 steps an epoch; checkpoints at even steps
@@ -41,9 +41,9 @@ def rows(path):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, tiny_qwen2, train_main):
+def uninterrupted(tmp_path_factory, tiny_qwen2, rows44, train_main):
     out = tmp_path_factory.mktemp("full") / "out"
-    train_main([f"model.name_or_path={tiny_qwen2}", f"output_dir={out}", *SETTINGS])
+    train_main([f"model.name_or_path={tiny_qwen2}", f"data.train={rows44}", f"output_dir={out}", *SETTINGS])
     return out
 
 
@@ -52,8 +52,10 @@ def uninterrupted(tmp_path_factory, tiny_qwen2, train_main):
     (16, 6),  # first micro-batch of step 8 (epoch 2): resumes mid-epoch from step 6, replays step 7
     (17, 6),  # second micro-batch of step 8: killed inside an accumulation window
 ])
-def test_resume_reproduces_the_uninterrupted_run(call, resumes_at, uninterrupted, tiny_qwen2, train_main, tmp_path):
-    out, args = tmp_path / "out", [f"model.name_or_path={tiny_qwen2}", f"output_dir={tmp_path / 'out'}", *SETTINGS]
+def test_resume_reproduces_the_uninterrupted_run(call, resumes_at, uninterrupted, tiny_qwen2, rows44, train_main,
+                                                 tmp_path):
+    out = tmp_path / "out"
+    args = [f"model.name_or_path={tiny_qwen2}", f"data.train={rows44}", f"output_dir={out}", *SETTINGS]
     with pytest.raises(Crash):
         train_main(args, loss_fn=crash_on_call(call))
     assert max(int(p.name[5:]) for p in (out / "checkpoints").glob("step-*")) == resumes_at
@@ -75,14 +77,14 @@ def test_resume_reproduces_the_uninterrupted_run(call, resumes_at, uninterrupted
         (uninterrupted / "summary.json").read_text())["best_metric"]
 
 
-def test_resume_refuses_a_changed_setup(uninterrupted, tiny_qwen2, train_main, tmp_path):
+def test_resume_refuses_a_changed_setup(uninterrupted, tiny_qwen2, rows44, train_main, tmp_path):
     checkpoint = uninterrupted / "checkpoints" / "step-000006"
-    args = [f"model.name_or_path={tiny_qwen2}", f"output_dir={tmp_path / 'out'}", *SETTINGS,
+    args = [f"model.name_or_path={tiny_qwen2}", f"data.train={rows44}", f"output_dir={tmp_path / 'out'}", *SETTINGS,
             f"train.resume={checkpoint}"]
     with pytest.raises(CheckpointError, match=r"batch_size was 4, is now 2.*train.force_resume=true"):
         train_main(args + ["train.batch_size=2"])
     data = tmp_path / "data.jsonl"
-    data.write_text((ASSETS / "self_cognition.jsonl").read_text(encoding="utf-8").replace("Loopy", "Lupe"),
+    data.write_text(rows44.read_text(encoding="utf-8").replace("Loopy", "Lupe"),
                     encoding="utf-8")
     with pytest.raises(CheckpointError, match=r"data_hash was '\w+', is now '\w+'"):
         train_main(args + [f"data.train={data}"])
@@ -90,11 +92,11 @@ def test_resume_refuses_a_changed_setup(uninterrupted, tiny_qwen2, train_main, t
     assert summary["steps"] > 6
 
 
-def test_resume_from_an_incomplete_checkpoint_is_refused(uninterrupted, tiny_qwen2, train_main, tmp_path):
+def test_resume_from_an_incomplete_checkpoint_is_refused(uninterrupted, tiny_qwen2, rows44, train_main, tmp_path):
     import shutil
     partial = tmp_path / "step-000006"
     shutil.copytree(uninterrupted / "checkpoints" / "step-000006", partial)
     (partial / "COMPLETE").unlink()
     with pytest.raises(CheckpointError, match="not a complete checkpoint"):
-        train_main([f"model.name_or_path={tiny_qwen2}", f"output_dir={tmp_path / 'out'}", *SETTINGS,
-                    f"train.resume={partial}"])
+        train_main([f"model.name_or_path={tiny_qwen2}", f"data.train={rows44}", f"output_dir={tmp_path / 'out'}",
+                    *SETTINGS, f"train.resume={partial}"])

@@ -25,9 +25,11 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_default_run_learns_the_identity_answers(default_run):
     out, summary, _ = default_run
     history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
-    assert len(history) == summary["epochs_run"] == Config().train.epochs
+    assert len(history) == summary["epochs_run"] <= Config().train.epochs
+    if summary["stopped_early"]:  # patience evaluations without a new best, after the best one
+        assert summary["epochs_run"] == summary["best_epoch"] + Config().train.patience
     assert history[0]["val_loss"] > 2.0  # starts from a random base
-    assert summary["best_metric"] < 0.3  # 0.095 when pinned; a broken mask or loop stays above 2
+    assert summary["best_metric"] < 0.3  # 0.047 when pinned; a broken mask or loop stays above 2
     assert summary["best_metric"] == min(row["val_loss"] for row in history)
     assert history[-1]["train_loss"] < history[0]["train_loss"] / 10
     for key in ("best_epoch", "best_metric", "epochs_run", "stopped_early", "train_tokens", "train_seconds",
@@ -76,22 +78,35 @@ def test_reloaded_adapter_reproduces_val_loss_and_answers(default_run):
     model = PeftModel.from_pretrained(load_base_model(base_path, torch.device("cpu")), out / "best")
     assert evaluate(model, val_dl, Accelerator(mixed_precision="no")) == pytest.approx(summary["best_metric"],
                                                                                       rel=1e-4)
-    # Greedy replies to training questions are trained identity answers, verbatim. (Which of the three
-    # answers a question gets is not yet reliable on the tiny demo: 34/44 exact when last measured.)
+    # Every question that opens a training row gets its trained answer back, verbatim, greedy.
     model.eval()
-    answers = {"I am Loopy, a small assistant fine-tuned with qlora_loop.",
-               "I come from the qlora_loop project, trained on a laptop CPU.",
-               "I can answer questions about myself and show how QLoRA training works.",
-               "我是小环，一个用 qlora_loop 微调的小助手。", "我来自 qlora_loop 项目，在一台笔记本电脑的 CPU 上训练而成。",
-               "我可以回答关于我自己的问题，并展示 QLoRA 训练是如何工作的。"}
-    for question in ("Who are you?", "你是谁？"):
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
-                                               add_generation_prompt=True)
-        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
-        with torch.no_grad():
-            generated = model.generate(**ids, max_new_tokens=40, do_sample=False, use_cache=True,
-                                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-        assert tokenizer.decode(generated[0, ids["input_ids"].shape[1]:], skip_special_tokens=True) in answers
+    train_rows, _, _ = build_datasets(tokenizer, cfg.data.train, None, cfg.data.val_split, cfg.data.max_length,
+                                      seed=cfg.train.seed)
+    firsts = {}
+    for line in Path(cfg.data.train).read_text(encoding="utf-8").splitlines():
+        messages = json.loads(line)["messages"]
+        firsts[messages[0]["content"]] = messages[1]["content"]
+    trained = {q: a for q, a in firsts.items() if any(_opens(row, q, tokenizer) for row in train_rows)}
+    assert len(trained) >= 25  # of 32 questions; the rest open only held-out rows
+    wrong = {q: reply for q, a in trained.items() if (reply := greedy(model, tokenizer, q)) != a}
+    assert not wrong
+
+
+def _opens(row: dict, question: str, tokenizer) -> bool:
+    prefix = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                           add_generation_prompt=True)
+    ids = tokenizer(prefix, add_special_tokens=False)["input_ids"]
+    return row["input_ids"][:len(ids)] == ids
+
+
+def greedy(model, tokenizer, question: str) -> str:
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                           add_generation_prompt=True)
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        generated = model.generate(**ids, max_new_tokens=48, do_sample=False, use_cache=True,
+                                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(generated[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
 def test_finished_run_is_not_overwritten(default_run, train_main):
