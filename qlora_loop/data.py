@@ -136,6 +136,20 @@ def _tokenize_row(tokenizer, conversation: Conversation, max_length: int):
     return ids, labels, truncated
 
 
+def split_validation(rows: list, val_split: float, seed: int, where: str = "data.train") -> tuple[list, list]:
+    """(train rows, held-out rows): a seeded random `val_split` share held out, both in file order.
+    The one place the split is made, so chat and merge find the very rows a run validated on."""
+    if val_split <= 0:
+        return rows, []
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    n_val = max(1, round(len(rows) * val_split))
+    if n_val >= len(rows):
+        raise DataError(f"{where}: {len(rows)} rows cannot be split with data.val_split={val_split}; "
+                        "add rows, lower data.val_split, or give data.val")
+    return [rows[i] for i in sorted(order[n_val:])], [rows[i] for i in sorted(order[:n_val])]
+
+
 def build_datasets(tokenizer, train: str, val: str | None, val_split: float, max_length: int,
                    system_prompt: str | None = None, seed: int = 0, on_error: str = "error",
                    max_skip_fraction: float = 0.1):
@@ -146,17 +160,8 @@ def build_datasets(tokenizer, train: str, val: str | None, val_split: float, max
     conversations = load_conversations(train, system_prompt, train_rejects)
     if val is not None:
         held_out = load_conversations(val, system_prompt, val_rejects)
-    elif val_split > 0:
-        order = list(range(len(conversations)))
-        random.Random(seed).shuffle(order)
-        n_val = max(1, round(len(conversations) * val_split))
-        if n_val >= len(conversations):
-            raise DataError(f"{train}: {len(conversations)} rows cannot be split with data.val_split={val_split}; "
-                            "add rows, lower data.val_split, or give data.val")
-        held_out = [conversations[i] for i in sorted(order[:n_val])]
-        conversations = [conversations[i] for i in sorted(order[n_val:])]
     else:
-        held_out = []
+        conversations, held_out = split_validation(conversations, val_split, seed, train)
     train_examples, train_stats = build_examples(tokenizer, conversations, max_length, train_rejects)
     val_examples, val_stats = build_examples(tokenizer, held_out, max_length, val_rejects)
     for path, stats in ((train, train_stats), (val or train, val_stats)):
