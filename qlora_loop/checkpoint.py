@@ -16,12 +16,14 @@ import os
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from qlora_loop.manifest import check_manifest, write_manifest
 from qlora_loop.model import adalora_of
 
 MARKER = "COMPLETE"
@@ -34,9 +36,10 @@ class CheckpointError(RuntimeError):
 
 # --- the best adapter ---------------------------------------------------------------------------
 
-def save_adapter(accelerator, model, tokenizer, directory: str | Path) -> None:
-    """Write only the adapter (never base weights, never pickle) to `directory`, replacing any
-    adapter there only once the new one is complete: a crash mid-save leaves the old one intact."""
+def save_adapter(accelerator, model, tokenizer, directory: str | Path, manifest: dict | None = None) -> None:
+    """Write only the adapter (never base weights, never pickle) and its manifest to `directory`,
+    replacing any adapter there only once the new one is complete: a crash mid-save leaves the old
+    one intact."""
     directory = Path(directory)
     accelerator.wait_for_everyone()
     peft_model = accelerator.unwrap_model(model)
@@ -48,6 +51,8 @@ def save_adapter(accelerator, model, tokenizer, directory: str | Path) -> None:
         try:
             peft_model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
+            if manifest is not None:
+                write_manifest(tmp, manifest)
             _fsync_tree(tmp)
             if directory.exists():
                 os.replace(directory, old)
@@ -76,9 +81,10 @@ class Checkpoints:
     """The checkpoints of one run. `identity` holds what must not change between a save and a
     resume (batch size, grad accumulation, max length, world size, data hash)."""
 
-    def __init__(self, accelerator, output_dir: str | Path, identity: dict, config: dict, keep_last: int = 2):
+    def __init__(self, accelerator, output_dir: str | Path, identity: dict, config: dict, keep_last: int = 2,
+                 manifest: dict | None = None):
         self.accelerator, self.dir = accelerator, Path(output_dir) / "checkpoints"
-        self.identity, self.config, self.keep_last = identity, config, keep_last
+        self.identity, self.config, self.keep_last, self.manifest = identity, config, keep_last, manifest
 
     def complete(self) -> list[Path]:
         """Complete checkpoints, oldest first (by step number, not by name)."""
@@ -118,6 +124,8 @@ class Checkpoints:
                          "config": self.config, "world_size": accelerator.num_processes,
                          "rank_pattern": adalora and adalora.peft_config[adalora.trainable_adapter_name].rank_pattern}
                 _write(tmp / "state.json", _write_json, state)
+                if self.manifest is not None:
+                    _write(tmp / "manifest.json", _write_json, self.manifest)
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 _fsync_dir(tmp)
@@ -141,12 +149,15 @@ class Checkpoints:
                 if old != newest:
                     shutil.rmtree(old)
 
-    def restore(self, path: Path, runner, force: bool = False) -> dict:
+    def restore(self, path: Path, runner, force: bool = False, tokenizer=None, base: str | None = None) -> dict:
         """Load `path` into the runner's model, optimizer, scheduler, RNG and AdaLoRA allocator;
-        return the loop state. Refuses a checkpoint of a different run setup unless `force`."""
+        return the loop state. Refuses a checkpoint of a different run setup unless `force`; warns
+        when its manifest records another base model or chat template."""
         if not is_complete(path):
             raise CheckpointError(f"{path} is not a complete checkpoint (no {MARKER} marker: the run was stopped "
                                   "while writing it); resume from an earlier one or with train.resume=auto")
+        for warning in check_manifest(path, tokenizer, base):
+            warnings.warn(warning, stacklevel=2)
         state = _read(path / "state.json", lambda f: json.loads(Path(f).read_text(encoding="utf-8")))
         changed = {k: (state["identity"].get(k), v) for k, v in self.identity.items() if state["identity"].get(k) != v}
         if changed and not force:

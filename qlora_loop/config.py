@@ -34,6 +34,9 @@ class ModelConfig:
     compute_dtype: str = "auto"
     gradient_checkpointing: bool = True
     attn_implementation: str | None = None
+    # The dtype the packed 4-bit weights are stored in; null = bitsandbytes' uint8. FSDP and DeepSpeed
+    # ZeRO-3 shard only floating-point tensors: set bfloat16 there (configs/accelerate/fsdp-qlora.yaml).
+    quant_storage: str | None = None
 
 
 @dataclass
@@ -68,6 +71,10 @@ class DataConfig:
     num_workers: int = 0
     on_error: str = "error"  # error: the first bad row stops the run; skip: drop bad rows, counted by kind
     max_skip_fraction: float = 0.1  # with on_error=skip, stop when more than this share of a file is bad
+    # Batches of similar lengths (shuffled, then sorted within mega-batches), so little of each batch
+    # is padding; the order of batches stays random from epoch to epoch.
+    group_by_length: bool = True
+    audit_rows: int = 64  # rows whose label masks are checked before training; 0 skips the audit
 
 
 @dataclass
@@ -93,6 +100,21 @@ class TrainConfig:
     skip_nonfinite: int = 0  # skip up to N non-finite steps in a row; 0 stops at the first
     seed: int = 42
     mixed_precision: str = "auto"  # auto | no | bf16 | fp16; auto = the compute dtype on GPU, no on CPU
+    # Sequences per optimizer step over all processes; when set, grad_accum follows the process count.
+    global_batch_size: int | None = None
+    # Before step 1: forward + backward on the longest batch, peak memory reported; a run that would
+    # not fit stops there. memory_budget_gib: null = the GPU's memory (no limit on a CPU).
+    memory_probe: bool = True
+    memory_budget_gib: float | None = None
+    log_with: list[str] = field(default_factory=list)  # trackers: tensorboard, wandb, swanlab, mlflow
+
+
+@dataclass
+class EvalConfig:
+    """Sample replies, generated greedily before the first step and after every epoch."""
+    prompts: list[str] = field(default_factory=list)  # questions to ask; empty = the first num_samples val rows
+    num_samples: int = 3
+    max_new_tokens: int = 128
 
 
 @dataclass
@@ -101,6 +123,7 @@ class Config:
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     output_dir: str = "outputs/self-cognition-tiny"
 
 
@@ -113,6 +136,7 @@ CHOICES = {
     "train.mode": ("min", "max"),
     "train.mixed_precision": ("auto", "no", "bf16", "fp16"),
     "data.on_error": ("error", "skip"),
+    "model.quant_storage": (None, "uint8", "bfloat16", "float16", "float32"),
 }
 
 # Names other trainers use (transformers' TrainingArguments, peft) that string similarity alone
@@ -146,7 +170,7 @@ def validate(cfg: Config) -> None:
     for key, allowed in CHOICES.items():
         value = _get(cfg, key)
         if value not in allowed:
-            raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(a or 'null' for a in allowed)}")
     positive = ["adapter.r", "data.max_length", "train.epochs", "train.batch_size", "train.grad_accum",
                 "train.lr", "adapter.delta_t", "train.log_every"]
     for key in positive:
@@ -157,7 +181,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}={_get(cfg, key)!r} must be in [0, 1)")
     for key in ["train.max_grad_norm", "train.weight_decay", "train.patience", "train.eval_every",
                 "adapter.orth_reg_weight", "data.num_workers", "train.save_every", "train.keep_last",
-                "train.skip_nonfinite"]:
+                "train.skip_nonfinite", "data.audit_rows", "eval.num_samples", "eval.max_new_tokens"]:
         if not _get(cfg, key) >= 0:
             raise ConfigError(f"{key}={_get(cfg, key)!r} must be >= 0")
     if cfg.adapter.kind == "adalora":
@@ -168,6 +192,9 @@ def validate(cfg: Config) -> None:
         if cfg.adapter.init_r is not None and cfg.adapter.init_r < cfg.adapter.r:
             raise ConfigError(f"adapter.init_r={cfg.adapter.init_r} is below adapter.r={cfg.adapter.r}: AdaLoRA "
                               "only shrinks ranks; set adapter.init_r >= adapter.r or leave it unset (1.5 x r)")
+    for key in ["train.global_batch_size", "train.memory_budget_gib"]:
+        if _get(cfg, key) is not None and not _get(cfg, key) > 0:
+            raise ConfigError(f"{key}={_get(cfg, key)!r} must be > 0, or null")
     if not 0 <= cfg.data.max_skip_fraction <= 1:
         raise ConfigError(f"data.max_skip_fraction={cfg.data.max_skip_fraction!r} must be in [0, 1]")
     if cfg.train.monitor == "val_loss" and cfg.data.val is None and cfg.data.val_split == 0:

@@ -196,31 +196,50 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 
 class EpochSampler(Sampler):
     """A shuffled order that depends only on (seed, epoch), so a resumed run rebuilds any epoch's
-    order without replaying the epochs before it. Accelerate's dataloader calls set_epoch()."""
+    order without replaying the epochs before it. Accelerate's dataloader calls set_epoch().
 
-    def __init__(self, size: int, seed: int = 0):
+    With `lengths`, the order is grouped by length: shuffle, cut into mega-batches of `mega` batches,
+    sort each by length (longest first), then shuffle the order of the full batches. Each batch then
+    holds rows of similar length, so little of it is padding, and which batch comes when stays random.
+    A short last batch stays last, so it never shifts the batches after it."""
+
+    def __init__(self, size: int, seed: int = 0, lengths: list[int] | None = None, batch_size: int = 1,
+                 mega: int = 50):
         self.size, self.seed, self.epoch = size, seed, 0
+        self.lengths, self.batch_size, self.mega = lengths, batch_size, mega
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.size, generator=generator).tolist())
+        order = torch.randperm(self.size, generator=generator).tolist()
+        if self.lengths is None:
+            return iter(order)
+        span = self.batch_size * self.mega
+        order = [i for start in range(0, self.size, span)
+                 for i in sorted(order[start:start + span], key=lambda i: -self.lengths[i])]
+        full = self.size // self.batch_size * self.batch_size
+        batches = [order[i:i + self.batch_size] for i in range(0, full, self.batch_size)]
+        shuffled = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+        return iter([i for batch in shuffled for i in batch] + order[full:])
 
     def __len__(self) -> int:
         return self.size
 
 
 def build_dataloaders(train_examples: list[dict], val_examples: list[dict], batch_size: int, pad_id: int,
-                      seed: int = 0, num_workers: int = 0) -> tuple[DataLoader, DataLoader | None]:
+                      seed: int = 0, num_workers: int = 0,
+                      group_by_length: bool = False) -> tuple[DataLoader, DataLoader | None]:
     def collate_fn(batch):
         return collate(batch, pad_id)
 
+    lengths = [len(e["input_ids"]) for e in train_examples] if group_by_length else None
+    sampler = EpochSampler(len(train_examples), seed, lengths, batch_size)
     # Each loader gets its own generator: creating an iterator draws a seed from it, and without one
     # that draw comes from the global RNG, which dropout uses, so a resumed epoch would shift it.
-    train = DataLoader(train_examples, batch_size=batch_size, sampler=EpochSampler(len(train_examples), seed),
-                       collate_fn=collate_fn, num_workers=num_workers, generator=torch.Generator().manual_seed(seed))
+    train = DataLoader(train_examples, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn,
+                       num_workers=num_workers, generator=torch.Generator().manual_seed(seed))
     val = DataLoader(val_examples, batch_size=batch_size, shuffle=False, collate_fn=collate_fn,
                      num_workers=num_workers, generator=torch.Generator().manual_seed(seed)) if val_examples else None
     return train, val

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from qlora_loop.data import IGNORE, steps_per_epoch
-from qlora_loop.log import peak_memory_bytes
+from qlora_loop.memory import peak_memory_bytes
 from qlora_loop.step import causal_lm_loss
 
 
@@ -59,8 +59,9 @@ class EarlyStopping:
 class Meter:
     """Token-weighted running means over a span of steps."""
     loss_sum: float = 0.0
-    targets: int = 0
-    tokens: int = 0
+    targets: int = 0  # loss-bearing tokens
+    tokens: int = 0  # non-padding tokens
+    positions: int = 0  # token slots, padding included
     steps: int = 0
     grad_norm_sum: float = 0.0
     seconds: float = 0.0
@@ -70,6 +71,7 @@ class Meter:
         self.loss_sum += result.loss * result.target_tokens
         self.targets += result.target_tokens
         self.tokens += result.tokens
+        self.positions += result.positions
         self.grad_norm_sum += result.grad_norm
         self.steps += 1
         self.seconds += seconds
@@ -82,6 +84,18 @@ class Meter:
     @property
     def tokens_per_second(self) -> float:
         return self.tokens / max(self.seconds, 1e-9)
+
+    @property
+    def loss_tokens_per_second(self) -> float:
+        return self.targets / max(self.seconds, 1e-9)
+
+    @property
+    def padding_share(self) -> float:
+        return 1 - self.tokens / max(self.positions, 1)
+
+    def rates(self) -> dict:
+        return {"tokens_per_second": self.tokens_per_second, "loss_tokens_per_second": self.loss_tokens_per_second,
+                "padding_share": self.padding_share}
 
 
 @dataclass
@@ -148,10 +162,11 @@ def epoch_batches(dataloader, epoch: int, skip: int, accelerator):
 
 def fit(runner, train_dl, val_dl, log, save_best, checkpoints=None, *, epochs: int, grad_accum: int,
         stopper: EarlyStopping, eval_every: int = 0, save_every: int = 0, skip_nonfinite: int = 0,
-        state: LoopState | None = None) -> dict:
+        state: LoopState | None = None, sample=None) -> dict:
     """Train up to `epochs` from `state` (a fresh run without one). `save_best()` runs each time the
     monitored value improves; `checkpoints` (checkpoint.Checkpoints) is saved every `save_every`
-    steps and at each epoch end. Non-finite steps are skipped, at most `skip_nonfinite` in a row."""
+    steps and at each epoch end; `sample(epoch)` shows replies before the first step (epoch 0) and
+    after each epoch. Non-finite steps are skipped, at most `skip_nonfinite` in a row."""
     accelerator, started = runner.accelerator, time.perf_counter()
     state = state or LoopState()
     stopper.best, stopper.bad_evals = state.best, state.bad_evals
@@ -170,6 +185,8 @@ def fit(runner, train_dl, val_dl, log, save_best, checkpoints=None, *, epochs: i
         if checkpoints is not None:
             checkpoints.save(runner, dataclasses.asdict(state))
 
+    if sample is not None and runner.step == 0 and state.batches_done == 0 and state.epoch == 1:
+        sample(0)  # what the base answers, before any training
     for epoch in range(state.epoch, epochs + 1):
         if state.stopped:
             break
@@ -204,8 +221,10 @@ def fit(runner, train_dl, val_dl, log, save_best, checkpoints=None, *, epochs: i
         meter = state.epoch_meter
         log.epoch_end({"epoch": epoch, "train_loss": meter.loss, "val_loss": val_loss, "lr": meter.lr,
                        "grad_norm": meter.grad_norm_sum / max(meter.steps, 1), "train_tokens": meter.tokens,
-                       "seconds": meter.seconds, "tokens_per_second": meter.tokens_per_second,
-                       "peak_memory_bytes": peak_memory_bytes(accelerator.device)})
+                       "seconds": meter.seconds, **meter.rates(),
+                       "peak_memory_bytes": peak_memory_bytes(accelerator.device)}, runner.step)
+        if sample is not None:
+            sample(epoch)
         state.epoch, state.batches_done, state.epoch_meter = epoch + 1, 0, Meter()
         checkpoint()
 
@@ -214,8 +233,8 @@ def fit(runner, train_dl, val_dl, log, save_best, checkpoints=None, *, epochs: i
             "monitor": stopper.monitor, "epochs_run": min(state.epoch - 1, epochs),
             "stopped_early": state.stopped, "steps": runner.step, "skipped_steps": state.skipped_steps,
             "train_loss": run.loss, "train_tokens": run.tokens, "train_target_tokens": run.targets,
-            "train_seconds": time.perf_counter() - started, "step_seconds": run.seconds,
-            "tokens_per_second": run.tokens_per_second, "peak_memory_bytes": peak_memory_bytes(accelerator.device)}
+            "train_seconds": time.perf_counter() - started, "step_seconds": run.seconds, **run.rates(),
+            "peak_memory_bytes": peak_memory_bytes(accelerator.device)}
 
 
 def _skip_nonfinite(state: LoopState, result, runner, log, limit: int, checkpoints) -> None:

@@ -1,40 +1,38 @@
-"""What a run shows and writes: rich progress and tables on the main process; steps.jsonl (one row
-every log_every steps), history.jsonl (one per epoch) and summary.json in the output folder.
+"""What a run shows and writes: rich progress, tables and sample panels on the main process;
+steps.jsonl (one row every log_every steps), history.jsonl (one per epoch), samples.jsonl and
+summary.json in the output folder; the same numbers to the trackers of train.log_with.
 Every method is a no-op on the other processes."""
 
 from __future__ import annotations
 
 import json
-import resource
 from pathlib import Path
 
-import torch
 from rich.console import Console
+from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from qlora_loop.memory import GIB, peak_memory_bytes
+from qlora_loop.trackers import epoch_metrics, log_samples, step_metrics
+
 STEP_COLUMNS = ("loss", "grad_norm", "lr", "tokens", "target_tokens", "positions")
 HISTORY_COLUMNS = ("epoch", "train_loss", "val_loss", "lr", "grad_norm", "train_tokens", "seconds",
-                   "tokens_per_second", "peak_memory_bytes")
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    """CUDA max allocated on a GPU; the process's peak resident set on a CPU (Linux reports KiB)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+                   "tokens_per_second", "loss_tokens_per_second", "padding_share", "peak_memory_bytes")
 
 
 class RunLog:
     def __init__(self, accelerator, output_dir: str | Path, log_every: int = 1):
-        self.output_dir, self.log_every = Path(output_dir), log_every
+        self.accelerator, self.output_dir, self.log_every = accelerator, Path(output_dir), log_every
         self.console = Console()
         self.progress: Progress | None = None
         self.table = Table(title="epochs")
-        for column in ("epoch", "train_loss", "val_loss", "lr", "grad_norm", "tok/s", "seconds"):
+        for column in ("epoch", "train_loss", "val_loss", "lr", "grad_norm", "tok/s", "loss tok/s", "pad %",
+                       "seconds"):
             self.table.add_column(column, justify="right")
         # Everything that prints or writes runs on the main process only.
-        for name in ("print", "data_report", "model_report", "epoch_start", "resume", "step", "epoch_end", "summary"):
+        for name in ("print", "data_report", "model_report", "memory_report", "epoch_start", "resume", "step",
+                     "epoch_end", "samples", "summary"):
             setattr(self, name, accelerator.on_main_process(getattr(self, name)))
 
     def print(self, *args) -> None:
@@ -56,6 +54,13 @@ class RunLog:
         self.console.print(f"LoRA targets (every Linear4bit but lm_head): [bold]{', '.join(targets)}[/]")
         self.console.print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
 
+    def memory_report(self, probe) -> None:
+        headroom = "" if probe.budget_bytes is None else \
+            f", headroom {probe.headroom_bytes / GIB:.2f} GiB of {probe.budget_bytes / GIB:.2f} GiB"
+        what = "CUDA max allocated" if self.accelerator.device.type == "cuda" else "process peak RSS"
+        self.console.print(f"memory probe (longest batch, {probe.tokens} token slots): peak "
+                           f"{probe.peak_bytes / GIB:.2f} GiB {what}{headroom}")
+
     def epoch_start(self, epoch: int, epochs: int, steps: int, done: int = 0) -> None:
         self.progress = Progress(TextColumn(f"epoch {epoch}/{epochs}"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TimeRemainingColumn(),
@@ -64,9 +69,10 @@ class RunLog:
         self.task = self.progress.add_task("train", total=steps, completed=done, stats="")
 
     def resume(self, step: int, epoch: int) -> None:
-        """Cut steps.jsonl and history.jsonl back to a checkpoint taken after `step`, inside `epoch`."""
+        """Cut the logs back to a checkpoint taken after `step`, inside `epoch`."""
         for name, keep in (("steps.jsonl", lambda row: row["step"] <= step),
-                           ("history.jsonl", lambda row: row["epoch"] < epoch)):
+                           ("history.jsonl", lambda row: row["epoch"] < epoch),
+                           ("samples.jsonl", lambda row: row["epoch"] < epoch)):
             path = self.output_dir / name
             if path.exists():
                 rows = [line for line in path.read_text(encoding="utf-8").splitlines() if keep(json.loads(line))]
@@ -77,17 +83,35 @@ class RunLog:
         self.progress.update(self.task, advance=1, stats=stats)
         if step % self.log_every == 0:
             row = {"step": step, "epoch": epoch, **{k: getattr(result, k) for k in STEP_COLUMNS}}
-            with open(self.output_dir / "steps.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
+            self._append("steps.jsonl", row)
+            if self.accelerator.trackers:
+                self.accelerator.log(step_metrics(result, tokens_per_second,
+                                                  peak_memory_bytes(self.accelerator.device)), step=step)
 
-    def epoch_end(self, row: dict) -> None:
+    def epoch_end(self, row: dict, step: int) -> None:
         self.progress.stop()
         val = "-" if row["val_loss"] is None else f"{row['val_loss']:.4f}"
         self.table.add_row(str(row["epoch"]), f"{row['train_loss']:.4f}", val, f"{row['lr']:.2e}",
-                           f"{row['grad_norm']:.3f}", f"{row['tokens_per_second']:,.0f}", f"{row['seconds']:.1f}")
+                           f"{row['grad_norm']:.3f}", f"{row['tokens_per_second']:,.0f}",
+                           f"{row['loss_tokens_per_second']:,.0f}", f"{100 * row['padding_share']:.1f}",
+                           f"{row['seconds']:.1f}")
         self.console.print(self.table)
-        with open(self.output_dir / "history.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps({k: row[k] for k in HISTORY_COLUMNS}) + "\n")
+        self._append("history.jsonl", {k: row[k] for k in HISTORY_COLUMNS})
+        if self.accelerator.trackers:
+            self.accelerator.log(epoch_metrics(row), step=step)
+
+    def samples(self, epoch: int, step: int, prompts: list[str], responses: list[str],
+                references: list[str | None]) -> None:
+        """Replies to the sample prompts: a panel each, a row each in samples.jsonl, and the trackers."""
+        when = "before training" if epoch == 0 else f"after epoch {epoch}"
+        for prompt, response, reference in zip(prompts, responses, references):
+            text = f"[bold]Q:[/] {prompt}\n[bold]A:[/] {response}"
+            if reference is not None:
+                text += f"\n[dim]reference: {reference}[/]"
+            self.console.print(Panel(text, title=f"sample, {when}", expand=False))
+            self._append("samples.jsonl", {"epoch": epoch, "prompt": prompt, "response": response,
+                                           "reference": reference})
+        log_samples(self.accelerator, list(zip(prompts, responses)), step)
 
     def summary(self, summary: dict) -> None:
         (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
@@ -95,3 +119,7 @@ class RunLog:
         for key, value in summary.items():
             table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
         self.console.print(table)
+
+    def _append(self, name: str, row: dict) -> None:
+        with open(self.output_dir / name, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from qlora_loop.data import (
-    IGNORE, build_dataloaders, build_datasets, build_examples, collate, render_with_spans, steps_per_epoch,
+    IGNORE, EpochSampler, build_dataloaders, build_datasets, build_examples, collate, render_with_spans,
+    steps_per_epoch,
     tokenize_by_pieces, tokenize_conversation,
 )
 from qlora_loop.rows import DataError, Rejects, load_conversations, read_rows
@@ -556,3 +557,45 @@ def test_skip_mode_drops_bad_conversations(tmp_path, llama_tokenizer):
         "no_assistant": 1, "bad_role": 1, "template_error": 1, "empty_response": 1}
     with data_error(f"{path}:4", "the chat template rejects this conversation", "must alternate"):
         build_examples(llama_tokenizer, load_conversations(path, rejects=Rejects(strict=False)), 64)
+
+
+# --- length-grouped batches -----------------------------------------------------------------------
+
+def grouped_order(lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[int]:
+    sampler = EpochSampler(len(lengths), seed, lengths, batch_size, mega=4)
+    sampler.set_epoch(epoch)
+    return list(sampler)
+
+
+@pytest.mark.parametrize("size", [40, 43])  # a whole number of batches, and a short last batch
+def test_grouped_batches_cover_every_row_once_and_repeat_from_the_seed(size):
+    lengths = [int(x) for x in torch.randint(5, 100, (size,), generator=torch.Generator().manual_seed(size))]
+    order = grouped_order(lengths, 4, seed=3, epoch=1)
+    assert sorted(order) == list(range(size))  # every row exactly once
+    assert order == grouped_order(lengths, 4, seed=3, epoch=1)  # the same (seed, epoch), the same order
+    assert order != grouped_order(lengths, 4, seed=3, epoch=2) and order != grouped_order(lengths, 4, seed=4, epoch=1)
+    if size % 4:  # the short batch comes last, so no full batch is split across two
+        assert len(order[size - size % 4:]) == size % 4
+
+
+def test_grouped_batches_hold_rows_of_similar_length():
+    lengths = [int(x) for x in torch.randint(5, 200, (400,), generator=torch.Generator().manual_seed(0))]
+
+    def padding(order):  # padding share of the batches of 8 that the order makes
+        batches = [order[i:i + 8] for i in range(0, len(order), 8)]
+        slots = sum(8 * max(lengths[i] for i in b) for b in batches)
+        return 1 - sum(lengths) / slots
+
+    plain = EpochSampler(400, 0)
+    grouped = EpochSampler(400, 0, lengths, 8)
+    assert padding(list(plain)) > 0.4 and padding(list(grouped)) < 0.05  # 0.46 and 0.02 when pinned
+    first_batches = [tuple(list(grouped)[i:i + 8]) for i in range(0, 40, 8)]
+    grouped.set_epoch(1)
+    assert first_batches != [tuple(list(grouped)[i:i + 8]) for i in range(0, 40, 8)]  # order changes by epoch
+
+
+def test_dataloader_groups_by_length_when_asked(numbered, qwen2_tokenizer):
+    train, _, _ = build_datasets(qwen2_tokenizer, numbered, None, 0.0, 128)
+    grouped, _ = build_dataloaders(train, [], 4, 0, group_by_length=True)
+    assert isinstance(grouped.sampler, EpochSampler) and grouped.sampler.lengths == [len(e["input_ids"]) for e in train]
+    assert sorted(i for b in grouped for i in b["index"].tolist()) == list(range(len(train)))

@@ -6,7 +6,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from qlora_loop.config import key_paths
+import yaml
+
+from qlora_loop.config import Config, key_paths, to_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -34,3 +36,21 @@ def test_scripts_and_configs_start_with_their_command():
     for path in [*ROOT.glob("scripts/*.py"), *ROOT.glob("configs/*.yaml")]:
         first = path.read_text(encoding="utf-8").splitlines()[0]
         assert first.startswith("# ") and str(path.relative_to(ROOT)) in first, path
+
+
+def test_reference_defaults_are_the_dataclass_defaults():
+    """Defaults live in config.py; the README's default column must say the same (where it shows a value)."""
+    reference, defaults = README.split("## Config reference")[1], to_dict(Config())
+    wrong = {}
+    for key in key_paths():
+        row = next(line for line in reference.splitlines() if line.startswith(f"| `{key}` |"))
+        shown = row.split("|")[2].strip()
+        if not (shown.startswith("`") and shown.endswith("`")):
+            continue  # described in words, e.g. "bundled self-cognition set"
+        value = defaults
+        for part in key.split("."):
+            value = value[part]
+        parsed = yaml.safe_load(shown.strip("`"))
+        if (float(parsed) if isinstance(value, float) else parsed) != value:
+            wrong[key] = (shown, value)
+    assert not wrong

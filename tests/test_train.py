@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -58,9 +59,9 @@ def test_only_the_adapter_is_written_and_as_safetensors(default_run):
     assert (best / "adapter_model.safetensors").is_file() and (best / "adapter_config.json").is_file()
     assert (best / "tokenizer.json").is_file()
     assert {p.name for p in out.iterdir()} == {"best", "checkpoints", "steps.jsonl", "history.jsonl", "summary.json",
-                                               "config.yaml"}
+                                               "samples.jsonl", "curves.png", "config.yaml"}
     assert {p.suffix for p in out.rglob("*") if p.is_file()} <= {".safetensors", ".json", ".jsonl", ".yaml", ".jinja",
-                                                                   ".md", ""}  # no pickle anywhere
+                                                                   ".md", ".png", ""}  # no pickle anywhere
     tensors = load_file(best / "adapter_model.safetensors")
     assert tensors and all(".lora_A." in k or ".lora_B." in k for k in tensors)
     assert sum(t.numel() for t in tensors.values()) < 100_000  # adapter-sized, no base weights
@@ -107,6 +108,45 @@ def greedy(model, tokenizer, question: str) -> str:
         generated = model.generate(**ids, max_new_tokens=48, do_sample=False, use_cache=True,
                                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     return tokenizer.decode(generated[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def test_samples_before_training_and_after_every_epoch(default_run):
+    out, summary, _ = default_run
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text(encoding="utf-8").splitlines()]
+    n = Config().eval.num_samples
+    assert [row["epoch"] for row in samples] == [e for e in range(summary["epochs_run"] + 1) for _ in range(n)]
+    first, last = samples[:n], samples[-n:]
+    assert [r["prompt"] for r in first] == [r["prompt"] for r in last] and all(r["reference"] for r in last)
+    answers = {m["content"] for line in Path(Config().data.train).read_text(encoding="utf-8").splitlines()
+               for m in json.loads(line)["messages"] if m["role"] == "assistant"}
+    assert not any(r["response"] in answers for r in first)  # the random base knows none of them
+    assert all(r["response"] in answers for r in last)  # the trained adapter answers with one of them
+
+
+def test_every_run_reports_throughput_padding_and_memory(default_run):
+    out, summary, _ = default_run
+    steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
+    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    tokens, targets, positions = (sum(r[k] for r in steps) for k in ("tokens", "target_tokens", "positions"))
+    assert summary["padding_share"] == pytest.approx(1 - tokens / positions)
+    assert summary["padding_share"] < 0.1  # batches grouped by length; 0.043 when pinned
+    assert summary["loss_tokens_per_second"] == pytest.approx(targets / summary["step_seconds"])
+    assert summary["tokens_per_second"] == pytest.approx(tokens / summary["step_seconds"])
+    for row in history:
+        assert row["loss_tokens_per_second"] < row["tokens_per_second"] and 0 <= row["padding_share"] < 1
+        assert row["peak_memory_bytes"] > 0
+
+
+def test_memory_probe_reports_and_stops_a_run_that_cannot_fit(tiny_qwen2, tmp_path):
+    args = [f"model.name_or_path={tiny_qwen2}", "train.epochs=1", f"output_dir={tmp_path / 'out'}"]
+    proc = run_script(sys.executable, "scripts/train.py", *args, "train.memory_budget_gib=0.01")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    message = proc.stderr.strip().splitlines()[-1]
+    assert message.startswith("error: the longest batch (") and "of a 0.01 GiB budget" in message
+    assert "train.batch_size=2 train.grad_accum=2" in message and "data.max_length=256" in message
+    assert not (tmp_path / "out" / "steps.jsonl").exists()  # stopped before step 1
+    shown = re.search(r"memory probe \(longest batch, (\d+) token slots\): peak ([\d.]+) GiB", proc.stdout)
+    assert shown and int(shown[1]) > 0 and float(shown[2]) > 0.01
 
 
 def test_finished_run_is_not_overwritten(default_run, train_main):
