@@ -1,0 +1,136 @@
+"""Dry run: the model built on the meta device from its config.json alone (no weights read, no GPU),
+the LoRA targets, the trainable parameter count, and an estimate of peak GPU memory for the
+configured batch — what `scripts/train.py --dry-run` prints before you rent the GPU.
+
+The targets are found as the 4-bit path finds them (every Linear except lm_head; on the meta
+device they are plain nn.Linear, as bitsandbytes has not replaced them), and the adapter is added
+by the same model.add_adapter, so the counts are those of the real run.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+
+import torch
+from accelerate import init_empty_weights
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from qlora_loop.model import ModelError, add_adapter, trainable_parameters
+from qlora_loop.step import chunked_lm_loss, default_loss
+
+# Bytes per parameter. NF4 with double quantisation: 4 bits, plus one 8-bit absmax per block of
+# 64 and one fp32 absmax per 256 blocks. prepare_model_for_kbit_training casts every weight that
+# is not 4-bit (embeddings, lm_head, norms) to float32.
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
+FP32 = 4
+# Adapter weights in fp32, their gradients, and AdamW's two moments (32-bit or 8-bit).
+OPTIMIZER_BYTES = {"paged_adamw_32bit": 8, "paged_adamw_8bit": 2}
+NOMINAL_STEPS = 1000  # AdaLoRA's schedule needs a total; its parameter count does not depend on it
+CHUNK = inspect.signature(chunked_lm_loss).parameters["chunk_size"].default  # tokens of logits at a time
+
+
+@dataclass
+class DryRun:
+    model: str
+    model_type: str
+    targets: list[str]
+    trainable: int
+    total: int
+    batch_size: int
+    max_length: int
+    memory: dict[str, int] = field(default_factory=dict)  # bytes per part, and "total"
+
+
+def linear_targets(model) -> list[str]:
+    """Every nn.Linear except lm_head, as short suffixes when unambiguous: on the meta device the
+    same names model.find_linear4bit_targets finds once bitsandbytes has made them Linear4bit."""
+    full = [name for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and name.split(".")[-1] != "lm_head"]
+    if not full:
+        raise ModelError("no nn.Linear layer found in the model; give adapter.target_modules explicitly")
+    suffixes = sorted({name.split(".")[-1] for name in full})
+    matched = [name for name, _ in model.named_modules() if name.split(".")[-1] in suffixes]
+    return suffixes if len(matched) == len(full) else full
+
+
+def dry_run(name_or_path: str, adapter: dict, batch_size: int, max_length: int, *,
+            gradient_checkpointing: bool = True, compute_dtype: str = "bfloat16",
+            optimizer: str = "paged_adamw_32bit", trust_remote_code: bool = False, revision: str | None = None,
+            attn_implementation: str | None = None, logits_chunk: int | None | str = "auto") -> DryRun:
+    """`adapter`: add_adapter's keyword arguments (kind, r, alpha, dropout, target_modules, init_r,
+    tinit, tfinal, delta_t, orth_reg_weight, extra). `logits_chunk`: None for a loss that computes
+    all logits at once (step.causal_lm_loss), N for one that computes them N tokens at a time
+    (step.chunked_lm_loss), "auto" for the loss scripts/train.py picks (step.default_loss).
+    Reads config.json only."""
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, revision=revision)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"model.name_or_path={name_or_path!r}: cannot read its config "
+                         f"({str(e).splitlines()[0]})") from None
+    with init_empty_weights():  # parameters on the meta device: shapes only, no memory
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    quantized = {name: module.weight.numel() for name, module in model.named_modules()
+                 if isinstance(module, torch.nn.Linear) and name.split(".")[-1] != "lm_head"}
+    largest_linear = max(quantized.values(), default=0)
+    base_total = sum(p.numel() for p in model.parameters())
+    targets = linear_targets(model) if adapter.get("target_modules", "auto") == "auto" else adapter["target_modules"]
+    with init_empty_weights():
+        model = add_adapter(model, **{**adapter, "target_modules": targets}, total_steps=NOMINAL_STEPS)
+    trainable, total = trainable_parameters(model)
+    if logits_chunk == "auto":
+        logits_chunk = CHUNK if default_loss(model) is chunked_lm_loss else None
+
+    act = 4 if compute_dtype == "float32" else 2
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden, layers, vocab = text.hidden_size, text.num_hidden_layers, text.vocab_size
+    inter = getattr(text, "intermediate_size", 4 * hidden) or 4 * hidden
+    heads = text.num_attention_heads
+    kv = getattr(text, "num_key_value_heads", heads) or heads
+    tokens = batch_size * max_length
+    # Activations kept by one decoder layer for backward: attention (norm, q/k/v, output), the MLP
+    # (norm, gate, up, activation, product) and the inputs LoRA dropout copies; eager attention
+    # also keeps its T x T scores and probabilities per head.
+    per_layer = tokens * (8 * hidden + 2 * hidden * kv // heads + 5 * inter) * act
+    if attn_implementation == "eager":
+        per_layer += 2 * batch_size * heads * max_length ** 2 * act
+    # With checkpointing only each layer's input is kept, and one layer is recomputed at a time.
+    activations = layers * tokens * hidden * act + per_layer if gradient_checkpointing else layers * per_layer
+    memory = {
+        "base_4bit": int(sum(quantized.values()) * NF4_BYTES),
+        "base_fp32": (base_total - sum(quantized.values())) * FP32,
+        "adapter_and_optimizer": trainable * (FP32 + FP32 + OPTIMIZER_BYTES.get(optimizer, 8)),
+        "activations": activations,
+        # logits in the compute dtype, their float32 copy, log-softmax kept for backward, and its gradient
+        "logits": min(tokens, logits_chunk or tokens) * vocab * (act + 3 * FP32),
+        "dequantized_weight": largest_linear * act * 2,  # one Linear4bit unpacked for its matmul, and its grad path
+    }
+    memory["total"] = sum(memory.values())
+    return DryRun(name_or_path, config.model_type, list(targets), trainable, total, batch_size, max_length, memory)
+
+
+def dry_run_config(cfg, model_path: str, logits_chunk: int | None | str = "auto") -> DryRun:
+    """dry_run for a loaded config.Config; `model_path` is cfg.model.name_or_path resolved
+    (tiny.resolve_model_path)."""
+    a = cfg.adapter
+    adapter = dict(kind=a.kind, r=a.r, alpha=a.alpha, dropout=a.dropout, target_modules=a.target_modules,
+                   init_r=a.init_r, tinit=a.tinit, tfinal=a.tfinal, delta_t=a.delta_t,
+                   orth_reg_weight=a.orth_reg_weight, extra=a.extra)
+    dtype = "bfloat16" if cfg.model.compute_dtype == "auto" else cfg.model.compute_dtype
+    return dry_run(model_path, adapter, cfg.train.batch_size, cfg.data.max_length,
+                   gradient_checkpointing=cfg.model.gradient_checkpointing, compute_dtype=dtype,
+                   optimizer=cfg.train.optimizer, trust_remote_code=cfg.model.trust_remote_code,
+                   revision=cfg.model.revision, attn_implementation=cfg.model.attn_implementation,
+                   logits_chunk=logits_chunk)
+
+
+def report(run: DryRun, print_fn=print) -> None:
+    gib = 2 ** 30
+    print_fn(f"dry run: {run.model} ({run.model_type}), no weights loaded")
+    print_fn(f"LoRA targets: {', '.join(run.targets)}")
+    print_fn(f"trainable parameters: {run.trainable:,} of {run.total:,} ({100 * run.trainable / run.total:.3f}%)")
+    print_fn(f"estimated peak GPU memory for batch_size={run.batch_size} x max_length={run.max_length}: "
+             f"{run.memory['total'] / gib:.2f} GiB (rows at full length; plus ~0.5 GiB CUDA context)")
+    for part, value in run.memory.items():
+        if part != "total":
+            print_fn(f"  {part:<22} {value / gib:8.3f} GiB")

@@ -1,0 +1,363 @@
+"""Generation shared by chat, merge's fidelity report and the samples shown during training.
+
+`load_for_inference` rebuilds what training saw: the base the adapter records (4-bit NF4, through
+`model.load_base_model`), the tokenizer saved beside the adapter, then the adapter with plain peft.
+`generate_reply` / `stream_reply` answer one conversation; `sample_replies` answers a few prompts
+on the *training* model and leaves it exactly as it found it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import threading
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from transformers import AutoConfig, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+from transformers.utils import logging as hf_logging
+
+from qlora_loop.data import load_conversations
+from qlora_loop.model import ModelError, load_base_model, load_tokenizer, resolve_compute_dtype
+from qlora_loop.tiny import resolve_model_path
+
+
+class InferenceError(ValueError):
+    """The adapter, its base or the prompts cannot be used; the message names the flag or folder and the fix."""
+
+
+# --- finding the adapter, its base and its run ----------------------------------------------------
+
+def read_adapter_config(adapter_dir: str | Path) -> dict:
+    adapter_dir = Path(adapter_dir)
+    if not adapter_dir.is_dir():
+        raise InferenceError(f"--adapter {adapter_dir}: no such folder; give the adapter folder a run wrote, "
+                             "e.g. OUTPUT_DIR/best")
+    config = adapter_dir / "adapter_config.json"
+    if not config.is_file():
+        hint = f"; did you mean {adapter_dir / 'best'}?" if (adapter_dir / "best" / "adapter_config.json").is_file() \
+            else "; give the adapter folder a run wrote, e.g. OUTPUT_DIR/best"
+        raise InferenceError(f"--adapter {adapter_dir}: no adapter_config.json in it{hint}")
+    return json.loads(config.read_text(encoding="utf-8"))
+
+
+def run_config(adapter_dir: str | Path | None) -> dict:
+    """The resolved config of the run that wrote the adapter (OUTPUT_DIR/config.yaml next to
+    OUTPUT_DIR/best), or {} for an adapter that left its run behind."""
+    path = Path(adapter_dir).parent / "config.yaml" if adapter_dir else None
+    if path is None or not path.is_file():
+        return {}
+    return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+
+
+def resolve_base(adapter_dir: str | Path | None, base: str | None = None) -> tuple[str, str]:
+    """(base to load, where that came from). `base` (the --base flag) wins over the adapter's record."""
+    if base is not None:
+        return resolve_model_path(base), "--base"
+    if adapter_dir is None:
+        raise InferenceError("give --adapter DIR, or --base MODEL with --no-adapter")
+    recorded = read_adapter_config(adapter_dir).get("base_model_name_or_path")
+    if not recorded:
+        raise InferenceError(f"{adapter_dir}/adapter_config.json records no base_model_name_or_path; pass --base")
+    return recorded, f"recorded in {Path(adapter_dir) / 'adapter_config.json'}"
+
+
+def base_config(name: str, source: str, trust_remote_code: bool = False, revision: str | None = None):
+    """The base's config.json, or one clear line on why it cannot be had (checked before any weights load)."""
+    looks_local = name.startswith(("/", "./", "../", "~")) or Path(name).exists()
+    if looks_local and not Path(name).expanduser().is_dir():
+        raise InferenceError(f"base model {name} ({source}): no such folder; pass --base with the model the "
+                             "adapter was trained on")
+    try:
+        return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code, revision=revision)
+    except (OSError, ValueError) as e:
+        raise InferenceError(f"base model {name!r} ({source}) cannot be found: {str(e).splitlines()[0]} "
+                             "Download it, or pass --base with a local folder") from None
+
+
+def check_architecture(adapter_dir: Path, recorded: str, base: str, config, trust_remote_code: bool = False) -> None:
+    """An adapter fits only the architecture it was trained on. Module names (q_proj, ...) and even
+    shapes can coincide across architectures, so peft would load it silently; compare model types
+    whenever the recorded base is at hand (a local folder or the hub cache)."""
+    if not recorded or Path(recorded) == Path(base):
+        return
+    try:
+        trained = AutoConfig.from_pretrained(recorded, trust_remote_code=trust_remote_code, local_files_only=True)
+    except (OSError, ValueError):
+        return  # not at hand: peft's shape checks are all that is left
+    if trained.model_type != config.model_type:
+        raise InferenceError(f"the adapter in {adapter_dir} was trained on a {trained.model_type} model ({recorded}), "
+                             f"but the base {base} is a {config.model_type} model; pass --base with a "
+                             f"{trained.model_type} model, ideally the one it was trained on")
+
+
+@dataclass
+class Base:
+    """Where the base comes from and how training loaded it (from the run's config.yaml when at hand)."""
+    name: str  # what from_pretrained gets
+    source: str  # "--base" or "recorded in .../adapter_config.json", for messages
+    trust_remote_code: bool = False
+    revision: str | None = None
+    compute_dtype: str = "auto"
+    attn_implementation: str | None = None
+
+
+def locate_base(adapter_dir: str | Path | None, base: str | None = None,
+                trust_remote_code: bool | None = None) -> Base:
+    """Every check that needs no weights: the adapter folder, the base's config, the architecture."""
+    if adapter_dir is not None:
+        read_adapter_config(adapter_dir)  # fails early on a missing or wrong folder
+    model_cfg = run_config(adapter_dir).get("model", {})
+    name, source = resolve_base(adapter_dir, base)
+    found = Base(name, source,
+                 model_cfg.get("trust_remote_code", False) if trust_remote_code is None else trust_remote_code,
+                 model_cfg.get("revision") if base is None else None,  # a revision of the recorded base only
+                 model_cfg.get("compute_dtype", "auto"), model_cfg.get("attn_implementation"))
+    config = base_config(name, source, found.trust_remote_code, found.revision)
+    if adapter_dir is not None:
+        recorded = read_adapter_config(adapter_dir).get("base_model_name_or_path")
+        check_architecture(Path(adapter_dir), recorded, name, config, found.trust_remote_code)
+    return found
+
+
+def load_inference_tokenizer(adapter_dir: str | Path | None, base: Base):
+    """The tokenizer saved with the adapter (chat template as trained), else the base's."""
+    try:
+        if adapter_dir is not None and (Path(adapter_dir) / "tokenizer_config.json").is_file():
+            return load_tokenizer(str(adapter_dir), base.trust_remote_code)
+        return load_tokenizer(base.name, base.trust_remote_code, base.revision)
+    except ModelError as e:
+        raise InferenceError(f"base model {base.name!r} ({base.source}): {str(e).split(': ', 1)[-1]}") from None
+
+
+def attach_adapter(model, adapter_dir: str | Path, base: Base):
+    from peft import PeftModel  # peft's import is slow; chat's --help should not pay for it
+
+    try:
+        return PeftModel.from_pretrained(model, str(adapter_dir))
+    except (RuntimeError, ValueError, KeyError) as e:  # size mismatch, target modules not found
+        raise InferenceError(f"the adapter in {adapter_dir} does not fit the base {base.name}: "
+                             f"{str(e).strip().splitlines()[0]}") from None
+
+
+def load_for_inference(adapter_dir: str | Path | None = None, base: str | None = None, no_adapter: bool = False,
+                       device: torch.device | None = None, trust_remote_code: bool | None = None):
+    """(model, tokenizer) in eval mode with the KV cache on: the base in 4-bit NF4 exactly as training
+    loaded it, plus the adapter unless `no_adapter`. The tokenizer (and its chat template) is the one
+    saved with the adapter, so prompts render as in training."""
+    found = locate_base(adapter_dir, base, trust_remote_code)
+    tokenizer = load_inference_tokenizer(adapter_dir, found)
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        model = load_base_model(found.name, device, resolve_compute_dtype(found.compute_dtype, device),
+                                gradient_checkpointing=False, trust_remote_code=found.trust_remote_code,
+                                revision=found.revision, attn_implementation=found.attn_implementation)
+    except ModelError as e:
+        raise InferenceError(f"base model {found.name!r} ({found.source}): {str(e).split(': ', 1)[-1]}") from None
+    if adapter_dir is not None and not no_adapter:
+        model = attach_adapter(model, adapter_dir, found)
+    model.config.use_cache = True
+    model.eval()
+    return model, tokenizer
+
+
+# --- one reply ----------------------------------------------------------------------------------
+
+def as_messages(prompt: str | list[dict], system: str | None = None) -> list[dict]:
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if system and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system}] + messages
+    return messages
+
+
+def encode_chat(tokenizer, messages: list[dict]) -> torch.Tensor:
+    """Prompt ids [1, T]: the chat template with the generation prompt, tokenized as training does
+    (the template writes any BOS itself, so no special tokens are added)."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """The tokenizer's EOS (the end-of-turn token training taught) plus the model's own stop tokens."""
+    own = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    own = own if isinstance(own, list) else [own]
+    return list(dict.fromkeys(t for t in [tokenizer.eos_token_id, *own] if t is not None))
+
+
+def generation_kwargs(model, tokenizer, max_new_tokens: int, do_sample: bool, temperature: float, top_p: float,
+                      top_k: int) -> dict:
+    """Everything generate() needs, set explicitly: the model's generation_config (e.g. a hub
+    model's sampling temperature or repetition penalty) must not leak into a greedy reply."""
+    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, num_beams=1, repetition_penalty=1.0,
+                  eos_token_id=stop_token_ids(model, tokenizer), pad_token_id=tokenizer.pad_token_id, use_cache=True)
+    if do_sample:
+        kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k)
+    else:
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    return kwargs
+
+
+@contextlib.contextmanager
+def generation_state(model):
+    """Eval mode, KV cache on, activation checkpointing off and no autograd for the duration; every
+    module's train/eval flag, the cache setting and each layer's checkpointing flag are put back as
+    they were, so a training model leaves exactly as it came."""
+    hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    modes = {m: m.training for m in model.modules()}
+    # transformers checkpoints a layer whose `gradient_checkpointing` flag is set (an instance
+    # attribute, or the class default of GradientCheckpointingLayer).
+    layers = [m for m in model.modules()
+              if hasattr(type(m), "gradient_checkpointing") or "gradient_checkpointing" in vars(m)]
+    own_flags = {m: vars(m)["gradient_checkpointing"] for m in layers if "gradient_checkpointing" in vars(m)}
+    use_cache = hf_model.config.use_cache
+    try:
+        model.eval()
+        for m in layers:
+            m.gradient_checkpointing = False
+        hf_model.config.use_cache = True
+        with torch.no_grad():
+            yield
+    finally:
+        hf_model.config.use_cache = use_cache
+        for m in layers:
+            if m in own_flags:
+                m.gradient_checkpointing = own_flags[m]
+            else:
+                del m.gradient_checkpointing  # back to the class default
+        for m, training in modes.items():
+            m.training = training
+
+
+def generate_ids(model, tokenizer, input_ids: torch.Tensor, max_new_tokens: int = 256, do_sample: bool = False,
+                 temperature: float = 0.7, top_p: float = 0.9, top_k: int = 50, streamer=None,
+                 stopping_criteria=None) -> torch.Tensor:
+    """The new token ids [T'] generate() appends to `input_ids` [1, T] (the stop token included)."""
+    input_ids = input_ids.to(model.device)
+    options = generation_kwargs(model, tokenizer, max_new_tokens, do_sample, temperature, top_p, top_k)
+    with generation_state(model):
+        output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer,
+                                stopping_criteria=stopping_criteria, **options)
+    return output[0, input_ids.shape[1]:].cpu()
+
+
+def generate_reply(model, tokenizer, messages: list[dict] | str, max_new_tokens: int = 256, do_sample: bool = False,
+                   temperature: float = 0.7, top_p: float = 0.9, top_k: int = 50, streamer=None) -> str:
+    """The model's reply to a conversation (greedy unless do_sample), special tokens removed.
+    `streamer` (a transformers streamer) receives the tokens as they are generated."""
+    new = generate_ids(model, tokenizer, encode_chat(tokenizer, as_messages(messages)), max_new_tokens, do_sample,
+                       temperature, top_p, top_k, streamer)
+    return tokenizer.decode(new, skip_special_tokens=True)
+
+
+class _StopWhenSet(StoppingCriteria):
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+def stream_reply(model, tokenizer, messages: list[dict] | str, max_new_tokens: int = 256, **options):
+    """Yield the reply in pieces as it is generated (generate runs in a thread, feeding a
+    TextIteratorStreamer); the pieces join to exactly what generate_reply returns. Leaving the loop
+    early (e.g. Ctrl-C) stops generation at the next token."""
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    stop, failure = threading.Event(), []
+    input_ids = encode_chat(tokenizer, as_messages(messages))
+
+    def run():
+        try:
+            generate_ids(model, tokenizer, input_ids, max_new_tokens, streamer=streamer,
+                         stopping_criteria=StoppingCriteriaList([_StopWhenSet(stop)]), **options)
+        except BaseException as e:  # re-raised in the caller's thread; end() unblocks its loop
+            failure.append(e)
+            streamer.end()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield from streamer
+    finally:
+        stop.set()
+        thread.join()
+    if failure:
+        raise failure[0]
+
+
+# --- prompts ------------------------------------------------------------------------------------
+
+def read_prompt_lines(path: str | Path) -> list[str]:
+    """Prompts from a text file, one per line (blank lines skipped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InferenceError(f"--prompts {path}: no such file; give a text file with one prompt per line")
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not lines:
+        raise InferenceError(f"--prompts {path}: no prompts in it; write one per line")
+    return lines
+
+
+def validation_prompts(run: dict, n: int) -> tuple[list[list[dict]], list[str], str] | None:
+    """(prompts, reference answers, where from) for the first n validation rows of a run, given its
+    resolved config as a dict (OUTPUT_DIR/config.yaml, or config.to_dict(cfg)); None if it names no
+    data. Each row is cut before its first assistant turn, which becomes the reference. Rows are
+    split exactly as data.build_datasets splits them (tests/test_merge.py checks that they agree)."""
+    data, seed = run.get("data"), run.get("train", {}).get("seed", 0)
+    if not data:
+        return None
+    if data.get("val"):
+        rows, source = load_conversations(data["val"], data.get("system_prompt")), data["val"]
+    else:
+        rows = load_conversations(data["train"], data.get("system_prompt"))
+        source = f"{data['train']} (validation rows)"
+        if data.get("val_split"):
+            order = list(range(len(rows)))
+            random.Random(seed).shuffle(order)
+            rows = [rows[i] for i in sorted(order[:max(1, round(len(rows) * data["val_split"]))])]
+        else:
+            source = f"{data['train']} (training rows: the run held none out)"
+    prompts, references = [], []
+    for row in rows[:n]:
+        first = next(i for i, m in enumerate(row.messages) if m["role"] == "assistant")
+        prompts.append(row.messages[:first])
+        references.append(row.messages[first]["content"])
+    return prompts, references, source
+
+
+# --- samples during training ----------------------------------------------------------------------
+
+@contextlib.contextmanager
+def rng_preserved(device: torch.device):
+    """Put back torch's (CPU and this CUDA device's), Python's and numpy's random state on exit."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+def sample_replies(model, tokenizer, prompts: list[str] | list[list[dict]], max_new_tokens: int = 128,
+                   system: str | None = None) -> list[str]:
+    """Greedy replies of the model being trained, one prompt at a time, without touching what the
+    next training step computes: modes, cache and checkpointing are restored (generation_state) and
+    no random number is consumed (greedy uses none; the states are restored anyway).
+    Pass the unwrapped model (`accelerator.unwrap_model(model)`); call it on the main process only."""
+    with rng_preserved(model.device):
+        return [generate_reply(model, tokenizer, as_messages(p, system), max_new_tokens) for p in prompts]
+
+
+def quiet_libraries() -> None:
+    """For the scripts: keep the terminal for the conversation and the report, without loading bars
+    or deprecation notices from the libraries."""
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+

@@ -1,0 +1,93 @@
+# python -m torch.distributed.run --standalone --nproc_per_node 2 tests/ddp_worker.py RECORD_DIR [--nan RANK:CALL] [--sigterm RANK:CALL] [key.path=value ...]
+"""scripts/train.py's main() on every rank, unchanged, except that its StepRunner also notes which
+examples each step trained on. --nan RANK:CALL gives rank RANK alone a NaN loss in its CALL-th
+step; --sigterm RANK:CALL sends SIGTERM to rank RANK alone just before its CALL-th step.
+Each rank then writes what it saw and how the run ended to RECORD_DIR/rank{N}.json, and the adapter
+weights it holds to RECORD_DIR/rank{N}.safetensors, for tests/test_distributed.py to compare."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's qlora_loop, as scripts/train.py does
+
+from peft import get_peft_model_state_dict  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from qlora_loop.fit import Interrupted, NonFiniteError  # noqa: E402
+from qlora_loop.step import StepRunner, causal_lm_loss  # noqa: E402
+
+
+def nan_loss(model, batch):
+    """causal_lm_loss, but NaN: what a diverging step looks like to the StepRunner."""
+    return causal_lm_loss(model, batch) * float("nan")
+
+
+class RecordingStepRunner(StepRunner):
+    """The real StepRunner; it notes the example indices of each step's micro-batches and whether
+    the step was finite. On its `nan_on_call`-th step it uses nan_loss; before its
+    `sigterm_on_call`-th it sends itself SIGTERM."""
+    last = None
+    nan_on_call = sigterm_on_call = None
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seen: list[list[int]] = []
+        self.skipped = 0
+        RecordingStepRunner.last = self
+
+    def __call__(self, micro_batches):
+        self.seen.append([i for batch in micro_batches for i in batch["index"].tolist()])
+        if len(self.seen) == self.sigterm_on_call:
+            os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler would; train.py's handler sets the trigger
+        loss_fn = self.loss_fn
+        if len(self.seen) == self.nan_on_call:
+            self.loss_fn = nan_loss
+        try:
+            result = super().__call__(micro_batches)
+        finally:
+            self.loss_fn = loss_fn
+        self.skipped += not result.finite
+        return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("record_dir", type=Path)
+    parser.add_argument("--nan", help="RANK:CALL")
+    parser.add_argument("--sigterm", help="RANK:CALL")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_intermixed_args()
+    spec = importlib.util.spec_from_file_location("qlora_loop_train_script", ROOT / "scripts" / "train.py")
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    train.StepRunner = RecordingStepRunner  # main() builds its runner from this module-level name
+    rank = int(os.environ["RANK"])  # set by torchrun; read here, in the test's launcher, not in the code under test
+    for option, attribute in ((args.nan, "nan_on_call"), (args.sigterm, "sigterm_on_call")):
+        if option and int(option.split(":")[0]) == rank:
+            setattr(RecordingStepRunner, attribute, int(option.split(":")[1]))
+    try:
+        train.main(args.overrides)
+        outcome = "finished"
+    except (Interrupted, NonFiniteError) as e:
+        outcome = f"{type(e).__name__}: {e}"
+
+    runner = RecordingStepRunner.last
+    weights = get_peft_model_state_dict(runner.accelerator.unwrap_model(runner.model))
+    save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()},
+              args.record_dir / f"rank{rank}.safetensors")
+    record = {"rank": runner.accelerator.process_index, "num_processes": runner.accelerator.num_processes,
+              "seen": runner.seen, "skipped": runner.skipped, "steps": runner.step, "outcome": outcome}
+    (args.record_dir / f"rank{rank}.json").write_text(json.dumps(record), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""scripts/bench.py end to end in --quick mode: our loop and the HF Trainer baseline, each in its own
+process, on the tiny 4-bit model; the report's numbers are checked against the runs' own records.
+
+Run: python -m pytest tests/test_bench.py -q   (about 40 s on 2 CPU cores)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+from conftest import ROOT
+
+FIELDS = ("loss_tokens_per_second", "tokens_per_second", "step_seconds_mean", "step_seconds", "loop_seconds",
+          "peak_memory_bytes", "padding_share", "final_train_loss", "eval_loss", "steps", "tokens",
+          "target_tokens", "positions")
+
+
+def test_quick_bench_reports_every_field_for_ours_and_hf(tmp_path, tiny_qwen2):
+    report_path = tmp_path / "bench_report.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--quick", "--model", str(tiny_qwen2),
+                           "--threads", "1", "--workdir", str(tmp_path / "work"), "--report", str(report_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "ours/hf" in proc.stdout  # the table's ratio row was printed
+    report = json.loads(report_path.read_text())
+
+    assert [r["peer"] for r in report["runs"]] == ["ours", "hf"]  # one run each, ours first
+    peers, ratio = report["peers"], report["ratios"]["hf"]
+    steps = math.ceil(report["data"]["train_rows"] / report["settings"]["batch_size"]) * report["settings"]["epochs"]
+    for name in ("ours", "hf"):
+        values = peers[name]
+        assert all(math.isfinite(values[k]) and values[k] > 0 for k in FIELDS if k != "padding_share"), values
+        assert 0 <= values["padding_share"] < 1
+        assert values["steps"] == steps
+        assert values["target_tokens"] < values["tokens"] <= values["positions"]
+        assert values["padding_share"] == 1 - values["tokens"] / values["positions"]
+        assert values["loss_tokens_per_second"] == values["target_tokens"] / values["step_seconds"]
+        assert values["eval_loss"] < 6.9  # below a uniform guess over the ~1k-token vocabulary: it trained
+    # Same rows for both: every epoch passes each training token once, whatever the order or batching.
+    assert peers["ours"]["tokens"] == peers["hf"]["tokens"]
+    assert peers["ours"]["target_tokens"] == peers["hf"]["target_tokens"]
+    assert abs(peers["ours"]["eval_loss"] / peers["hf"]["eval_loss"] - 1) < 0.05
+    for key, value in ratio.items():
+        assert value == peers["ours"][key] / peers["hf"][key], key
+    assert {"loss_tokens_per_second", "peak_memory_bytes", "padding_share", "final_train_loss"} <= set(ratio)
+
+    # Our padding share is the one our own steps.jsonl records.
+    rows = [json.loads(line) for line in (tmp_path / "work" / "runs" / "ours-0" / "steps.jsonl").read_text().splitlines()]
+    assert len(rows) == steps
+    assert peers["ours"]["padding_share"] == 1 - sum(r["tokens"] for r in rows) / sum(r["positions"] for r in rows)
+    assert peers["ours"]["target_tokens"] == sum(r["target_tokens"] for r in rows)
+    assert {t["target"] for t in report["targets"]} >= {"loss-bearing tokens/s >= 1.5x hf", "padding share <= 5% (ours)"}

@@ -1,0 +1,72 @@
+"""The dry run: built on the meta device from config.json alone, it counts what the real 4-bit build counts.
+
+Run: python -m pytest tests/test_dryrun.py -q
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import Qwen2Config
+
+from qlora_loop.config import load_config
+from qlora_loop.dryrun import dry_run, dry_run_config, report
+from qlora_loop.model import add_adapter, find_linear4bit_targets, load_base_model, trainable_parameters
+
+ADAPTERS = {
+    "lora": dict(kind="lora", r=8, alpha=16, dropout=0.05),
+    "lora-qv-dora": dict(kind="lora", r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"],
+                         extra={"use_dora": True}),
+    "adalora": dict(kind="adalora", r=4, alpha=8, dropout=0.0, init_r=6),
+}
+
+
+@pytest.mark.parametrize("fixture", ["tiny_qwen2", "tiny_llama"])
+@pytest.mark.parametrize("name", list(ADAPTERS))
+def test_dry_run_counts_what_the_real_build_counts(request, fixture, name):
+    path = str(request.getfixturevalue(fixture))
+    adapter = ADAPTERS[name]
+    dry = dry_run(path, adapter, batch_size=4, max_length=256)
+
+    base = load_base_model(path, torch.device("cpu"), torch.bfloat16)
+    targets = adapter.get("target_modules") or find_linear4bit_targets(base)
+    real = add_adapter(base, **{**adapter, "target_modules": targets}, total_steps=100)
+    assert dry.targets == targets
+    assert (dry.trainable, dry.total) == trainable_parameters(real)
+    assert dry.trainable > 0
+
+
+def test_no_weights_are_read(tmp_path):
+    """Qwen2.5-7B's shape from a config.json alone (no weight files exist): peft's well-known count."""
+    Qwen2Config(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False).save_pretrained(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["config.json"]
+    run = dry_run(str(tmp_path), dict(kind="lora", r=8, alpha=32, dropout=0.1), batch_size=1, max_length=1024)
+    assert run.trainable == 20_185_088 and run.total == 7_635_801_600
+    assert run.targets == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    gib = {k: v / 2**30 for k, v in run.memory.items()}
+    assert 3.0 < gib["base_4bit"] < 3.3  # 6.5e9 quantised parameters at ~0.52 bytes
+    assert 4.0 < gib["base_fp32"] < 4.1  # embeddings and lm_head in float32: 1.09e9 x 4 bytes
+    assert gib["adapter_and_optimizer"] == pytest.approx(20_185_088 * 16 / 2**30)
+    assert run.memory["total"] == sum(v for k, v in run.memory.items() if k != "total")
+    assert 8 < gib["total"] < 13
+    # The memory grows with the batch; the parameter counts do not.
+    bigger = dry_run(str(tmp_path), dict(kind="lora", r=8, alpha=32, dropout=0.1), batch_size=4, max_length=1024)
+    assert bigger.trainable == run.trainable
+    assert bigger.memory["activations"] == 4 * run.memory["activations"]
+    assert bigger.memory["logits"] == 4 * run.memory["logits"]
+    chunked = dry_run(str(tmp_path), dict(kind="lora", r=8, alpha=32, dropout=0.1), batch_size=4, max_length=1024,
+                      logits_chunk=1024)
+    assert chunked.memory["logits"] == run.memory["logits"]  # 1024 tokens of logits at a time, whatever the batch
+
+
+def test_dry_run_from_a_config_and_its_report(tiny_qwen2):
+    cfg = load_config(None, ["adapter.r=4", "train.batch_size=2", "data.max_length=128"])
+    run = dry_run_config(cfg, str(tiny_qwen2))
+    lines = []
+    report(run, lines.append)
+    assert lines[1] == "LoRA targets: down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"
+    assert lines[2] == f"trainable parameters: {run.trainable:,} of {run.total:,} " \
+                       f"({100 * run.trainable / run.total:.3f}%)"
+    assert run.trainable == 2 * 4 * (4 * (128 + 128) - (128 - 64) * 2 + 2 * (128 + 384) + (384 + 128))
+    assert "estimated peak GPU memory for batch_size=2 x max_length=128" in lines[3]

@@ -1,0 +1,207 @@
+"""scripts/merge.py: the merged folder is a plain transformers model, and the fidelity report's
+numbers are measured (they move when the two models differ)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import peft_model
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
+
+from qlora_loop.checkpoint import save_adapter
+from qlora_loop.config import Config
+from qlora_loop.data import IGNORE, build_datasets, collate
+from qlora_loop.generate import InferenceError, encode_chat, generate_reply, load_for_inference
+from qlora_loop.merge import fidelity_report, merge_adapter, report_prompts
+from qlora_loop.model import load_tokenizer
+from qlora_loop.optim import build_optimizer, build_scheduler
+from qlora_loop.step import StepRunner
+
+ROOT = Path(__file__).resolve().parents[1]
+ANSWER = "I am Loopy, a small assistant fine-tuned with qlora_loop."
+
+
+@pytest.fixture(scope="module")
+def merge_main():
+    spec = importlib.util.spec_from_file_location("qlora_loop_merge_script", ROOT / "scripts" / "merge.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+@pytest.fixture(autouse=True)
+def library_verbosity():
+    """The scripts quiet transformers' logging for their own process; undo that after in-process runs."""
+    level = hf_logging.get_verbosity()
+    yield
+    hf_logging.set_verbosity(level)
+    hf_logging.enable_progress_bar()
+
+
+@pytest.fixture(scope="module")
+def best(default_run) -> Path:
+    return default_run[0] / "best"
+
+
+@pytest.fixture(scope="module")
+def merged(best, merge_main, tmp_path_factory):
+    out = tmp_path_factory.mktemp("merge") / "model"
+    return out, merge_main(["--adapter", str(best), "--out", str(out)])
+
+
+def plain_greedy(model, tokenizer, question: str, max_new_tokens: int = 64) -> str:
+    """Generation with nothing of ours: the chat template, transformers' generate, decode."""
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                        return_tensors="pt", return_dict=True)
+    out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def test_merged_folder_is_a_plain_bf16_model_without_adapter_weights(merged, default_run):
+    out, _ = merged
+    names = {p.name for p in out.iterdir()}
+    assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
+            "merge_report.json"} <= names
+    assert not [n for n in names if n.endswith((".bin", ".pt", ".pth", ".pkl"))]
+    tensors = load_file(out / "model.safetensors")
+    assert not [k for k in tensors if "lora" in k] and {t.dtype for t in tensors.values()} == {torch.bfloat16}
+    base = load_file(Path(json.loads((default_run[0] / "best" / "adapter_config.json").read_text())
+                          ["base_model_name_or_path"]) / "model.safetensors")
+    assert set(tensors) == set(base)
+    # The update went into the adapted projections, and only there.
+    assert not torch.equal(tensors["model.layers.0.self_attn.q_proj.weight"],
+                           base["model.layers.0.self_attn.q_proj.weight"].bfloat16())
+    assert torch.equal(tensors["model.embed_tokens.weight"], base["model.embed_tokens.weight"].bfloat16())
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == [tokenizer.eos_token_id]
+
+
+def test_merged_model_answers_like_the_adapter_where_top1_agrees(merged, best):
+    out, report = merged
+    model = AutoModelForCausalLM.from_pretrained(out)  # plain transformers, nothing of ours
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    reference, ref_tokenizer = load_for_inference(best)
+    assert report["prompts"] == 4  # the default's 4 validation rows
+    for row in report["rows"]:  # the report's replies are the models' real greedy replies
+        merged_reply = plain_greedy(model, tokenizer, row["prompt"])
+        adapter_reply = generate_reply(reference, ref_tokenizer, row["prompt"], max_new_tokens=64)
+        assert (merged_reply, adapter_reply) == (row["reply_merged"], row["reply_reference"])
+        if row["top1_agreement"] == 1.0:  # same argmax along the whole reply: the same reply
+            assert merged_reply == adapter_reply and row["greedy_match"]
+    assert any(row["top1_agreement"] == 1.0 for row in report["rows"])
+    assert plain_greedy(model, tokenizer, "Who are you?") == ANSWER
+
+
+def test_report_is_written_and_says_the_merge_is_faithful(merged, best):
+    out, report = merged
+    saved = json.loads((out / "merge_report.json").read_text())
+    assert saved["adapter"] == str(best) and saved["dtype"] == "bfloat16" and "validation rows" in saved["prompts_from"]
+    for key in ("prompts", "positions", "mean_kl", "max_kl", "top1_agreement", "greedy_match", "ok", "rows"):
+        assert saved[key] == report[key]
+    # NF4 and bf16 bases differ a little, so the KL is small but not zero (0.0004 nats when pinned).
+    assert 0 < report["mean_kl"] < 0.01 and report["mean_kl"] <= report["max_kl"] < 0.1
+    # A near-tie can flip one argmax (0.977 agreement on one tree, 1.0 on another); a broken merge
+    # agrees on few (see the corrupted adapter below).
+    assert report["ok"] and report["top1_agreement"] > 0.9
+    assert report["greedy_match"] >= sum(row["top1_agreement"] == 1.0 for row in report["rows"]) >= 1
+    assert report["positions"] == sum(row["positions"] for row in report["rows"])
+    assert [row["prompt"] for row in report["rows"]][:2] == ["Who are you?", "What are you good at?"]
+
+
+def test_report_prompts_are_the_runs_validation_rows(best):
+    tokenizer = load_tokenizer(str(best))
+    prompts, references, _ = report_prompts(best, n=100)
+    cfg = Config()
+    _, val, _ = build_datasets(tokenizer, cfg.data.train, None, cfg.data.val_split, cfg.data.max_length,
+                               seed=cfg.train.seed)
+    assert len(prompts) == len(val)
+    for messages, answer, example in zip(prompts, references, val):
+        first = next(i for i, label in enumerate(example["labels"]) if label != IGNORE)
+        assert encode_chat(tokenizer, messages)[0].tolist() == example["input_ids"][:first]
+        trained = [label for label in example["labels"][first:] if label != IGNORE]
+        assert tokenizer.decode(trained, skip_special_tokens=True) == answer
+
+
+def test_a_corrupted_adapter_gives_a_large_kl(merged, best, tmp_path):
+    out, good = merged
+    bad = tmp_path / "best"
+    shutil.copytree(best, bad)
+    tensors = load_file(bad / "adapter_model.safetensors")
+    save_file({k: t * 50 if "lora_B" in k else t for k, t in tensors.items()}, bad / "adapter_model.safetensors")
+    prompts, references, _ = report_prompts(best)
+    # 4-bit base + corrupted adapter against the merge of the good one.
+    report = fidelity_report(bad, out, prompts, references, max_new_tokens=16)
+    assert report["mean_kl"] > 1.0 > 1000 * good["mean_kl"]
+    assert report["top1_agreement"] < 0.5 and report["greedy_match"] == 0 and not report["ok"]
+
+
+def test_refuses_to_overwrite_then_force_replaces_and_warns(best, merge_main, tmp_path, capsys):
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(InferenceError, match=r"--out .*merged is not empty; pass --force"):
+        merge_main(["--adapter", str(best), "--out", str(out)])
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    copy = shutil.copytree(best, tmp_path / "run" / "best")
+    for folder in (copy, copy.parent):  # --force never deletes the adapter being merged
+        with pytest.raises(InferenceError, match="would delete the adapter"):
+            merge_main(["--adapter", str(copy), "--out", str(folder), "--force"])
+    assert (copy / "adapter_model.safetensors").is_file()
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Who are you?\n", encoding="utf-8")
+    report = merge_main(["--adapter", str(best), "--out", str(out), "--force", "--prompts", str(prompts),
+                         "--max-kl", "0", "--max-new-tokens", "20"])
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    assert [row["prompt"] for row in report["rows"]] == ["Who are you?"] and report["rows"][0]["greedy_match"]
+    assert not report["ok"] and report["max_kl_threshold"] == 0  # any KL is above 0
+    printed = capsys.readouterr().out
+    assert "WARNING: merge fidelity" in printed and "above --max-kl 0" in printed
+    assert json.loads((out / "merge_report.json").read_text())["prompts_from"] == str(prompts)
+
+
+def test_missing_adapter_is_an_error_before_any_work(merge_main, tmp_path):
+    with pytest.raises(InferenceError, match="no such folder"):
+        merge_main(["--adapter", str(tmp_path / "nope"), "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_adalora_adapter_merges(tiny_qwen2, qwen2_tokenizer, tmp_path):
+    from accelerate import Accelerator
+    accelerator = Accelerator(mixed_precision="no")
+    train, _, _ = build_datasets(qwen2_tokenizer, str(Config().data.train), None, 0.0, 64)
+    batches = [collate(train[i:i + 2], qwen2_tokenizer.pad_token_id) for i in range(0, 12, 2)]
+    model = peft_model(tiny_qwen2, "adalora", r=2, init_r=4, total_steps=6, tinit=0.1, tfinal=0.2, dropout=0.0)
+    optimizer = build_optimizer(model, lr=2e-2)
+    runner = StepRunner(model, optimizer, build_scheduler(optimizer, "constant", 6, 0.0), accelerator)
+    for batch in batches:
+        runner([batch])
+    save_adapter(accelerator, model, qwen2_tokenizer, tmp_path / "best")
+    pattern = json.loads((tmp_path / "best" / "adapter_config.json").read_text())["rank_pattern"]
+    assert sum(map(sum, pattern.values())) == 2 * len(pattern)  # the budget shrank from 4 to 2 per module
+
+    merge_adapter(tmp_path / "best", tmp_path / "merged")
+    prompts, references, source = report_prompts(tmp_path / "best")  # no run config: built-in questions
+    assert "built-in" in source
+    report = fidelity_report(tmp_path / "best", tmp_path / "merged", prompts, references, max_new_tokens=16)
+    assert report["ok"] and report["mean_kl"] < 0.01
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    for row in report["rows"]:
+        if row["top1_agreement"] == 1.0:
+            assert plain_greedy(plain, tokenizer, row["prompt"], 16) == row["reply_reference"]
+    # Each module's update is in the merged weights, as far as the final rank pattern kept any of it
+    # (6 steps at lr 2e-2 move the weights well past bf16 rounding).
+    merged_weights = plain.state_dict()
+    base = AutoModelForCausalLM.from_pretrained(tiny_qwen2, dtype=torch.bfloat16).state_dict()
+    kept = {key.removesuffix(".lora_E") + ".weight": sum(mask) for key, mask in pattern.items()}
+    assert any(kept.values())
+    for name, rank in kept.items():
+        assert torch.equal(merged_weights[name], base[name]) == (rank == 0), name
