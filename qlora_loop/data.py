@@ -229,13 +229,16 @@ class EpochSampler(Sampler):
 
 
 def build_dataloaders(train_examples: list[dict], val_examples: list[dict], batch_size: int, pad_id: int,
-                      seed: int = 0, num_workers: int = 0,
-                      group_by_length: bool = False) -> tuple[DataLoader, DataLoader | None]:
+                      seed: int = 0, num_workers: int = 0, group_by_length: bool = False,
+                      processes: int = 1) -> tuple[DataLoader, DataLoader | None]:
+    """Under `processes` ranks Accelerate deals consecutive batches out to the ranks in turn, so the
+    rows are grouped by the global micro-batch (batch_size x processes): N ranks then see exactly the
+    rows one process would see in a batch N times as large."""
     def collate_fn(batch):
         return collate(batch, pad_id)
 
     lengths = [len(e["input_ids"]) for e in train_examples] if group_by_length else None
-    sampler = EpochSampler(len(train_examples), seed, lengths, batch_size)
+    sampler = EpochSampler(len(train_examples), seed, lengths, batch_size * processes)
     # Each loader gets its own generator: creating an iterator draws a seed from it, and without one
     # that draw comes from the global RNG, which dropout uses, so a resumed epoch would shift it.
     train = DataLoader(train_examples, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn,

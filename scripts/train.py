@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None, loss_fn=None) -> dict:
     log.print(f"label-mask audit: {audited} rows checked, no problem found" if audited else
               "[yellow]label-mask audit off (data.audit_rows=0)")
     train_dl, val_dl = build_dataloaders(train_rows, val_rows, t.batch_size, tokenizer.pad_token_id, t.seed,
-                                         d.num_workers, d.group_by_length)
+                                         d.num_workers, d.group_by_length, accelerator.num_processes)
     train_dl, val_dl = accelerator.prepare(train_dl, val_dl)
     total_steps = steps_per_epoch(len(train_dl), grad_accum) * t.epochs
 
