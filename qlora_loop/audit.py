@@ -47,21 +47,28 @@ def audit_label_masks(tokenizer, examples: list[dict], conversations: list[Conve
     return problems
 
 
+def audit_file(tokenizer, examples: list[dict], train_file: str, system_prompt: str | None, sample: int,
+               max_length: int) -> list[str]:
+    """audit_label_masks on examples built from `train_file`, its rows read again to compare against."""
+    conversations = load_conversations(train_file, system_prompt, Rejects(strict=False))
+    return audit_label_masks(tokenizer, examples, conversations, sample, max_length)
+
+
 def check_label_masks(tokenizer, examples: list[dict], train_file: str, system_prompt: str | None,
                       sample: int, max_length: int) -> int:
-    """audit_label_masks on the training file's rows; raises LabelMaskError naming the rows and what
-    is wrong. Returns the number of rows audited (0 when sample is 0: the audit is off)."""
+    """audit_file, raising LabelMaskError naming the rows and what is wrong. Returns the number of
+    rows audited (0 when sample is 0: the audit is off)."""
     if sample <= 0:
         return 0
-    conversations = load_conversations(train_file, system_prompt, Rejects(strict=False))
-    problems = audit_label_masks(tokenizer, examples, conversations, sample, max_length)
+    audited = min(sample, len(examples))
+    problems = audit_file(tokenizer, examples, train_file, system_prompt, sample, max_length)
     if problems:
         shown = "\n  ".join(problems[:10]) + (f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else "")
-        raise LabelMaskError(f"the label-mask audit found {len(problems)} problem(s) in {min(sample, len(examples))} "
-                             f"rows; training would learn the wrong tokens:\n  {shown}\nFix the chat template "
+        raise LabelMaskError(f"the label-mask audit found {len(problems)} problem(s) in {audited} rows; training "
+                             f"would learn the wrong tokens:\n  {shown}\nFix the chat template "
                              "(data.chat_template) or the masking code; data.audit_rows=0 turns the audit off",
                              "label_mask")
-    return min(sample, len(examples))
+    return audited
 
 
 # --- one example --------------------------------------------------------------------------------
@@ -136,16 +143,22 @@ class _Run:
         self.trained, self.start, self.end, self.text = trained, start, end, text
 
 
-def _runs(tokenizer, ids: list[int], labels: list[int]) -> list[_Run]:
-    """Maximal runs of trained / untrained positions, each decoded on its own. Position 0 is never
+def trained_runs(labels: list[int]) -> list[tuple[bool, int, int]]:
+    """Maximal runs (trained, start, end) of trained / untrained positions. Position 0 is never
     predicted, so a label there does not count as trained."""
-    runs, start = [], 0
     trained = [k > 0 and label != IGNORE for k, label in enumerate(labels)]
-    for k in range(1, len(ids) + 1):
-        if k == len(ids) or trained[k] != trained[start]:
-            runs.append(_Run(trained[start], start, k, _norm(_decode(tokenizer, ids[start:k]))))
+    runs, start = [], 0
+    for k in range(1, len(labels) + 1):
+        if k == len(labels) or trained[k] != trained[start]:
+            runs.append((trained[start], start, k))
             start = k
     return runs
+
+
+def _runs(tokenizer, ids: list[int], labels: list[int]) -> list[_Run]:
+    """trained_runs, each decoded on its own and normalised for matching."""
+    return [_Run(trained, start, end, _norm(_decode(tokenizer, ids[start:end])))
+            for trained, start, end in trained_runs(labels)]
 
 
 def _decode(tokenizer, ids: list[int]) -> str:

@@ -21,12 +21,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate.utils import DistributedType
 from safetensors.torch import load_file, save_file
 
 from qlora_loop.manifest import check_manifest, write_manifest
 from qlora_loop.model import adalora_of
 
 MARKER = "COMPLETE"
+SHARDED = (DistributedType.FSDP, DistributedType.DEEPSPEED)
 FORMAT = 1
 
 
@@ -43,13 +45,16 @@ def save_adapter(accelerator, model, tokenizer, directory: str | Path, manifest:
     directory = Path(directory)
     accelerator.wait_for_everyone()
     peft_model = accelerator.unwrap_model(model)
+    # Under FSDP / DeepSpeed each process holds a shard: gather the full weights first (a collective,
+    # so every process takes part), as transformers' Trainer does; peft picks the adapter out of them.
+    state_dict = accelerator.get_state_dict(model) if accelerator.distributed_type in SHARDED else None
 
     @accelerator.on_main_process
     def write():
         tmp, old = directory.with_name(f".{directory.name}.tmp"), directory.with_name(f".{directory.name}.old")
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            peft_model.save_pretrained(tmp, safe_serialization=True)
+            peft_model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
             tokenizer.save_pretrained(tmp)
             if manifest is not None:
                 write_manifest(tmp, manifest)

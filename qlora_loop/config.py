@@ -160,7 +160,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected key.path=value, e.g. train.lr=1e-4")
-        _set(cfg, key.strip(), yaml.safe_load(raw) if raw.strip() else None, where=f"override {item!r}")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({getattr(e, 'problem', e)}); quote "
+                              f"it, e.g. '{key}=\"...\"' or '{key}=[\"a b\", c]'") from None
+        _set(cfg, key.strip(), value, where=f"override {item!r}")
     validate(cfg)
     return cfg
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import random
+import sys
 import threading
 import warnings
 from dataclasses import dataclass
@@ -22,8 +23,10 @@ import yaml
 from transformers import AutoConfig, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 from transformers.utils import logging as hf_logging
 
-from qlora_loop.data import load_conversations
+from qlora_loop.config import DataConfig, TrainConfig
+from qlora_loop.data import split_validation
 from qlora_loop.model import ModelError, load_base_model, load_tokenizer, resolve_compute_dtype
+from qlora_loop.rows import DataError, Rejects, load_conversations
 from qlora_loop.tiny import resolve_model_path
 
 
@@ -305,22 +308,20 @@ def read_prompt_lines(path: str | Path) -> list[str]:
 def validation_prompts(run: dict, n: int) -> tuple[list[list[dict]], list[str], str] | None:
     """(prompts, reference answers, where from) for the first n validation rows of a run, given its
     resolved config as a dict (OUTPUT_DIR/config.yaml, or config.to_dict(cfg)); None if it names no
-    data. Each row is cut before its first assistant turn, which becomes the reference. Rows are
-    split exactly as data.build_datasets splits them (tests/test_merge.py checks that they agree)."""
-    data, seed = run.get("data"), run.get("train", {}).get("seed", 0)
+    data. Each row is cut before its first assistant turn, which becomes the reference. The rows are
+    read and split as data.build_datasets reads and splits them, so they are the rows the run held out."""
+    data, seed = run.get("data"), run.get("train", {}).get("seed", TrainConfig.seed)
     if not data:
         return None
+    path, val_split = data.get("val") or data["train"], data.get("val_split", DataConfig.val_split)
+    rejects = Rejects(strict=data.get("on_error", DataConfig.on_error) == "error")  # bad rows dropped as in training
+    rows = load_conversations(path, data.get("system_prompt"), rejects)
     if data.get("val"):
-        rows, source = load_conversations(data["val"], data.get("system_prompt")), data["val"]
+        source = path
+    elif val_split > 0:
+        rows, source = split_validation(rows, val_split, seed, path)[1], f"{path} (validation rows)"
     else:
-        rows = load_conversations(data["train"], data.get("system_prompt"))
-        source = f"{data['train']} (validation rows)"
-        if data.get("val_split"):
-            order = list(range(len(rows)))
-            random.Random(seed).shuffle(order)
-            rows = [rows[i] for i in sorted(order[:max(1, round(len(rows) * data["val_split"]))])]
-        else:
-            source = f"{data['train']} (training rows: the run held none out)"
+        source = f"{path} (training rows: the run held none out)"
     prompts, references = [], []
     for row in rows[:n]:
         first = next(i for i, m in enumerate(row.messages) if m["role"] == "assistant")
@@ -353,11 +354,19 @@ def sample_replies(model, tokenizer, prompts: list[str] | list[list[dict]], max_
         return [generate_reply(model, tokenizer, as_messages(p, system), max_new_tokens) for p in prompts]
 
 
-def quiet_libraries() -> None:
-    """For the scripts: keep the terminal for the conversation and the report, without loading bars
-    or deprecation notices from the libraries."""
+# --- running as a script ------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def as_script():
+    """How scripts/chat.py and scripts/merge.py run: the terminal is kept for the conversation and
+    the report (no loading bars or deprecation notices from the libraries), and a bad flag, folder
+    or file ends the run with one `error:` line on stderr and exit 2, never a traceback."""
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
-
+    try:
+        yield
+    except (InferenceError, ModelError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

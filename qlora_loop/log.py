@@ -17,7 +17,7 @@ from qlora_loop.memory import GIB, peak_memory_bytes
 from qlora_loop.trackers import epoch_metrics, log_samples, step_metrics
 
 STEP_COLUMNS = ("loss", "grad_norm", "lr", "tokens", "target_tokens", "positions")
-HISTORY_COLUMNS = ("epoch", "train_loss", "val_loss", "lr", "grad_norm", "train_tokens", "seconds",
+HISTORY_COLUMNS = ("epoch", "step", "train_loss", "val_loss", "lr", "grad_norm", "train_tokens", "seconds",
                    "tokens_per_second", "loss_tokens_per_second", "padding_share", "peak_memory_bytes")
 
 
@@ -88,7 +88,7 @@ class RunLog:
                 self.accelerator.log(step_metrics(result, tokens_per_second,
                                                   peak_memory_bytes(self.accelerator.device)), step=step)
 
-    def epoch_end(self, row: dict, step: int) -> None:
+    def epoch_end(self, row: dict) -> None:
         self.progress.stop()
         val = "-" if row["val_loss"] is None else f"{row['val_loss']:.4f}"
         self.table.add_row(str(row["epoch"]), f"{row['train_loss']:.4f}", val, f"{row['lr']:.2e}",
@@ -98,7 +98,7 @@ class RunLog:
         self.console.print(self.table)
         self._append("history.jsonl", {k: row[k] for k in HISTORY_COLUMNS})
         if self.accelerator.trackers:
-            self.accelerator.log(epoch_metrics(row), step=step)
+            self.accelerator.log(epoch_metrics(row), step=row["step"])
 
     def samples(self, epoch: int, step: int, prompts: list[str], responses: list[str],
                 references: list[str | None]) -> None:

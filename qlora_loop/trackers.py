@@ -6,7 +6,7 @@ log nothing; check_trackers makes that an error before anything loads. What is s
   each step  train/loss, train/lr, train/grad_norm, train/tokens_per_second, train/peak_memory_gib
   each epoch val/loss, train/epoch_loss, train/epoch_tokens_per_second
   samples    prompt and reply texts: TensorBoard text, a W&B table, SwanLab text
-Accelerate's Accelerator.log runs on the main process only.
+Accelerate opens trackers and logs to them on the main process only.
 """
 
 from __future__ import annotations
@@ -88,8 +88,9 @@ def epoch_metrics(row: dict) -> dict:
 
 
 def log_samples(accelerator, samples: list[tuple[str, str]], step: int) -> None:
-    """Prompt/reply texts, to each tracker that shows text; the others are skipped."""
-    if not accelerator.is_main_process or not samples:
+    """Prompt/reply texts, to each tracker that shows text; the others are skipped. Trackers exist
+    on the main process only (init_trackers runs there), so elsewhere this does nothing."""
+    if not samples:
         return
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":

@@ -121,8 +121,12 @@ def main(argv: list[str] | None = None, loss_fn=None) -> dict:
                 "world_size": accelerator.num_processes, "data_hash": data_hash(d.train, d.val)}
     manifest = build_manifest(to_dict(cfg), tokenizer, model_path, [d.train, d.val], accelerator.device)
     checkpoints = Checkpoints(accelerator, output_dir, identity, to_dict(cfg), t.keep_last, manifest)
+    if launch.shards_parameters or launch.deepspeed:  # each process holds only its share of the state
+        log.print(f"[yellow]no resumable checkpoints under {launch.shards_parameters or 'DeepSpeed'}; "
+                  "the best adapter is still saved whole")
+        checkpoints = None
     state = None
-    resume_from = find_resume(checkpoints, t.resume, log)
+    resume_from = find_resume(checkpoints, t.resume, log) if checkpoints else None
     if resume_from is not None:
         state = LoopState.from_dict(checkpoints.restore(resume_from, runner, t.force_resume, tokenizer, model_path))
         log.resume(runner.step, state.epoch)
@@ -141,8 +145,8 @@ def main(argv: list[str] | None = None, loss_fn=None) -> dict:
         rows = ", ".join(train_rows[i]["where"] for i in sorted(set(e.sample_ids)))
         raise NonFiniteError(f"{e}; the step's rows: {rows}", e.sample_ids) from None
     except Interrupted as e:
-        raise Interrupted(f"{e}; checkpoint {checkpoints.latest()}; continue with the same command and "
-                          "train.resume=auto") from None
+        raise Interrupted(f"{e}; checkpoint {checkpoints and checkpoints.latest()}; continue with the same "
+                          "command and train.resume=auto") from None
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -11,6 +11,8 @@ import math
 import subprocess
 import sys
 
+import pytest
+import torch
 from conftest import ROOT
 
 FIELDS = ("loss_tokens_per_second", "tokens_per_second", "step_seconds_mean", "step_seconds", "loop_seconds",
@@ -53,3 +55,32 @@ def test_quick_bench_reports_every_field_for_ours_and_hf(tmp_path, tiny_qwen2):
     assert peers["ours"]["padding_share"] == 1 - sum(r["tokens"] for r in rows) / sum(r["positions"] for r in rows)
     assert peers["ours"]["target_tokens"] == sum(r["target_tokens"] for r in rows)
     assert {t["target"] for t in report["targets"]} >= {"loss-bearing tokens/s >= 1.5x hf", "padding share <= 5% (ours)"}
+
+
+def test_gpu_7b_floor_and_flop_bound_come_from_the_qwen25_7b_shape():
+    bench = load_bench()
+    b = bench.gpu_bounds(bench.QWEN25_7B, seq=2048, batch=1, r=16)
+    assert 5.5e9 < b["base_bytes"] < 5.6e9  # 4-bit NF4 linear layers + bf16 embeddings and head
+    assert b["lora_parameters"] == 40_370_176  # r=16 on q,k,v,o,gate,up,down of 28 layers
+    assert 0.64e9 < b["adapter_optimizer_bytes"] < 0.65e9
+    assert 0.9e9 < b["activation_bytes"] < 1.1e9
+    assert 7.1e9 < b["floor_bytes"] < 7.4e9
+    assert b["flops_per_token"] == 6 * b["n_active"] and 7.0e9 < b["n_active"] < 7.1e9
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only guard")
+def test_gpu_7b_on_a_cpu_only_machine_is_an_error_that_says_what_to_run(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--gpu-7b", "--workdir", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "--gpu-7b needs a CUDA GPU" in proc.stderr and "--tiny" in proc.stderr
+    assert not any(tmp_path.iterdir())  # nothing was built
+
+
+def load_bench():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("qlora_loop_bench_script", ROOT / "scripts" / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -18,7 +18,6 @@ import pytest
 import torch
 from conftest import peft_model
 from peft import PeftModel
-from transformers.utils import logging as hf_logging
 
 from qlora_loop.config import ASSETS
 from qlora_loop.data import build_datasets, collate
@@ -41,15 +40,6 @@ def load_script(name: str):
 @pytest.fixture(scope="module")
 def chat_main():
     return load_script("chat").main
-
-
-@pytest.fixture(autouse=True)
-def library_verbosity():
-    """The scripts quiet transformers' logging for their own process; undo that after in-process runs."""
-    level = hf_logging.get_verbosity()
-    yield
-    hf_logging.set_verbosity(level)
-    hf_logging.enable_progress_bar()
 
 
 @pytest.fixture(scope="module")

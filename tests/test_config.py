@@ -237,3 +237,10 @@ def test_shipped_config_builds_data_and_adapter_on_a_tiny_model(path, request, t
     assert {name.split(".")[-1] for name in wrapped} == {"q_proj", "k_proj", "v_proj", "o_proj",
                                                          "gate_proj", "up_proj", "down_proj"}
     assert not any(name.endswith("lm_head") for name in wrapped)
+
+
+def test_override_value_that_is_not_yaml_names_the_override_and_how_to_quote():
+    with pytest.raises(ConfigError, match=r"override 'eval.prompts=\[Who are you\?\]': the value is not valid YAML .*"
+                                          r"quote it"):
+        load_config(None, ["eval.prompts=[Who are you?]"])
+    assert load_config(None, ['eval.prompts=["Who are you?"]']).eval.prompts == ["Who are you?"]

@@ -10,7 +10,7 @@ import torch
 from transformers import Qwen2Config
 
 from qlora_loop.config import load_config
-from qlora_loop.dryrun import dry_run, dry_run_config, report
+from qlora_loop.dryrun import CHUNK, dry_run, dry_run_config, report
 from qlora_loop.model import add_adapter, find_linear4bit_targets, load_base_model, trainable_parameters
 
 ADAPTERS = {
@@ -41,7 +41,8 @@ def test_no_weights_are_read(tmp_path):
     Qwen2Config(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                 num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False).save_pretrained(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["config.json"]
-    run = dry_run(str(tmp_path), dict(kind="lora", r=8, alpha=32, dropout=0.1), batch_size=1, max_length=1024)
+    lora = dict(kind="lora", r=8, alpha=32, dropout=0.1)
+    run = dry_run(str(tmp_path), lora, batch_size=1, max_length=1024)
     assert run.trainable == 20_185_088 and run.total == 7_635_801_600
     assert run.targets == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
     gib = {k: v / 2**30 for k, v in run.memory.items()}
@@ -50,14 +51,16 @@ def test_no_weights_are_read(tmp_path):
     assert gib["adapter_and_optimizer"] == pytest.approx(20_185_088 * 16 / 2**30)
     assert run.memory["total"] == sum(v for k, v in run.memory.items() if k != "total")
     assert 8 < gib["total"] < 13
-    # The memory grows with the batch; the parameter counts do not.
-    bigger = dry_run(str(tmp_path), dict(kind="lora", r=8, alpha=32, dropout=0.1), batch_size=4, max_length=1024)
+    # The memory grows with the batch; the parameter counts do not. With the loss computing all
+    # logits at once (logits_chunk=None) they grow with it too; with train.py's chunked loss
+    # (qwen2 qualifies: "auto") only one chunk of CHUNK tokens is held at a time.
+    whole = dry_run(str(tmp_path), lora, batch_size=1, max_length=1024, logits_chunk=None)
+    bigger = dry_run(str(tmp_path), lora, batch_size=4, max_length=1024, logits_chunk=None)
     assert bigger.trainable == run.trainable
     assert bigger.memory["activations"] == 4 * run.memory["activations"]
-    assert bigger.memory["logits"] == 4 * run.memory["logits"]
-    chunked = dry_run(str(tmp_path), dict(kind="lora", r=8, alpha=32, dropout=0.1), batch_size=4, max_length=1024,
-                      logits_chunk=1024)
-    assert chunked.memory["logits"] == run.memory["logits"]  # 1024 tokens of logits at a time, whatever the batch
+    assert bigger.memory["logits"] == 4 * whole.memory["logits"] == 4 * 1024 * 152064 * (2 + 12)
+    chunked = dry_run(str(tmp_path), lora, batch_size=4, max_length=1024)
+    assert chunked.memory["logits"] == min(4 * 1024, CHUNK) * 152064 * (2 + 12) < bigger.memory["logits"]
 
 
 def test_dry_run_from_a_config_and_its_report(tiny_qwen2):

@@ -23,9 +23,10 @@ from qlora_loop.config import ASSETS
 from qlora_loop.data import build_datasets, collate
 from qlora_loop.fit import NonFiniteError
 from qlora_loop.optim import build_optimizer, build_scheduler
-from qlora_loop.step import StepRunner, causal_lm_loss
+from qlora_loop.step import StepRunner, chunked_lm_loss
 
-# 40 train rows, batch 4, grad_accum 1: loss calls 1..10 are the 10 optimizer steps of epoch 1
+# 40 train rows, batch 4, grad_accum 1: loss call 1 is the memory probe, calls 2..11 are the 10 optimizer
+# steps of epoch 1
 SETTINGS = ["train.epochs=1", "train.batch_size=4", "train.save_every=2", "train.keep_last=0", "adapter.r=4"]
 
 
@@ -35,7 +36,7 @@ def nan_on_calls(*calls):
 
     def loss(model, batch):
         seen[0] += 1
-        value = causal_lm_loss(model, batch)
+        value = chunked_lm_loss(model, batch)
         return value * math.nan if seen[0] in calls else value
     return loss
 
@@ -49,7 +50,7 @@ def test_nonfinite_step_stops_with_step_rows_and_last_checkpoint(tiny_qwen2, row
     out = tmp_path / "out"
     with pytest.raises(NonFiniteError) as caught:
         train_main([f"model.name_or_path={tiny_qwen2}", f"data.train={rows44}", f"output_dir={out}", *SETTINGS],
-                   loss_fn=nan_on_calls(3))
+                   loss_fn=nan_on_calls(4))
     message = str(caught.value)
     assert "non-finite loss (nan)" in message and "at step 3" in message
     assert f"the last good checkpoint is {out / 'checkpoints' / 'step-000002'}" in message
@@ -61,13 +62,13 @@ def test_nonfinite_step_stops_with_step_rows_and_last_checkpoint(tiny_qwen2, row
 
 def test_skip_nonfinite_skips_steps_and_stops_after_too_many_in_a_row(tiny_qwen2, rows44, train_main, tmp_path):
     args = [f"model.name_or_path={tiny_qwen2}", f"data.train={rows44}", *SETTINGS, "train.skip_nonfinite=1"]
-    summary = train_main(args + [f"output_dir={tmp_path / 'a'}"], loss_fn=nan_on_calls(3))
+    summary = train_main(args + [f"output_dir={tmp_path / 'a'}"], loss_fn=nan_on_calls(4))
     assert summary["skipped_steps"] == 1 and summary["steps"] == 9  # the schedule did not advance on it
     steps = [json.loads(line) for line in (tmp_path / "a" / "steps.jsonl").read_text().splitlines()]
     assert [r["step"] for r in steps] == list(range(1, 10)) and all(math.isfinite(r["loss"]) for r in steps)
     assert all_checkpoint_weights_finite(tmp_path / "a")
     with pytest.raises(NonFiniteError, match=r"at step 3, 2 in a row \(train.skip_nonfinite=1\)"):
-        train_main(args + [f"output_dir={tmp_path / 'b'}"], loss_fn=nan_on_calls(3, 4))
+        train_main(args + [f"output_dir={tmp_path / 'b'}"], loss_fn=nan_on_calls(4, 5))
 
 
 # --- a full disk while saving -------------------------------------------------------------------

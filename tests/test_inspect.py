@@ -80,6 +80,15 @@ def test_statistics_of_a_known_sample(script, config, qwen2_tokenizer):
     assert "label-mask audit: 5 of 5 train rows checked, all pass" in out
 
 
+def test_padding_is_counted_in_the_batches_training_makes(script, config):
+    # Lengths 48, 25, 20, 19, 15 (see above). Grouped by length (the default), batches of 2 are
+    # [48, 25], [20, 19] and [15]: 23 + 1 + 0 padding of 151 positions, whatever the shuffle.
+    _, out = run(script, ["--config", str(config), "--n", "0", "train.batch_size=2"])
+    assert "padding          24 of 151 positions (15.9%) at train.batch_size=2" in out
+    numbers, _ = run(script, ["--config", str(config), "--n", "0", "train.batch_size=2", "data.group_by_length=false"])
+    assert numbers["padding"] != 24  # the setting reaches the loader: the seeded shuffle pairs rows otherwise
+
+
 def test_samples_are_rendered_with_trained_tokens_highlighted(script, config):
     console = Console(record=True, width=200, highlight=False, color_system="truecolor", force_terminal=True)
     script.main(["--config", str(config), "--n", "2"], console=console)

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from qlora_loop.checkpoint import CheckpointError
 from qlora_loop.config import ConfigError
-from qlora_loop.step import causal_lm_loss
+from qlora_loop.step import chunked_lm_loss
 
 # 40 train rows / batch 4 = 10 micro-batches, grad_accum 2 -> 5 steps an epoch; checkpoints at even steps
 # and at each epoch end
@@ -24,15 +24,16 @@ class Crash(Exception):
 
 
 def crash_on_call(n):
-    """The default loss, except that its n-th call raises: a kill at an exact point of the loop.
-    Calls per epoch: 10 training micro-batches, then 1 validation batch."""
+    """The default loss (chunked, for the tiny Qwen2), except that its n-th call raises: a kill at an
+    exact point of the loop. Call 1 is the memory probe; then per epoch 10 training micro-batches
+    and 1 validation batch."""
     calls = [0]
 
     def loss(model, batch):
         calls[0] += 1
         if calls[0] == n:
             raise Crash(f"killed at loss call {n}")
-        return causal_lm_loss(model, batch)
+        return chunked_lm_loss(model, batch)
     return loss
 
 
@@ -48,9 +49,9 @@ def uninterrupted(tmp_path_factory, tiny_qwen2, rows44, train_main):
 
 
 @pytest.mark.parametrize("call, resumes_at", [
-    (12, 5),  # first micro-batch of epoch 2: resumes from the epoch-end checkpoint
-    (16, 6),  # first micro-batch of step 8 (epoch 2): resumes mid-epoch from step 6, replays step 7
-    (17, 6),  # second micro-batch of step 8: killed inside an accumulation window
+    (13, 5),  # first micro-batch of epoch 2: resumes from the epoch-end checkpoint
+    (17, 6),  # first micro-batch of step 8 (epoch 2): resumes mid-epoch from step 6, replays step 7
+    (18, 6),  # second micro-batch of step 8: killed inside an accumulation window
 ])
 def test_resume_reproduces_the_uninterrupted_run(call, resumes_at, uninterrupted, tiny_qwen2, rows44, train_main,
                                                  tmp_path):
@@ -67,7 +68,7 @@ def test_resume_reproduces_the_uninterrupted_run(call, resumes_at, uninterrupted
     assert len(expected) == 15
     assert rows(out / "steps.jsonl") == expected  # loss, lr, grad norm, tokens of every step, bit for bit
     history, expected_history = rows(out / "history.jsonl"), rows(uninterrupted / "history.jsonl")
-    timing = {"seconds", "tokens_per_second", "peak_memory_bytes"}
+    timing = {"seconds", "tokens_per_second", "loss_tokens_per_second", "peak_memory_bytes"}
     assert [{k: v for k, v in r.items() if k not in timing} for r in history] == \
            [{k: v for k, v in r.items() if k not in timing} for r in expected_history]
     for name in ("best/adapter_model.safetensors", "checkpoints/step-000015/adapter.safetensors"):
