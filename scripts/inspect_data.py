@@ -15,11 +15,11 @@ from rich.text import Text
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from qlora_loop.audit import audit_label_masks
+from qlora_loop.audit import audit_file, trained_runs
 from qlora_loop.config import ConfigError, load_config
-from qlora_loop.data import IGNORE, build_dataloaders, build_datasets
+from qlora_loop.data import build_dataloaders, build_datasets
 from qlora_loop.model import ModelError, load_tokenizer
-from qlora_loop.rows import DataError, Rejects, load_conversations
+from qlora_loop.rows import DataError
 from qlora_loop.tiny import resolve_model_path
 
 TRAINED = "bold black on green3"
@@ -45,13 +45,13 @@ def main(argv: list[str] | None = None, console: Console | None = None) -> dict:
         console.rule(f"[bold]{example['where']}[/]  {len(example['input_ids'])} tokens")
         console.print(highlight(tokenizer, example["input_ids"], example["labels"]), soft_wrap=True)
     console.rule("statistics")
-    numbers = statistics(train, val, stats, cfg.train.batch_size, tokenizer.pad_token_id, cfg.train.seed)
+    numbers = statistics(train, val, stats, cfg.train.batch_size, tokenizer.pad_token_id, cfg.train.seed,
+                         d.group_by_length)
     for line in format_statistics(numbers, stats, cfg.train.batch_size, d.max_length):
         console.print(line, soft_wrap=True)
 
-    conversations = load_conversations(d.train, d.system_prompt, Rejects(strict=False))
     audited = min(args.audit_rows, len(train))
-    problems = audit_label_masks(tokenizer, train, conversations, sample=audited, max_length=d.max_length)
+    problems = audit_file(tokenizer, train, d.train, d.system_prompt, audited, d.max_length)
     numbers["audit_problems"] = problems
     if problems:
         console.print(f"[bold red]label-mask audit: {len(problems)} problem(s) in {audited} of {len(train)} train rows:",
@@ -65,13 +65,10 @@ def main(argv: list[str] | None = None, console: Console | None = None) -> dict:
 
 def highlight(tokenizer, ids: list[int], labels: list[int]) -> Text:
     """The row's text, trained runs highlighted; each run decoded on its own."""
-    text, start = Text(), 0
-    trained = [label != IGNORE for label in labels]
-    for k in range(1, len(ids) + 1):
-        if k == len(ids) or trained[k] != trained[start]:
-            piece = tokenizer.decode(ids[start:k], skip_special_tokens=False, clean_up_tokenization_spaces=False)
-            text.append(piece, style=TRAINED if trained[start] else PROMPT)
-            start = k
+    text = Text()
+    for trained, start, end in trained_runs(labels):
+        piece = tokenizer.decode(ids[start:end], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        text.append(piece, style=TRAINED if trained else PROMPT)
     return text
 
 
@@ -82,11 +79,12 @@ def percentile(values: list[int], q: float) -> int:
     return ordered[int(rank) - 1]
 
 
-def statistics(train: list[dict], val: list[dict], stats: dict, batch_size: int, pad_id: int, seed: int) -> dict:
+def statistics(train: list[dict], val: list[dict], stats: dict, batch_size: int, pad_id: int, seed: int,
+               group_by_length: bool) -> dict:
     lengths = [len(e["input_ids"]) for e in train]
-    trained = sum(sum(label != IGNORE for label in e["labels"][1:]) for e in train)  # position 0 is never predicted
-    # Padding in epoch 1's order (the order fit() uses), batched and padded by the real collate.
-    loader, _ = build_dataloaders(train, [], batch_size, pad_id, seed)
+    trained = stats["train"].target_tokens
+    # Padding in epoch 1's order, batched (grouped by length or not) and padded as training does.
+    loader, _ = build_dataloaders(train, [], batch_size, pad_id, seed, group_by_length=group_by_length)
     loader.sampler.set_epoch(1)
     positions = real = 0
     for batch in loader:
