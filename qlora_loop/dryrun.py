@@ -16,7 +16,7 @@ import torch
 from accelerate import init_empty_weights
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from qlora_loop.model import ModelError, add_adapter, trainable_parameters
+from qlora_loop.model import ModelError, add_adapter, find_linear4bit_targets, trainable_parameters
 from qlora_loop.step import chunked_lm_loss, default_loss
 
 # Bytes per parameter. NF4 with double quantisation: 4 bits, plus one 8-bit absmax per block of
@@ -42,18 +42,6 @@ class DryRun:
     memory: dict[str, int] = field(default_factory=dict)  # bytes per part, and "total"
 
 
-def linear_targets(model) -> list[str]:
-    """Every nn.Linear except lm_head, as short suffixes when unambiguous: on the meta device the
-    same names model.find_linear4bit_targets finds once bitsandbytes has made them Linear4bit."""
-    full = [name for name, module in model.named_modules()
-            if isinstance(module, torch.nn.Linear) and name.split(".")[-1] != "lm_head"]
-    if not full:
-        raise ModelError("no nn.Linear layer found in the model; give adapter.target_modules explicitly")
-    suffixes = sorted({name.split(".")[-1] for name in full})
-    matched = [name for name, _ in model.named_modules() if name.split(".")[-1] in suffixes]
-    return suffixes if len(matched) == len(full) else full
-
-
 def dry_run(name_or_path: str, adapter: dict, batch_size: int, max_length: int, *,
             gradient_checkpointing: bool = True, compute_dtype: str = "bfloat16",
             optimizer: str = "paged_adamw_32bit", trust_remote_code: bool = False, revision: str | None = None,
@@ -74,7 +62,8 @@ def dry_run(name_or_path: str, adapter: dict, batch_size: int, max_length: int, 
                  if isinstance(module, torch.nn.Linear) and name.split(".")[-1] != "lm_head"}
     largest_linear = max(quantized.values(), default=0)
     base_total = sum(p.numel() for p in model.parameters())
-    targets = linear_targets(model) if adapter.get("target_modules", "auto") == "auto" else adapter["target_modules"]
+    targets = find_linear4bit_targets(model, torch.nn.Linear) if adapter.get("target_modules", "auto") == "auto" \
+        else adapter["target_modules"]
     with init_empty_weights():
         model = add_adapter(model, **{**adapter, "target_modules": targets}, total_steps=NOMINAL_STEPS)
     trainable, total = trainable_parameters(model)

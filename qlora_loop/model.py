@@ -98,14 +98,16 @@ def keep_training_layout(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def find_linear4bit_targets(model) -> list[str]:
-    """Names of every bnb.nn.Linear4bit except lm_head, as short suffixes when they are unambiguous."""
+def find_linear4bit_targets(model, layer: type = bnb.nn.Linear4bit) -> list[str]:
+    """Names of every `layer` except lm_head, as short suffixes when they are unambiguous. The dry
+    run passes torch.nn.Linear: on the meta device bitsandbytes has not replaced them yet."""
     full = [name for name, module in model.named_modules()
-            if isinstance(module, bnb.nn.Linear4bit) and name.split(".")[-1] != "lm_head"]
+            if isinstance(module, layer) and name.split(".")[-1] != "lm_head"]
     if not full:
-        raise ModelError("no bnb.nn.Linear4bit layer found: the base was not loaded in 4-bit")
+        raise ModelError(f"no {layer.__module__}.{layer.__name__} layer found: the base was not loaded in 4-bit, or "
+                         "has no such layers; give adapter.target_modules explicitly")
     suffixes = sorted({name.split(".")[-1] for name in full})
-    # A suffix is only safe if every module carrying it is 4-bit (peft matches by suffix).
+    # A suffix is only safe if every module carrying it is a target (peft matches by suffix).
     matched = [name for name, _ in model.named_modules() if name.split(".")[-1] in suffixes]
     return suffixes if len(matched) == len(full) else full
 
