@@ -63,14 +63,19 @@ def rows44(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def train_main():
-    """scripts/train.py's main(argv), imported from the checkout."""
-    spec = importlib.util.spec_from_file_location("qlora_loop_train_script", ROOT / "scripts" / "train.py")
+def load_script(name: str):
+    """scripts/NAME.py as a module, imported from the checkout (scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(f"qlora_loop_{name}_script", ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
-    return module.main
+    return module
+
+
+@pytest.fixture(scope="session")
+def train_main():
+    """scripts/train.py's main(argv)."""
+    return load_script("train").main
 
 
 @pytest.fixture(scope="session")

@@ -5,12 +5,12 @@ Run: python -m pytest tests/test_inspect.py -q
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 from rich.console import Console
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,10 +25,7 @@ ROWS = [
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("qlora_loop_inspect_script", ROOT / "scripts" / "inspect_data.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("inspect_data")
 
 
 @pytest.fixture

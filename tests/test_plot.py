@@ -5,12 +5,12 @@ Run: python -m pytest tests/test_plot.py -q
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 from qlora_loop.config import Config
 from qlora_loop.data import split_validation, steps_per_epoch
@@ -124,9 +124,7 @@ def test_skipped_nonfinite_steps_are_left_out_and_counted(run, tmp_path):
 
 
 def test_plot_script_writes_where_told(run, tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("qlora_loop_plot_script", ROOT / "scripts" / "plot.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("plot")
     out = tmp_path / "elsewhere.png"
     assert script.main([str(run), "--out", str(out)]) == out
     assert out.stat().st_size > 60_000 and capsys.readouterr().out.strip() == str(out)
