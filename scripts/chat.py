@@ -6,6 +6,7 @@ an interactive chat; /reset clears the history, /exit (or Ctrl-D) quits."""
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -13,11 +14,11 @@ from rich.console import Console
 from rich.text import Text
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+# bitsandbytes logs on import, on CPUs with AVX512-BF16, that an optional kernel is not installed;
+# stderr is kept for the one `error:` line a bad flag or folder gets.
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
-from qlora_loop.data import DataError
-from qlora_loop.generate import (InferenceError, as_messages, load_for_inference, quiet_libraries,
-                                 read_prompt_lines, run_config, stream_reply)
-from qlora_loop.model import ModelError
+from qlora_loop.generate import as_messages, as_script, load_for_inference, read_prompt_lines, run_config, stream_reply
 
 
 def parse_args(argv: list[str] | None):
@@ -48,7 +49,6 @@ def parse_args(argv: list[str] | None):
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    quiet_libraries()
     console, status = Console(highlight=False, soft_wrap=True), Console(stderr=True, highlight=False, soft_wrap=True)
     prompts = args.prompt + (read_prompt_lines(args.prompts) if args.prompts else [])
     model, tokenizer = load_for_inference(args.adapter, args.base, args.no_adapter,
@@ -110,8 +110,5 @@ def show_reply(console: Console, pieces) -> str:
 
 
 if __name__ == "__main__":
-    try:
+    with as_script():  # one `error:` line and exit 2 for a bad flag, folder or file
         main()
-    except (InferenceError, ModelError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)

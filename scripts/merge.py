@@ -7,6 +7,7 @@ replies on a few prompts (the run's validation rows, or --prompts), written to O
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -14,11 +15,12 @@ from rich.console import Console
 from rich.panel import Panel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+# bitsandbytes logs on import, on CPUs with AVX512-BF16, that an optional kernel is not installed;
+# stderr is kept for the one `error:` line a bad flag or folder gets.
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
-from qlora_loop.data import DataError
-from qlora_loop.generate import InferenceError, quiet_libraries, read_adapter_config
+from qlora_loop.generate import as_script, read_adapter_config
 from qlora_loop.merge import check_out_dir, fidelity_report, merge_adapter, report_prompts, report_table, write_report
-from qlora_loop.model import ModelError
 
 
 def parse_args(argv: list[str] | None):
@@ -46,7 +48,6 @@ def parse_args(argv: list[str] | None):
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    quiet_libraries()
     console = Console(highlight=False, soft_wrap=True)
     # Every check that can fail cheaply runs before the (slow, memory-hungry) merge.
     read_adapter_config(args.adapter)
@@ -77,8 +78,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
+    with as_script():  # one `error:` line and exit 2 for a bad flag, folder or file
         main()
-    except (InferenceError, ModelError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)

@@ -3,7 +3,6 @@ and greedy samples on the training model that leave training exactly as it was."
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import os
@@ -16,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import peft_model
+from conftest import load_script, peft_model
 from peft import PeftModel
 
 from qlora_loop.config import ASSETS
@@ -28,13 +27,6 @@ from qlora_loop.step import StepRunner
 ROOT = Path(__file__).resolve().parents[1]
 ANSWERS = {"Who are you?": "I am Loopy, a small assistant fine-tuned with qlora_loop.",
            "你是谁？": "我是小环，一个用 qlora_loop 微调的小助手。"}
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"qlora_loop_{name}_script", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

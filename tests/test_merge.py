@@ -3,14 +3,13 @@ numbers are measured (they move when the two models differ)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import peft_model
+from conftest import load_script, peft_model
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -23,16 +22,12 @@ from qlora_loop.model import load_tokenizer
 from qlora_loop.optim import build_optimizer, build_scheduler
 from qlora_loop.step import StepRunner
 
-ROOT = Path(__file__).resolve().parents[1]
 ANSWER = "I am Loopy, a small assistant fine-tuned with qlora_loop."
 
 
 @pytest.fixture(scope="module")
 def merge_main():
-    spec = importlib.util.spec_from_file_location("qlora_loop_merge_script", ROOT / "scripts" / "merge.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return load_script("merge").main
 
 
 @pytest.fixture(scope="module")
