@@ -306,10 +306,11 @@ def read_prompt_lines(path: str | Path) -> list[str]:
 
 
 def validation_prompts(run: dict, n: int) -> tuple[list[list[dict]], list[str], str] | None:
-    """(prompts, reference answers, where from) for the first n validation rows of a run, given its
-    resolved config as a dict (OUTPUT_DIR/config.yaml, or config.to_dict(cfg)); None if it names no
-    data. Each row is cut before its first assistant turn, which becomes the reference. The rows are
-    read and split as data.build_datasets reads and splits them, so they are the rows the run held out."""
+    """(prompts, reference answers, where from) for the first n validation rows of a run with distinct
+    prompts, given its resolved config as a dict (OUTPUT_DIR/config.yaml, or config.to_dict(cfg));
+    None if it names no data. Each row is cut before its first assistant turn, which becomes the
+    reference. The rows are read and split as data.build_datasets reads and splits them, so they are
+    the rows the run held out."""
     data, seed = run.get("data"), run.get("train", {}).get("seed", TrainConfig.seed)
     if not data:
         return None
@@ -323,10 +324,11 @@ def validation_prompts(run: dict, n: int) -> tuple[list[list[dict]], list[str], 
     else:
         source = f"{path} (training rows: the run held none out)"
     prompts, references = [], []
-    for row in rows[:n]:
+    for row in rows:
         first = next(i for i, m in enumerate(row.messages) if m["role"] == "assistant")
-        prompts.append(row.messages[:first])
-        references.append(row.messages[first]["content"])
+        if len(prompts) < n and row.messages[:first] not in prompts:  # a question asked twice shows nothing new
+            prompts.append(row.messages[:first])
+            references.append(row.messages[first]["content"])
     return prompts, references, source
 
 
