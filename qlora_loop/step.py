@@ -44,12 +44,14 @@ def chunked_lm_loss(model, batch: dict, chunk_size: int = 1024) -> torch.Tensor:
     keep = labels != IGNORE
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True,
                 logits_to_keep=1)
+    if not keep.any():  # zero, but through the graph: backward (and DDP's all-reduce) still runs
+        return out.hidden_states[-1].float().sum(dim=(1, 2)) * 0
     hidden = out.hidden_states[-1][:, :-1][keep]  # [trained tokens, hidden]; hidden_states[-1] is after the final norm
     targets, rows = labels[keep], keep.nonzero()[:, 0]
     head = output_head(model)
     losses = [checkpoint(_token_losses, head, hidden[i:i + chunk_size], targets[i:i + chunk_size], use_reentrant=False)
               for i in range(0, len(targets), chunk_size)]
-    per_token = torch.cat(losses) if losses else hidden.new_zeros(0, dtype=torch.float32)
+    per_token = torch.cat(losses)
     return torch.zeros(labels.shape[0], device=per_token.device).index_add(0, rows, per_token)
 
 

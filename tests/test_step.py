@@ -9,9 +9,9 @@ import torch
 from conftest import peft_model
 
 from qlora_loop.config import ASSETS
-from qlora_loop.data import build_datasets, collate
+from qlora_loop.data import IGNORE, build_datasets, collate
 from qlora_loop.optim import build_optimizer, build_scheduler
-from qlora_loop.step import StepRunner, causal_lm_loss, count_targets
+from qlora_loop.step import StepRunner, causal_lm_loss, chunked_lm_loss, count_targets
 
 
 @pytest.fixture(scope="module")
@@ -150,3 +150,32 @@ def test_chunked_loss_and_gradients_equal_the_full_logits_loss(request, fixture)
     torch.testing.assert_close(chunked, full, rtol=1e-6, atol=1e-5)
     for name, grad in full_grads.items():
         assert ((chunked_grads[name] - grad).norm() / grad.norm()).item() < 1e-5, name
+
+
+@pytest.mark.parametrize("loss_fn", [causal_lm_loss, chunked_lm_loss])
+def test_micro_batches_without_targets_give_no_nan(tiny_qwen2, examples, qwen2_tokenizer, accelerator, loss_fn):
+    """A micro-batch whose rows are all cut before their answer adds nothing to the step; a window of
+    only such batches is a step of zero loss and zero gradient, never NaN or a crash."""
+    pad = qwen2_tokenizer.pad_token_id
+    empty = collate(examples[:2], pad)
+    empty["labels"][:] = IGNORE
+    full = collate(examples[2:4], pad)
+
+    def step(windows):
+        model = peft_model(tiny_qwen2, r=4, dropout=0.0, seed=1)
+        with torch.no_grad():  # non-zero B, so gradients reach every adapter weight
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(std=0.1)
+        runner = sgd_runner(model, accelerator, loss_fn=loss_fn)
+        before = adapter_state(model)
+        result = runner(windows)
+        return result, {n: (p - before[n]) for n, p in adapter_state(model).items()}
+
+    mixed, mixed_update = step([empty, full])
+    alone, alone_update = step([full])
+    assert mixed.loss == pytest.approx(alone.loss) and mixed.target_tokens == alone.target_tokens
+    assert all(torch.allclose(mixed_update[n], alone_update[n], atol=1e-6) for n in alone_update)
+    nothing, no_update = step([empty])
+    assert (nothing.loss, nothing.grad_norm, nothing.target_tokens, nothing.finite) == (0.0, 0.0, 0, True)
+    assert all(not u.any() for u in no_update.values())
