@@ -9,7 +9,6 @@ by the same model.add_adapter, so the counts are those of the real run.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -17,17 +16,16 @@ from accelerate import init_empty_weights
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from qlora_loop.model import ModelError, add_adapter, find_linear4bit_targets, trainable_parameters
-from qlora_loop.step import chunked_lm_loss, default_loss
+from qlora_loop.step import chunk_tokens, chunked_lm_loss, default_loss
 
 # Bytes per parameter. NF4 with double quantisation: 4 bits, plus one 8-bit absmax per block of
-# 64 and one fp32 absmax per 256 blocks. prepare_model_for_kbit_training casts every weight that
-# is not 4-bit (embeddings, lm_head, norms) to float32.
+# 64 and one fp32 absmax per 256 blocks. prepare_model_for_kbit_training casts the norms to float32;
+# embeddings and lm_head are kept in the compute dtype when training runs under autocast.
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
 FP32 = 4
 # Adapter weights in fp32, their gradients, and AdamW's two moments (32-bit or 8-bit).
 OPTIMIZER_BYTES = {"paged_adamw_32bit": 8, "paged_adamw_8bit": 2}
 NOMINAL_STEPS = 1000  # AdaLoRA's schedule needs a total; its parameter count does not depend on it
-CHUNK = inspect.signature(chunked_lm_loss).parameters["chunk_size"].default  # tokens of logits at a time
 
 
 @dataclass
@@ -62,13 +60,16 @@ def dry_run(name_or_path: str, adapter: dict, batch_size: int, max_length: int, 
                  if isinstance(module, torch.nn.Linear) and name.split(".")[-1] != "lm_head"}
     largest_linear = max(quantized.values(), default=0)
     base_total = sum(p.numel() for p in model.parameters())
+    # Embeddings and lm_head stay in the compute dtype under a GPU's autocast (model.load_base_model).
+    embeddings = sum({id(p): p.numel() for m in (model.get_input_embeddings(), model.get_output_embeddings())
+                      if m is not None for p in m.parameters()}.values())
     targets = find_linear4bit_targets(model, torch.nn.Linear) if adapter.get("target_modules", "auto") == "auto" \
         else adapter["target_modules"]
     with init_empty_weights():
         model = add_adapter(model, **{**adapter, "target_modules": targets}, total_steps=NOMINAL_STEPS)
     trainable, total = trainable_parameters(model)
     if logits_chunk == "auto":
-        logits_chunk = CHUNK if default_loss(model) is chunked_lm_loss else None
+        logits_chunk = chunk_tokens(model.get_output_embeddings().out_features) if default_loss(model) is chunked_lm_loss else None
 
     act = 4 if compute_dtype == "float32" else 2
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -87,7 +88,8 @@ def dry_run(name_or_path: str, adapter: dict, batch_size: int, max_length: int, 
     activations = layers * tokens * hidden * act + per_layer if gradient_checkpointing else layers * per_layer
     memory = {
         "base_4bit": int(sum(quantized.values()) * NF4_BYTES),
-        "base_fp32": (base_total - sum(quantized.values())) * FP32,
+        "embeddings_and_head": embeddings * act,
+        "norms_and_biases_fp32": (base_total - sum(quantized.values()) - embeddings) * FP32,
         "adapter_and_optimizer": trainable * (FP32 + FP32 + OPTIMIZER_BYTES.get(optimizer, 8)),
         "activations": activations,
         # logits in the compute dtype, their float32 copy, log-softmax kept for backward, and its gradient

@@ -51,7 +51,7 @@ def resolve_compute_dtype(name: str, device: torch.device) -> torch.dtype:
 def load_base_model(name_or_path: str, device: torch.device, compute_dtype: torch.dtype = torch.bfloat16,
                     gradient_checkpointing: bool = True, trust_remote_code: bool = False,
                     revision: str | None = None, attn_implementation: str | None = None,
-                    quant_storage: torch.dtype | None = None):
+                    quant_storage: torch.dtype | None = None, autocast: bool = False):
     """The base model in 4-bit NF4 with double quantisation, frozen and prepared for k-bit training.
     Each process loads onto its own device, so several ranks never share one GPU's copy.
 
@@ -59,6 +59,11 @@ def load_base_model(name_or_path: str, device: torch.device, compute_dtype: torc
     FSDP (or DeepSpeed ZeRO-3) give a float dtype, e.g. torch.bfloat16: FSDP shards only float
     tensors. The whole model is then loaded in that dtype and kept in it, since FSDP flattens a
     wrapped unit only if all its parameters share one dtype.
+
+    autocast: training runs under autocast in compute_dtype (on a GPU, train.mixed_precision=auto).
+    The frozen embeddings and lm_head then stay in compute_dtype rather than being up-cast to float32
+    with the norms: at a 152k vocabulary that is 2 x 1.1 GB less on a 7B model. Without autocast a
+    float32 hidden state could not meet a bfloat16 head, so they are up-cast as usual.
     """
     sharded = quant_storage is not None and quant_storage.is_floating_point
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
@@ -76,9 +81,13 @@ def load_base_model(name_or_path: str, device: torch.device, compute_dtype: torc
     model.config.use_cache = False  # the KV cache is useless while training and costs memory
     keep_training_layout(model)
     if not sharded:
-        return prepare_model_for_kbit_training(
+        model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False})
+        if autocast:
+            for module in {model.get_input_embeddings(), model.get_output_embeddings()} - {None}:
+                module.to(compute_dtype)
+        return model
     # prepare_model_for_kbit_training would up-cast norms and embeddings to float32 beside the 4-bit
     # weights stored in quant_storage: one wrapped unit, two dtypes. Do the rest of what it does.
     model.requires_grad_(False)

@@ -32,11 +32,19 @@ def causal_lm_loss(model, batch: dict) -> torch.Tensor:
     return losses.view(labels.shape).sum(dim=1)
 
 
-def chunked_lm_loss(model, batch: dict, chunk_size: int = 1024) -> torch.Tensor:
+LOGITS_CHUNK_BYTES = 256 * 2**20  # float32 logits of one chunk; its backward holds a few times this
+
+
+def chunk_tokens(vocab_size: int) -> int:
+    """Tokens per chunk of chunked_lm_loss: ~440 at Qwen's 152k vocabulary, a whole batch at a tiny one."""
+    return max(1, LOGITS_CHUNK_BYTES // (4 * vocab_size))
+
+
+def chunked_lm_loss(model, batch: dict, chunk_size: int | None = None) -> torch.Tensor:
     """causal_lm_loss without ever materialising [tokens, vocab] logits: the forward returns the
     final hidden states (and one position of logits), and lm_head is applied here only at positions
-    whose next token is trained, `chunk_size` at a time, each chunk recomputed in backward. For a
-    152k vocabulary at 2048 tokens this saves ~3 GB of fp32 logits and their gradient.
+    whose next token is trained, `chunk_size` at a time (default: chunk_tokens), each chunk recomputed
+    in backward. For a 152k vocabulary at 2048 tokens this saves ~3 GB of fp32 logits and their gradient.
 
     The forward still goes through `model` (the DDP wrapper under several processes), so gradient
     synchronisation is untouched; lm_head is frozen, so applying it outside costs DDP nothing."""
@@ -49,6 +57,7 @@ def chunked_lm_loss(model, batch: dict, chunk_size: int = 1024) -> torch.Tensor:
     hidden = out.hidden_states[-1][:, :-1][keep]  # [trained tokens, hidden]; hidden_states[-1] is after the final norm
     targets, rows = labels[keep], keep.nonzero()[:, 0]
     head = output_head(model)
+    chunk_size = chunk_size or chunk_tokens(head.out_features)
     losses = [checkpoint(_token_losses, head, hidden[i:i + chunk_size], targets[i:i + chunk_size], use_reentrant=False)
               for i in range(0, len(targets), chunk_size)]
     per_token = torch.cat(losses)

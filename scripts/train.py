@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None, loss_fn=None) -> dict:
     quant_storage = getattr(torch, cfg.model.quant_storage) if cfg.model.quant_storage else None
     model = load_base_model(model_path, accelerator.device, dtype, cfg.model.gradient_checkpointing,
                             cfg.model.trust_remote_code, cfg.model.revision, cfg.model.attn_implementation,
-                            quant_storage)
+                            quant_storage, autocast=precision != "no")
     targets = find_linear4bit_targets(model) if cfg.adapter.target_modules == "auto" else cfg.adapter.target_modules
     a = cfg.adapter
     model = add_adapter(model, a.kind, a.r, a.alpha, a.dropout, targets, total_steps, a.init_r, a.tinit, a.tfinal,
