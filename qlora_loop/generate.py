@@ -25,6 +25,7 @@ from transformers.utils import logging as hf_logging
 
 from qlora_loop.config import DataConfig, TrainConfig
 from qlora_loop.data import split_validation
+from qlora_loop.manifest import check_manifest
 from qlora_loop.model import ModelError, load_base_model, load_tokenizer, resolve_compute_dtype
 from qlora_loop.rows import DataError, Rejects, load_conversations
 from qlora_loop.tiny import resolve_model_path
@@ -164,6 +165,8 @@ def load_for_inference(adapter_dir: str | Path | None = None, base: str | None =
         raise InferenceError(f"base model {found.name!r} ({found.source}): {str(e).split(': ', 1)[-1]}") from None
     if adapter_dir is not None and not no_adapter:
         model = attach_adapter(model, adapter_dir, found)
+        for mismatch in check_manifest(adapter_dir, tokenizer, found.name):  # another base or template
+            warnings.warn(mismatch, stacklevel=2)
     model.config.use_cache = True
     model.eval()
     return model, tokenizer

@@ -10,6 +10,7 @@ import random
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -201,3 +202,16 @@ def test_samples_of_a_model_in_training_state_are_its_greedy_answers(best):
     tokenizer = load_tokenizer(str(best))
     assert sample_replies(model, tokenizer, list(ANSWERS), max_new_tokens=40) == list(ANSWERS.values())
     assert model.training and model.get_base_model().config.use_cache is False
+
+
+def test_an_adapter_whose_manifest_records_another_template_is_warned(chat_main, best, tmp_path, capsys):
+    moved = tmp_path / "best"
+    shutil.copytree(best, moved)
+    manifest = json.loads((moved / "manifest.json").read_text())
+    manifest["chat_template_hash"] = "0" * 16  # as if trained with another template
+    (moved / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.warns(UserWarning, match=r"the chat template differs from the one the adapter in .* was trained with"):
+        chat_main(["--adapter", str(moved), "--prompt", "Who are you?", "--max-new-tokens", "4"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the adapter as written: nothing to warn about
+        chat_main(["--adapter", str(best), "--prompt", "Who are you?", "--max-new-tokens", "4"])
