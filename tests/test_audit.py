@@ -147,7 +147,9 @@ def test_check_label_masks_stops_with_the_rows_unless_disabled(qwen2_tokenizer):
 
 def test_a_run_whose_masks_train_the_prompt_stops_before_training(tiny_llama, train_main, tmp_path):
     """scripts/train.py audits before step 1: a template the masking code gets wrong stops the run."""
-    args = [f"model.name_or_path={tiny_llama}", f"data.chat_template={PAIRS}", "train.epochs=1",
+    template = tmp_path / "pairs.jinja"
+    template.write_text(PAIRS, encoding="utf-8")
+    args = [f"model.name_or_path={tiny_llama}", f"data.chat_template={template}", "train.epochs=1",
             "train.patience=0", "eval.num_samples=0"]
     with pytest.raises(LabelMaskError, match=r"(?s)label-mask audit found \d+ problem.*user text .* is trained"):
         train_main(args + [f"output_dir={tmp_path / 'a'}"])
