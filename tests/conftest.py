@@ -91,3 +91,9 @@ def default_run(tmp_path_factory, train_main):
     finally:
         os.environ.pop("XDG_CACHE_HOME") if old is None else os.environ.__setitem__("XDG_CACHE_HOME", old)
     return out, summary, cache
+
+
+@pytest.fixture(scope="session")
+def best(default_run) -> Path:
+    """The default run's best adapter folder."""
+    return default_run[0] / "best"

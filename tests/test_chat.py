@@ -36,11 +36,6 @@ def chat_main():
 
 
 @pytest.fixture(scope="module")
-def best(default_run) -> Path:
-    return default_run[0] / "best"
-
-
-@pytest.fixture(scope="module")
 def trained(best):
     return load_for_inference(best)
 

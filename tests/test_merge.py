@@ -31,11 +31,6 @@ def merge_main():
 
 
 @pytest.fixture(scope="module")
-def best(default_run) -> Path:
-    return default_run[0] / "best"
-
-
-@pytest.fixture(scope="module")
 def held_out(best) -> list[dict]:
     """The default run's validation examples, built as scripts/train.py builds them."""
     cfg = Config()
