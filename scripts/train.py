@@ -66,8 +66,12 @@ def main(argv: list[str] | None = None, loss_fn=None) -> dict:
     precision = cfg.train.mixed_precision
     if precision == "auto":  # autocast on a GPU in the compute dtype; on a CPU it only slows things down
         precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no") if device_type == "cuda" else "no"
-    accelerator = Accelerator(mixed_precision=precision, cpu=device_type == "cpu", log_with=trackers or None,
-                              project_dir=output_dir)
+    try:
+        accelerator = Accelerator(mixed_precision=precision, cpu=device_type == "cpu", log_with=trackers or None,
+                                  project_dir=output_dir)
+    except (RuntimeError, ValueError) as e:  # e.g. an FSDP or DeepSpeed launch on a machine without a GPU
+        raise LaunchError(f"Accelerate cannot start this launch: {str(e).splitlines()[0]}; check the "
+                          "--config_file given to accelerate launch (or `accelerate config`)") from None
     launch = describe_launch(accelerator)
     t = cfg.train
     grad_accum = check_launch(launch, batch_size=t.batch_size, grad_accum=t.grad_accum,

@@ -10,6 +10,7 @@ starts the two ranks; `python -m torch.distributed.run` is torchrun.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -261,3 +262,16 @@ def test_accelerate_configs_load_and_carry_the_settings_that_matter(name):
     shards = name == "fsdp-qlora.yaml" or name == "deepspeed-zero3.yaml"
     assert ("model.quant_storage=bfloat16" in command) == shards  # what check_launch asks of a sharded base
     assert ("train.grad_accum=1" in command) == name.startswith("deepspeed")
+
+
+def test_an_fsdp_launch_on_a_machine_without_a_gpu_is_one_clear_line(tmp_path, overrides):
+    """What accelerate launch --config_file configs/accelerate/fsdp-qlora.yaml sets, on this CPU-only machine."""
+    env = {**os.environ, "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1", "FSDP_SYNC_MODULE_STATES": "true",
+           "FSDP_CPU_RAM_EFFICIENT_LOADING": "true", "FSDP_USE_ORIG_PARAMS": "false"}
+    done = subprocess.run([*TORCHRUN, "scripts/train.py", *overrides, "model.quant_storage=bfloat16",
+                           f"output_dir={tmp_path / 'out'}"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=env)
+    assert done.returncode != 0  # torchrun reports the ranks' exit status 2 with a traceback of its own
+    assert done.stderr.count("error: Accelerate cannot start this launch: There are currently no available devices") == 2
+    assert "RuntimeError: There are currently no available devices" not in done.stderr  # no rank's raw traceback
+    assert not (tmp_path / "out").exists()
