@@ -5,8 +5,12 @@ Run: python -m pytest tests/test_dryrun.py -q
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
+from conftest import ROOT
 from transformers import Qwen2Config
 
 from qlora_loop.config import load_config
@@ -77,3 +81,15 @@ def test_dry_run_from_a_config_and_its_report(tiny_qwen2):
                        f"({100 * run.trainable / run.total:.3f}%)"
     assert run.trainable == 2 * 4 * (4 * (128 + 128) - (128 - 64) * 2 + 2 * (128 + 384) + (384 + 128))
     assert "estimated peak GPU memory for batch_size=2 x max_length=128" in lines[3]
+
+
+def test_train_script_dry_run_prints_the_estimate_and_writes_nothing(tiny_qwen2, tmp_path):
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "scripts/train.py", "--dry-run", f"model.name_or_path={tiny_qwen2}",
+                           "adapter.r=4", f"output_dir={out}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert lines[0] == f"dry run: {tiny_qwen2} (qwen2), no weights loaded"
+    assert lines[1] == "LoRA targets: down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"
+    assert any(line.startswith("estimated peak GPU memory for batch_size=4 x max_length=512: ") for line in lines)
+    assert not out.exists()
