@@ -24,6 +24,7 @@ import torch
 from accelerate.utils import DistributedType
 from safetensors.torch import load_file, save_file
 
+from qlora_loop.manifest import FILE as MANIFEST
 from qlora_loop.manifest import check_manifest, write_manifest
 from qlora_loop.model import adalora_of
 
@@ -130,7 +131,7 @@ class Checkpoints:
                          "rank_pattern": adalora and adalora.peft_config[adalora.trainable_adapter_name].rank_pattern}
                 _write(tmp / "state.json", _write_json, state)
                 if self.manifest is not None:
-                    _write(tmp / "manifest.json", _write_json, self.manifest)
+                    _write(tmp / MANIFEST, _write_json, self.manifest)
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 _fsync_dir(tmp)

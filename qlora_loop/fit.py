@@ -219,9 +219,9 @@ def fit(runner, train_dl, val_dl, log, save_best, checkpoints=None, *, epochs: i
         if not state.stopped:
             val_loss = check(epoch)
         meter = state.epoch_meter
-        log.epoch_end({"epoch": epoch, "step": runner.step, "train_loss": meter.loss, "val_loss": val_loss, "lr": meter.lr,
-                       "grad_norm": meter.grad_norm_sum / max(meter.steps, 1), "train_tokens": meter.tokens,
-                       "seconds": meter.seconds, **meter.rates(),
+        log.epoch_end({"epoch": epoch, "step": runner.step, "train_loss": meter.loss, "val_loss": val_loss,
+                       "lr": meter.lr, "grad_norm": meter.grad_norm_sum / max(meter.steps, 1),
+                       "train_tokens": meter.tokens, "seconds": meter.seconds, **meter.rates(),
                        "peak_memory_bytes": peak_memory_bytes(accelerator.device)})
         if sample is not None:
             sample(epoch)

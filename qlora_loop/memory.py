@@ -81,9 +81,10 @@ def probe_memory(model, batch: dict, loss_fn, accelerator, budget_gib: float | N
     out_of_memory = False
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         try:
-            with accelerator.no_sync(model), accelerator.autocast():  # no_sync: no gradient all-reduce
-                loss = loss_fn(model, batch).sum()
-            accelerator.backward(loss)
+            with accelerator.no_sync(model):  # no gradient all-reduce: the gradients are dropped
+                with accelerator.autocast():
+                    loss = loss_fn(model, batch).sum()
+                accelerator.backward(loss)
         except torch.cuda.OutOfMemoryError:
             out_of_memory = True
         finally:

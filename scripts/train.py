@@ -174,7 +174,8 @@ def check_output_dir(output_dir: Path, resume: str | None, overwrite: bool) -> N
 
 def start_run(accelerator, output_dir: Path, cfg, fresh: bool) -> None:
     """On the main process: clear a previous run's files when starting afresh; write the resolved config."""
-    if accelerator.is_main_process:
+    @accelerator.on_main_process
+    def write():
         if fresh:
             for name in RUN_FILES:
                 path = output_dir / name
@@ -182,6 +183,8 @@ def start_run(accelerator, output_dir: Path, cfg, fresh: bool) -> None:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True),
                                                 encoding="utf-8")
+
+    write()
     accelerator.wait_for_everyone()
 
 
