@@ -126,3 +126,24 @@ def test_under_autocast_embeddings_and_head_stay_in_the_compute_dtype(tiny_qwen2
         losses[name] = [runner([batch]).loss for _ in range(3)]
     assert losses["kept"] == pytest.approx(losses["plain"], rel=0.02)  # bf16 logits: close, not equal
     assert losses["kept"][-1] < losses["kept"][0]  # it trains
+
+
+def test_training_after_an_evaluation_computes_what_it_did_before(tiny_qwen2, qwen2_tokenizer):
+    """An eval-mode forward without grad (fit's evaluate) must not change how the 4-bit layers train:
+    on CPUs with AVX512-BF16 bitsandbytes would repack them for inference, after which Qwen2's biased
+    q/k/v projections fail in training and the numbers differ."""
+    from qlora_loop.config import ASSETS
+    from qlora_loop.data import build_datasets, collate
+    from qlora_loop.step import causal_lm_loss
+
+    rows, _, _ = build_datasets(qwen2_tokenizer, str(ASSETS / "self_cognition.jsonl"), None, 0.0, 128)
+    batch = collate(rows[:4], qwen2_tokenizer.pad_token_id)
+    model = peft_model(tiny_qwen2, r=4, dropout=0.0)
+    before = causal_lm_loss(model, batch).sum()
+    model.eval()
+    with torch.no_grad():
+        causal_lm_loss(model, batch)
+    model.train()
+    after = causal_lm_loss(model, batch).sum()
+    after.backward()
+    assert after.item() == before.item()

@@ -101,3 +101,15 @@ def test_resume_from_an_incomplete_checkpoint_is_refused(uninterrupted, tiny_qwe
     with pytest.raises(CheckpointError, match="not a complete checkpoint"):
         train_main([f"model.name_or_path={tiny_qwen2}", f"data.train={rows44}", f"output_dir={tmp_path / 'out'}",
                     *SETTINGS, f"train.resume={partial}"])
+
+
+def test_resuming_a_checkpoint_of_another_template_warns(uninterrupted, tiny_qwen2, rows44, train_main, tmp_path):
+    import shutil
+    checkpoint = tmp_path / "step-000006"
+    shutil.copytree(uninterrupted / "checkpoints" / "step-000006", checkpoint)
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    manifest["chat_template_hash"] = "0" * 16  # as if written by a run with another chat template
+    (checkpoint / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.warns(UserWarning, match=r"the chat template differs from the one the adapter in .*step-000006"):
+        train_main([f"model.name_or_path={tiny_qwen2}", f"data.train={rows44}", f"output_dir={tmp_path / 'out'}",
+                    *SETTINGS, f"train.resume={checkpoint}"])

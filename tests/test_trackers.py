@@ -5,6 +5,8 @@ Run: python -m pytest tests/test_trackers.py -q
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from accelerate import Accelerator
@@ -100,3 +102,20 @@ def test_tensorboard_events_are_written_and_read_back(tmp_path, tiny_qwen2, qwen
     assert session.hparams["train.lr"].number_value == pytest.approx(7e-4)
     assert session.hparams["model.name_or_path"].string_value == "builtin:tiny-qwen2"
     assert torch.isfinite(torch.tensor([m["train/loss"] for m in logged])).all()
+
+
+def test_a_run_with_log_with_tensorboard_sends_what_it_writes(tmp_path, tiny_qwen2, rows44, train_main):
+    """scripts/train.py's wiring: every logged step, every epoch's validation loss and every round of
+    sample replies reach TensorBoard, with the numbers the run wrote to its own files."""
+    out = tmp_path / "run"
+    train_main([f"model.name_or_path={tiny_qwen2}", f"data.train={rows44}", "train.epochs=2", "train.patience=0",
+                "train.log_with=[tensorboard]", "eval.num_samples=1", f"output_dir={out}"])
+    steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
+    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    events = EventAccumulator(str(tensorboard_dir(out)), size_guidance={"scalars": 0, "tensors": 0})
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == \
+        [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in steps]
+    assert [(e.step, e.value) for e in events.Scalars("val/loss")] == \
+        [(r["step"], pytest.approx(r["val_loss"], rel=1e-6)) for r in history]
+    assert len(events.Tensors("samples/text_summary")) == len(history) + 1  # before training, then each epoch

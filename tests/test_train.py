@@ -58,6 +58,10 @@ def test_only_the_adapter_is_written_and_as_safetensors(default_run):
     best = out / "best"
     assert (best / "adapter_model.safetensors").is_file() and (best / "adapter_config.json").is_file()
     assert (best / "tokenizer.json").is_file()
+    manifest = json.loads((best / "manifest.json").read_text())  # what it was trained with, for chat and merge
+    assert manifest["base"]["model_type"] == "qwen2" and list(manifest["data"]) == [Config().data.train]
+    assert len(manifest["chat_template_hash"]) == 16
+    assert all((p / "manifest.json").is_file() for p in (out / "checkpoints").glob("step-*"))
     assert {p.name for p in out.iterdir()} == {"best", "checkpoints", "steps.jsonl", "history.jsonl", "summary.json",
                                                "samples.jsonl", "curves.png", "config.yaml"}
     assert {p.suffix for p in out.rglob("*") if p.is_file()} <= {".safetensors", ".json", ".jsonl", ".yaml", ".jinja",
