@@ -74,6 +74,10 @@ class DataConfig:
     # Batches of similar lengths (shuffled, then sorted within mega-batches), so little of each batch
     # is padding; the order of batches stays random from epoch to epoch.
     group_by_length: bool = True
+    # Padding-free: each batch's rows end to end in one row, attention kept within each row through
+    # position_ids (transformers' own models; checked at start-up). No padding at all, and the plain
+    # shuffled order, so group_by_length does not apply. Validation batches stay padded.
+    packing: bool = False
     audit_rows: int = 64  # rows whose label masks are checked before training; 0 skips the audit
 
 
@@ -96,7 +100,7 @@ class TrainConfig:
     save_every: int = 0  # a full checkpoint every N optimizer steps (and always at each epoch end)
     keep_last: int = 2  # complete checkpoints kept; older ones are deleted (0 keeps all)
     resume: str | None = None  # auto: from the newest complete checkpoint, if any; or a checkpoint folder
-    force_resume: bool = False  # resume even if batch size, grad_accum, max_length, world size or data changed
+    force_resume: bool = False  # resume even if batch size, grad_accum, max_length, world size, batching, data changed
     skip_nonfinite: int = 0  # skip up to N non-finite steps in a row; 0 stops at the first
     seed: int = 42
     mixed_precision: str = "auto"  # auto | no | bf16 | fp16; auto = the compute dtype on GPU, no on CPU

@@ -194,6 +194,30 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "index": index}
 
 
+def collate_packed(examples: list[dict]) -> dict[str, torch.Tensor]:
+    """Padding-free (data.packing): the examples end to end in one row, with position_ids that
+    restart at 0 for each. Given position_ids and no attention mask, transformers' attention keeps
+    each example to itself (model.check_packing proves it for the model at hand). Each example's
+    first label is -100, so no example learns to predict the start of the next one. attention_mask
+    is all ones, for counting tokens only; step.model_inputs does not pass it to the model."""
+    input_ids = torch.tensor([[t for e in examples for t in e["input_ids"]]])
+    labels = torch.tensor([[label for e in examples for label in [IGNORE, *e["labels"][1:]]]])
+    position_ids = torch.tensor([[p for e in examples for p in range(len(e["input_ids"]))]])
+    index = torch.tensor([e["index"] for e in examples])
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels,
+            "position_ids": position_ids, "index": index}
+
+
+def model_inputs(batch: dict) -> dict:
+    """What the model's forward is given. A packed batch (data.collate_packed) passes position_ids
+    and no attention mask, which is how transformers recognises packed rows; no cache is built
+    either way, which packing also needs."""
+    if "position_ids" in batch:
+        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+
+
+
 class EpochSampler(Sampler):
     """A shuffled order that depends only on (seed, epoch), so a resumed run rebuilds any epoch's
     order without replaying the epochs before it. Accelerate's dataloader calls set_epoch().
@@ -230,18 +254,22 @@ class EpochSampler(Sampler):
 
 def build_dataloaders(train_examples: list[dict], val_examples: list[dict], batch_size: int, pad_id: int,
                       seed: int = 0, num_workers: int = 0, group_by_length: bool = False,
-                      processes: int = 1) -> tuple[DataLoader, DataLoader | None]:
+                      processes: int = 1, packing: bool = False) -> tuple[DataLoader, DataLoader | None]:
     """Under `processes` ranks Accelerate deals consecutive batches out to the ranks in turn, so the
     rows are grouped by the global micro-batch (batch_size x processes): N ranks then see exactly the
-    rows one process would see in a batch N times as large."""
+    rows one process would see in a batch N times as large.
+
+    With `packing`, training batches are packed rows (collate_packed) in plain shuffled order, as
+    packing leaves no padding for grouping to remove; validation batches stay padded."""
     def collate_fn(batch):
         return collate(batch, pad_id)
 
-    lengths = [len(e["input_ids"]) for e in train_examples] if group_by_length else None
+    lengths = [len(e["input_ids"]) for e in train_examples] if group_by_length and not packing else None
     sampler = EpochSampler(len(train_examples), seed, lengths, batch_size * processes)
     # Each loader gets its own generator: creating an iterator draws a seed from it, and without one
     # that draw comes from the global RNG, which dropout uses, so a resumed epoch would shift it.
-    train = DataLoader(train_examples, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn,
+    train = DataLoader(train_examples, batch_size=batch_size, sampler=sampler,
+                       collate_fn=collate_packed if packing else collate_fn,
                        num_workers=num_workers, generator=torch.Generator().manual_seed(seed))
     val = DataLoader(val_examples, batch_size=batch_size, shuffle=False, collate_fn=collate_fn,
                      num_workers=num_workers, generator=torch.Generator().manual_seed(seed)) if val_examples else None

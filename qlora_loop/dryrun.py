@@ -43,12 +43,13 @@ class DryRun:
 def dry_run(name_or_path: str, adapter: dict, batch_size: int, max_length: int, *,
             gradient_checkpointing: bool = True, compute_dtype: str = "bfloat16",
             optimizer: str = "paged_adamw_32bit", trust_remote_code: bool = False, revision: str | None = None,
-            attn_implementation: str | None = None, logits_chunk: int | None | str = "auto") -> DryRun:
+            attn_implementation: str | None = None, logits_chunk: int | None | str = "auto",
+            packing: bool = False) -> DryRun:
     """`adapter`: add_adapter's keyword arguments (kind, r, alpha, dropout, target_modules, init_r,
     tinit, tfinal, delta_t, orth_reg_weight, extra). `logits_chunk`: None for a loss that computes
     all logits at once (step.causal_lm_loss), N for one that computes them N tokens at a time
     (step.chunked_lm_loss), "auto" for the loss scripts/train.py picks (step.default_loss).
-    Reads config.json only."""
+    `packing`: the batch is one packed row (data.packing). Reads config.json only."""
     try:
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, revision=revision)
     except (OSError, ValueError) as e:
@@ -80,10 +81,11 @@ def dry_run(name_or_path: str, adapter: dict, batch_size: int, max_length: int, 
     tokens = batch_size * max_length
     # Activations kept by one decoder layer for backward: attention (norm, q/k/v, output), the MLP
     # (norm, gate, up, activation, product) and the inputs LoRA dropout copies; eager attention
-    # also keeps its T x T scores and probabilities per head.
+    # also keeps its T x T scores and probabilities per head, T the whole row when packed.
     per_layer = tokens * (8 * hidden + 2 * hidden * kv // heads + 5 * inter) * act
     if attn_implementation == "eager":
-        per_layer += 2 * batch_size * heads * max_length ** 2 * act
+        rows, length = (1, tokens) if packing else (batch_size, max_length)
+        per_layer += 2 * rows * heads * length ** 2 * act
     # With checkpointing only each layer's input is kept, and one layer is recomputed at a time.
     activations = layers * tokens * hidden * act + per_layer if gradient_checkpointing else layers * per_layer
     memory = {
@@ -112,7 +114,7 @@ def dry_run_config(cfg, model_path: str, logits_chunk: int | None | str = "auto"
                    gradient_checkpointing=cfg.model.gradient_checkpointing, compute_dtype=dtype,
                    optimizer=cfg.train.optimizer, trust_remote_code=cfg.model.trust_remote_code,
                    revision=cfg.model.revision, attn_implementation=cfg.model.attn_implementation,
-                   logits_chunk=logits_chunk)
+                   logits_chunk=logits_chunk, packing=cfg.data.packing)
 
 
 def report(run: DryRun, print_fn=print) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from qlora_loop.data import collate
+from qlora_loop.data import collate, collate_packed
 
 GIB = 1024 ** 3
 
@@ -62,11 +62,12 @@ class Probe:
         return None if self.budget_bytes is None else self.budget_bytes - self.peak_bytes
 
 
-def longest_batch(examples: list[dict], batch_size: int, pad_id: int) -> dict:
-    """The `batch_size` longest rows in one batch: no batch of any epoch holds more token slots.
-    Built from the rows, not by iterating the dataloader, which would draw from its generator."""
+def longest_batch(examples: list[dict], batch_size: int, pad_id: int, packing: bool = False) -> dict:
+    """The `batch_size` longest rows in one batch (one packed row with `packing`): no batch of any
+    epoch holds more token slots. Built from the rows, not by iterating the dataloader, which would
+    draw from its generator."""
     longest = sorted(examples, key=lambda e: len(e["input_ids"]), reverse=True)[:batch_size]
-    return collate(longest, pad_id)
+    return collate_packed(longest) if packing else collate(longest, pad_id)
 
 
 def probe_memory(model, batch: dict, loss_fn, accelerator, budget_gib: float | None = None) -> Probe:

@@ -12,6 +12,8 @@ from peft import AdaLoraConfig, LoraConfig, PeftModel, get_peft_model, prepare_m
 from peft.tuners.adalora import AdaLoraModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
+from qlora_loop.data import collate_packed, model_inputs
+
 
 class ModelError(ValueError):
     """The model or tokenizer cannot be used as configured; the message says which key to change."""
@@ -184,3 +186,31 @@ def trainable_parameters(model) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() * (2 if isinstance(p, bnb.nn.Params4bit) else 1) for p in model.parameters())
     return trainable, total
+
+
+@torch.no_grad()
+def check_packing(model, examples: list[dict], tokens: int = 24, tolerance: float = 0.02) -> float:
+    """data.packing needs a model whose attention reads restarting position_ids as row boundaries:
+    transformers' own models do (sdpa, eager, flash_attention_2, flex), remote code often does not.
+    Runs two short rows packed and apart and compares the logits; returns the relative difference,
+    or raises ModelError when the packed rows see each other. Dropout off; the RNG is not drawn."""
+    rows = [{"input_ids": e["input_ids"][:tokens], "labels": e["labels"][:tokens], "index": e["index"]}
+            for e in examples[:2]]
+    if len(rows) < 2:
+        return 0.0
+    device = next(p for p in model.parameters()).device
+    training = model.training
+    model.eval()
+    try:
+        apart = torch.cat([model(input_ids=torch.tensor([r["input_ids"]], device=device), use_cache=False).logits[0]
+                           for r in rows]).float()
+        packed_batch = {k: v.to(device) for k, v in collate_packed(rows).items()}
+        packed = model(**model_inputs(packed_batch)).logits[0].float()
+    finally:
+        model.train(training)
+    difference = float((packed - apart).abs().max() / apart.abs().max().clamp_min(1e-6))
+    if difference > tolerance:
+        raise ModelError(f"data.packing=true: this model's attention does not keep packed rows apart (packed "
+                         f"logits differ from unpacked ones by {difference:.1%}); set data.packing=false, or use a "
+                         "model transformers implements natively (no trust_remote_code)")
+    return difference

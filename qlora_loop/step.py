@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from qlora_loop.data import IGNORE
+from qlora_loop.data import IGNORE, model_inputs
 from qlora_loop.model import adalora_of, adalora_orth_reg
 
 
@@ -25,7 +25,7 @@ def causal_lm_loss(model, batch: dict) -> torch.Tensor:
     A loss function takes (model, batch) and returns per-sample sums; the runner divides by the
     target-token count of the whole step. Swap in another objective by passing another function.
     """
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = model(**model_inputs(batch)).logits
     labels = batch["labels"][:, 1:]
     losses = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
                              ignore_index=IGNORE, reduction="none")
@@ -50,8 +50,7 @@ def chunked_lm_loss(model, batch: dict, chunk_size: int | None = None) -> torch.
     synchronisation is untouched; lm_head is frozen, so applying it outside costs DDP nothing."""
     labels = batch["labels"][:, 1:]
     keep = labels != IGNORE
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True,
-                logits_to_keep=1)
+    out = model(**model_inputs(batch), output_hidden_states=True, logits_to_keep=1)
     if not keep.any():  # zero, but through the graph: backward (and DDP's all-reduce) still runs
         return out.hidden_states[-1].float().sum(dim=(1, 2)) * 0
     hidden = out.hidden_states[-1][:, :-1][keep]  # [trained tokens, hidden]; hidden_states[-1] is after the final norm

@@ -46,8 +46,8 @@ def main(argv: list[str] | None = None, console: Console | None = None) -> dict:
         console.print(highlight(tokenizer, example["input_ids"], example["labels"]), soft_wrap=True)
     console.rule("statistics")
     numbers = statistics(train, val, stats, cfg.train.batch_size, tokenizer.pad_token_id, cfg.train.seed,
-                         d.group_by_length)
-    for line in format_statistics(numbers, stats, cfg.train.batch_size, d.max_length):
+                         d.group_by_length, d.packing)
+    for line in format_statistics(numbers, stats, cfg.train.batch_size, d.max_length, d.packing):
         console.print(line, soft_wrap=True)
 
     audited = min(args.audit_rows, len(train))
@@ -80,11 +80,12 @@ def percentile(values: list[int], q: float) -> int:
 
 
 def statistics(train: list[dict], val: list[dict], stats: dict, batch_size: int, pad_id: int, seed: int,
-               group_by_length: bool) -> dict:
+               group_by_length: bool, packing: bool = False) -> dict:
     lengths = [len(e["input_ids"]) for e in train]
     trained = stats["train"].target_tokens
-    # Padding in epoch 1's order, batched (grouped by length or not) and padded as training does.
-    loader, _ = build_dataloaders(train, [], batch_size, pad_id, seed, group_by_length=group_by_length)
+    # Padding in epoch 1's order, batched (grouped by length, packed, or neither) as training does.
+    loader, _ = build_dataloaders(train, [], batch_size, pad_id, seed, group_by_length=group_by_length,
+                                  packing=packing)
     loader.sampler.set_epoch(1)
     positions = real = 0
     for batch in loader:
@@ -106,7 +107,7 @@ def statistics(train: list[dict], val: list[dict], stats: dict, batch_size: int,
     }
 
 
-def format_statistics(n: dict, stats: dict, batch_size: int, max_length: int) -> list[str]:
+def format_statistics(n: dict, stats: dict, batch_size: int, max_length: int, packing: bool = False) -> list[str]:
     def splits(key: str) -> str:
         return "  ".join(f"{split} {n[key][split]:,}" for split in ("train", "val"))
 
@@ -124,7 +125,7 @@ def format_statistics(n: dict, stats: dict, batch_size: int, max_length: int) ->
         f"min {length['min']}  mean {length['mean']:.1f}  (train)",
         f"trained tokens   {n['trained_tokens']:,} of {n['tokens']:,} ({100 * n['trained_share']:.1f}%)",
         f"padding          {n['padding']:,} of {n['padded_positions']:,} positions ({100 * n['padding_share']:.1f}%) "
-        f"at train.batch_size={batch_size}",
+        f"at train.batch_size={batch_size}" + (" (data.packing=true)" if packing else ""),
     ]
 
 

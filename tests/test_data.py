@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from qlora_loop.data import (
-    IGNORE, EpochSampler, build_dataloaders, build_datasets, build_examples, collate, render_with_spans,
-    steps_per_epoch,
+    IGNORE, EpochSampler, build_dataloaders, build_datasets, build_examples, collate, collate_packed, model_inputs,
+    render_with_spans, steps_per_epoch,
     tokenize_by_pieces, tokenize_conversation,
 )
 from qlora_loop.rows import DataError, Rejects, load_conversations, read_rows
@@ -599,3 +599,30 @@ def test_dataloader_groups_by_length_when_asked(numbered, qwen2_tokenizer):
     grouped, _ = build_dataloaders(train, [], 4, 0, group_by_length=True)
     assert isinstance(grouped.sampler, EpochSampler) and grouped.sampler.lengths == [len(e["input_ids"]) for e in train]
     assert sorted(i for b in grouped for i in b["index"].tolist()) == list(range(len(train)))
+
+
+def test_collate_packed_puts_rows_end_to_end_with_restarting_positions():
+    first = {"input_ids": [11, 12, 13], "labels": [11, 12, 13], "index": 4}  # first token labelled: must not train
+    second = {"input_ids": [21, 22], "labels": [IGNORE, 22], "index": 7}
+    batch = collate_packed([first, second])
+    assert batch["input_ids"].tolist() == [[11, 12, 13, 21, 22]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
+    # no row is trained to predict the next row's first token, and nothing is padding
+    assert batch["labels"].tolist() == [[IGNORE, 12, 13, IGNORE, 22]]
+    assert batch["attention_mask"].tolist() == [[1] * 5] and batch["index"].tolist() == [4, 7]
+    # the model gets position_ids and no mask (how transformers recognises packed rows); padded batches the mask
+    assert set(model_inputs(batch)) == {"input_ids", "position_ids", "use_cache"}
+    assert set(model_inputs(collate([first, second], 0))) == {"input_ids", "attention_mask", "use_cache"}
+
+
+def test_packing_trains_packed_rows_in_shuffled_order_and_validates_padded(numbered, qwen2_tokenizer):
+    train, val, _ = build_datasets(qwen2_tokenizer, numbered, None, 0.25, 128)
+    packed_loader, val_loader = build_dataloaders(train, val, 4, 0, group_by_length=True, packing=True)
+    shuffled_loader, _ = build_dataloaders(train, val, 4, 0)
+    packed, shuffled = list(packed_loader), list(shuffled_loader)
+    # grouping does not apply: the batches hold the rows of the plain shuffled order, each batch one row
+    assert [b["index"].tolist() for b in packed] == [b["index"].tolist() for b in shuffled]
+    for p, s in zip(packed, shuffled):
+        assert p["input_ids"].shape == (1, int(s["attention_mask"].sum()))
+        assert p["input_ids"][0].tolist() == s["input_ids"][s["attention_mask"].bool()].tolist()
+    assert all("position_ids" not in b for b in val_loader)

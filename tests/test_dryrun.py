@@ -69,6 +69,12 @@ def test_no_weights_are_read(tmp_path):
     chunked = dry_run(str(tmp_path), lora, batch_size=4, max_length=1024)
     assert chunked.memory["logits"] == chunk_tokens(152064) * 152064 * (2 + 12) < bigger.memory["logits"]
     assert chunk_tokens(152064) == 441
+    # eager attention keeps T x T scores per head; packed (data.packing), T is the whole batch's row
+    eager = dry_run(str(tmp_path), lora, batch_size=4, max_length=1024, attn_implementation="eager")
+    packed = dry_run(str(tmp_path), lora, batch_size=4, max_length=1024, attn_implementation="eager", packing=True)
+    scores = 2 * 28 * 1024 ** 2 * 2  # scores and probabilities, 28 heads, bf16, per 1024-token row
+    assert eager.memory["activations"] - chunked.memory["activations"] == 4 * scores
+    assert packed.memory["activations"] - chunked.memory["activations"] == 4 ** 2 * scores
 
 
 def test_dry_run_from_a_config_and_its_report(tiny_qwen2):

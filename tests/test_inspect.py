@@ -84,6 +84,8 @@ def test_padding_is_counted_in_the_batches_training_makes(script, config):
     assert "padding          24 of 151 positions (15.9%) at train.batch_size=2" in out
     numbers, _ = run(script, ["--config", str(config), "--n", "0", "train.batch_size=2", "data.group_by_length=false"])
     assert numbers["padding"] != 24  # the setting reaches the loader: the seeded shuffle pairs rows otherwise
+    _, out = run(script, ["--config", str(config), "--n", "0", "train.batch_size=2", "data.packing=true"])
+    assert "padding          0 of 127 positions (0.0%) at train.batch_size=2 (data.packing=true)" in out
 
 
 def test_samples_are_rendered_with_trained_tokens_highlighted(script, config):

@@ -8,8 +8,8 @@ import torch
 from conftest import peft_model
 from peft import LoraConfig
 
-from qlora_loop.model import (ModelError, add_adapter, find_linear4bit_targets, load_base_model, load_tokenizer,
-                              resolve_compute_dtype, trainable_parameters)
+from qlora_loop.model import (ModelError, add_adapter, check_packing, find_linear4bit_targets, load_base_model,
+                              load_tokenizer, resolve_compute_dtype, trainable_parameters)
 from qlora_loop.tiny import build_tiny_model, resolve_model_path
 
 PROJECTIONS = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
@@ -147,3 +147,30 @@ def test_training_after_an_evaluation_computes_what_it_did_before(tiny_qwen2, qw
     after = causal_lm_loss(model, batch).sum()
     after.backward()
     assert after.item() == before.item()
+
+
+class BuildsItsOwnMask(torch.nn.Module):
+    """Stands in for remote model code that builds its causal mask from the sequence length and
+    ignores position_ids as row boundaries: the case data.packing must refuse."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, position_ids=None, **kwargs):
+        return self.model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_qwen2", "tiny_llama"])
+def test_packing_check_passes_native_models_and_refuses_one_whose_rows_would_mix(request, fixture):
+    from qlora_loop.config import ASSETS
+    from qlora_loop.data import build_datasets
+    path = request.getfixturevalue(fixture)
+    train, _, _ = build_datasets(load_tokenizer(str(path)), str(ASSETS / "self_cognition.jsonl"), None, 0.0, 256)
+    model = peft_model(path, r=4)
+    model.train()
+    assert check_packing(model, train) < 0.01  # bf16 compute: ~0.002 apart
+    assert model.training  # left as it was
+    with pytest.raises(ModelError, match=r"data.packing=true: this model's attention does not keep packed rows "
+                                         r"apart .*set data.packing=false"):
+        check_packing(BuildsItsOwnMask(model), train)
