@@ -32,14 +32,14 @@ from qlora_loop.generate import as_messages, sample_replies, validation_prompts
 from qlora_loop.log import RunLog
 from qlora_loop.manifest import build_manifest
 from qlora_loop.memory import OutOfMemory, advice, longest_batch, probe_memory
-from qlora_loop.model import (ModelError, add_adapter, find_linear4bit_targets, load_base_model, load_tokenizer,
-                              resolve_compute_dtype, trainable_parameters)
+from qlora_loop.model import (ModelError, add_adapter, check_packing, find_linear4bit_targets, load_base_model,
+                              load_tokenizer, resolve_compute_dtype, trainable_parameters)
 from qlora_loop.optim import build_optimizer, build_scheduler
 from qlora_loop.plot import plot_run
 from qlora_loop.rows import DataError
 from qlora_loop.step import StepRunner, default_loss
 from qlora_loop.tiny import resolve_model_path
-from qlora_loop.trackers import check_trackers, start_trackers
+from qlora_loop.trackers import check_trackers, start_trackers, tensorboard_dir
 
 RUN_FILES = ("steps.jsonl", "history.jsonl", "samples.jsonl", "summary.json", "curves.png", "best", "checkpoints")
 
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None, loss_fn=None) -> dict:
     log.print(f"label-mask audit: {audited} rows checked, no problem found" if audited else
               "[yellow]label-mask audit off (data.audit_rows=0)")
     train_dl, val_dl = build_dataloaders(train_rows, val_rows, t.batch_size, tokenizer.pad_token_id, t.seed,
-                                         d.num_workers, d.group_by_length, accelerator.num_processes)
+                                         d.num_workers, d.group_by_length, accelerator.num_processes, d.packing)
     train_dl, val_dl = accelerator.prepare(train_dl, val_dl)
     total_steps = steps_per_epoch(len(train_dl), grad_accum) * t.epochs
 
@@ -114,15 +114,20 @@ def main(argv: list[str] | None = None, loss_fn=None) -> dict:
     model, optimizer = accelerator.prepare(model, optimizer)
     loss_fn = loss_fn or default_loss(model)  # lm_head applied only at trained positions, in chunks
     runner = StepRunner(model, optimizer, scheduler, accelerator, loss_fn, t.max_grad_norm)
+    if d.packing:  # before any step: packed rows must not see each other
+        with accelerator.autocast():
+            check_packing(model, train_rows)
 
     # memory: the longest batch, forward and backward, before step 1
     if t.memory_probe:
-        check_memory(runner, longest_batch(train_rows, t.batch_size, tokenizer.pad_token_id), t.memory_budget_gib,
-                     log, (t.batch_size, grad_accum, d.max_length, cfg.model.gradient_checkpointing))
+        worst = longest_batch(train_rows, t.batch_size, tokenizer.pad_token_id, d.packing)
+        check_memory(runner, worst, t.memory_budget_gib, log,
+                     (t.batch_size, grad_accum, d.max_length, cfg.model.gradient_checkpointing))
 
     # resume
     identity = {"batch_size": t.batch_size, "grad_accum": grad_accum, "max_length": d.max_length,
-                "world_size": accelerator.num_processes, "data_hash": data_hash(d.train, d.val)}
+                "world_size": accelerator.num_processes, "data_hash": data_hash(d.train, d.val),
+                "batching": "packed" if d.packing else "grouped" if d.group_by_length else "shuffled"}
     manifest = build_manifest(to_dict(cfg), tokenizer, model_path, [d.train, d.val], accelerator.device)
     checkpoints = Checkpoints(accelerator, output_dir, identity, to_dict(cfg), t.keep_last, manifest)
     if launch.shards_parameters or launch.deepspeed:  # each process holds only its share of the state
@@ -180,6 +185,10 @@ def start_run(accelerator, output_dir: Path, cfg, fresh: bool) -> None:
             for name in RUN_FILES:
                 path = output_dir / name
                 shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            # TensorBoard's event files only, not its folder: OUTPUT_DIR/qlora_loop may be something else
+            # of the user's (output_dir=. in a checkout holds the package of that name)
+            for events in tensorboard_dir(output_dir).glob("**/events.out.tfevents.*"):
+                events.unlink()
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True),
                                                 encoding="utf-8")

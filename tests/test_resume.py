@@ -89,6 +89,8 @@ def test_resume_refuses_a_changed_setup(uninterrupted, tiny_qwen2, rows44, train
                     encoding="utf-8")
     with pytest.raises(CheckpointError, match=r"data_hash was '\w+', is now '\w+'"):
         train_main(args + [f"data.train={data}"])
+    with pytest.raises(CheckpointError, match=r"batching was 'grouped', is now 'packed'"):
+        train_main(args + ["data.packing=true"])  # another order of rows: not the same run
     summary = train_main(args + ["train.batch_size=2", "train.force_resume=true"])
     assert summary["steps"] > 6
 
@@ -113,3 +115,16 @@ def test_resuming_a_checkpoint_of_another_template_warns(uninterrupted, tiny_qwe
     with pytest.warns(UserWarning, match=r"the chat template differs from the one the adapter in .*step-000006"):
         train_main([f"model.name_or_path={tiny_qwen2}", f"data.train={rows44}", f"output_dir={tmp_path / 'out'}",
                     *SETTINGS, f"train.resume={checkpoint}"])
+
+
+def test_packed_run_resumes_exactly_and_trains_without_padding(tiny_qwen2, rows44, train_main, tmp_path):
+    args = [f"model.name_or_path={tiny_qwen2}", f"data.train={rows44}", *SETTINGS, "data.packing=true"]
+    full = train_main(args + [f"output_dir={tmp_path / 'full'}"])
+    out = tmp_path / "out"
+    with pytest.raises(Crash):
+        train_main(args + [f"output_dir={out}"], loss_fn=crash_on_call(18))  # inside step 8's window
+    train_main(args + [f"output_dir={out}", "train.resume=auto"])
+    steps = rows(tmp_path / "full" / "steps.jsonl")
+    assert len(steps) == 15 and rows(out / "steps.jsonl") == steps
+    assert all(r["positions"] == r["tokens"] for r in steps) and full["padding_share"] == 0
+    assert steps[-1]["loss"] < steps[0]["loss"] - 3  # it learns: 7.35 -> 3.35 when pinned

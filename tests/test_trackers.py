@@ -119,3 +119,16 @@ def test_a_run_with_log_with_tensorboard_sends_what_it_writes(tmp_path, tiny_qwe
     assert [(e.step, e.value) for e in events.Scalars("val/loss")] == \
         [(r["step"], pytest.approx(r["val_loss"], rel=1e-6)) for r in history]
     assert len(events.Tensors("samples/text_summary")) == len(history) + 1  # before training, then each epoch
+
+    # --overwrite starts the curves afresh too: the old run's events do not mix into the new one's.
+    # Only event files go: the folder may hold something else of the user's.
+    (tensorboard_dir(out) / "notes.txt").write_text("mine")
+    train_main([f"model.name_or_path={tiny_qwen2}", f"data.train={rows44}", "train.epochs=1", "train.patience=0",
+                "train.log_with=[tensorboard]", "eval.num_samples=0", "train.lr=1e-3", f"output_dir={out}",
+                "--overwrite"])
+    steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
+    events = EventAccumulator(str(tensorboard_dir(out)), size_guidance={"scalars": 0})
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == \
+        [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in steps]
+    assert (tensorboard_dir(out) / "notes.txt").read_text() == "mine"
