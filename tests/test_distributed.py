@@ -92,6 +92,19 @@ def test_two_processes_take_the_steps_of_one_process_with_the_same_global_batch(
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
+def test_packed_batches_split_over_two_processes_as_over_one(tmp_path, overrides):
+    """data.packing under DDP: each rank packs its own half of the global batch into one row."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    run([sys.executable, "scripts/train.py", *overrides, "data.packing=true", "train.batch_size=4", f"output_dir={one}"])
+    run([*TORCHRUN, "scripts/train.py", *overrides, "data.packing=true", "train.batch_size=2", f"output_dir={two}"])
+    a, b = rows(one / "steps.jsonl"), rows(two / "steps.jsonl")
+    assert len(b) == 4
+    for x, y in zip(a, b, strict=True):
+        assert (y["tokens"], y["target_tokens"], y["lr"]) == (x["tokens"], x["target_tokens"], x["lr"])
+        assert y["positions"] == y["tokens"]  # no padding on either rank
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5) and y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-4)
+
+
 def test_two_processes_stop_early_together_and_write_one_set_of_outputs(one_process, two_processes):
     out, stdout = two_processes
     summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
