@@ -5,10 +5,11 @@ refuses launches it would get wrong, with a message naming the key or flag to ch
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, str_to_bool
 
 SHARDABLE_STORAGE = ("bfloat16", "float16", "float32")  # FSDP shards only floating-point tensors
 
@@ -36,6 +37,19 @@ def describe_launch(accelerator) -> Launch:
         sharded = "DeepSpeed ZeRO-3" if plugin.zero_stage == 3 else None
         return Launch(accelerator.num_processes, sharded, deepspeed=True, deepspeed_clipping=clipping)
     return Launch(accelerator.num_processes)
+
+
+def check_engine_taken(accelerator, environ=os.environ) -> None:
+    """An accelerate config that asks for FSDP or DeepSpeed (accelerate launch passes it on as
+    ACCELERATE_USE_*), but an Accelerator that did not take it up: on a machine without a GPU,
+    Accelerate runs an FSDP config without sync_module_states as plain processes, silently."""
+    for variable, engine, kind in (("ACCELERATE_USE_FSDP", "FSDP", DistributedType.FSDP),
+                                   ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed", DistributedType.DEEPSPEED)):
+        if str_to_bool(environ.get(variable, "false")) and accelerator.distributed_type != kind:
+            raise LaunchError(
+                f"the accelerate config asks for {engine} ({variable}=true), but Accelerate runs this launch as "
+                f"{accelerator.distributed_type.value} (no GPU?); launch {engine} on GPUs, or give accelerate launch "
+                "a config without it (e.g. --config_file configs/accelerate/ddp.yaml)")
 
 
 def check_launch(launch: Launch, *, batch_size: int, grad_accum: int, global_batch_size: int | None = None,

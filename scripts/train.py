@@ -25,7 +25,7 @@ from qlora_loop.audit import check_label_masks
 from qlora_loop.checkpoint import CheckpointError, Checkpoints, data_hash, save_adapter
 from qlora_loop.config import ConfigError, load_config, to_dict
 from qlora_loop.data import build_dataloaders, build_datasets, steps_per_epoch
-from qlora_loop.distributed import LaunchError, check_launch, describe_launch, prepare_sharding
+from qlora_loop.distributed import LaunchError, check_engine_taken, check_launch, describe_launch, prepare_sharding
 from qlora_loop.dryrun import dry_run_config, report
 from qlora_loop.fit import EarlyStopping, Interrupted, LoopState, NonFiniteError, fit
 from qlora_loop.generate import as_messages, sample_replies, validation_prompts
@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None, loss_fn=None) -> dict:
     except (RuntimeError, ValueError) as e:  # e.g. an FSDP or DeepSpeed launch on a machine without a GPU
         raise LaunchError(f"Accelerate cannot start this launch: {str(e).splitlines()[0]}; check the "
                           "--config_file given to accelerate launch (or `accelerate config`)") from None
+    check_engine_taken(accelerator)
     launch = describe_launch(accelerator)
     t = cfg.train
     grad_accum = check_launch(launch, batch_size=t.batch_size, grad_accum=t.grad_accum,

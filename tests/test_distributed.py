@@ -95,14 +95,16 @@ def test_two_processes_take_the_steps_of_one_process_with_the_same_global_batch(
 def test_packed_batches_split_over_two_processes_as_over_one(tmp_path, overrides):
     """data.packing under DDP: each rank packs its own half of the global batch into one row."""
     one, two = tmp_path / "one", tmp_path / "two"
-    run([sys.executable, "scripts/train.py", *overrides, "data.packing=true", "train.batch_size=4", f"output_dir={one}"])
-    run([*TORCHRUN, "scripts/train.py", *overrides, "data.packing=true", "train.batch_size=2", f"output_dir={two}"])
+    packed = [*overrides, "data.packing=true"]
+    run([sys.executable, "scripts/train.py", *packed, "train.batch_size=4", f"output_dir={one}"])
+    run([*TORCHRUN, "scripts/train.py", *packed, "train.batch_size=2", f"output_dir={two}"])
     a, b = rows(one / "steps.jsonl"), rows(two / "steps.jsonl")
     assert len(b) == 4
     for x, y in zip(a, b, strict=True):
         assert (y["tokens"], y["target_tokens"], y["lr"]) == (x["tokens"], x["target_tokens"], x["lr"])
         assert y["positions"] == y["tokens"]  # no padding on either rank
-        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5) and y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-4)
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5)
+        assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-4)
 
 
 def test_two_processes_stop_early_together_and_write_one_set_of_outputs(one_process, two_processes):
@@ -190,6 +192,21 @@ def test_adalora_under_fsdp_or_deepspeed_is_refused():
         with pytest.raises(LaunchError, match=r"adapter.kind=adalora under (FSDP|DeepSpeed): .* launch with DDP"):
             check_launch(launch, batch_size=1, grad_accum=1, quant_storage="bfloat16", adapter_kind="adalora")
     assert check_launch(Launch(2), batch_size=1, grad_accum=2, adapter_kind="adalora") == 2
+
+
+def test_an_fsdp_config_that_accelerate_runs_without_fsdp_is_one_error_line(tmp_path, overrides):
+    """On this CPU machine Accelerate drops an FSDP config without sync_module_states and runs plain
+    processes; the run must say so rather than train as something it was not launched as."""
+    out = tmp_path / "out"
+    env = {**os.environ, "ACCELERATE_USE_FSDP": "true", "FSDP_SYNC_MODULE_STATES": "false"}
+    done = subprocess.run([sys.executable, "scripts/train.py", *overrides, f"output_dir={out}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        "error: the accelerate config asks for FSDP (ACCELERATE_USE_FSDP=true), but Accelerate runs this launch as "
+        "NO (no GPU?); launch FSDP on GPUs, or give accelerate launch a config without it "
+        "(e.g. --config_file configs/accelerate/ddp.yaml)")
+    assert not out.exists()
 
 
 def test_the_script_refuses_a_misfit_launch_before_loading_or_writing(tmp_path, overrides):
