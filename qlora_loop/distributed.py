@@ -41,15 +41,16 @@ def describe_launch(accelerator) -> Launch:
 
 def check_engine_taken(accelerator, environ=os.environ) -> None:
     """An accelerate config that asks for FSDP or DeepSpeed (accelerate launch passes it on as
-    ACCELERATE_USE_*), but an Accelerator that did not take it up: on a machine without a GPU,
-    Accelerate runs an FSDP config without sync_module_states as plain processes, silently."""
-    for variable, engine, kind in (("ACCELERATE_USE_FSDP", "FSDP", DistributedType.FSDP),
-                                   ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed", DistributedType.DEEPSPEED)):
+    ACCELERATE_USE_*), but an Accelerator that did not take it up and would train as something else,
+    silently: Accelerate takes up FSDP only for several GPU processes, DeepSpeed only on a GPU."""
+    for variable, engine, kind, needs in (
+            ("ACCELERATE_USE_FSDP", "FSDP", DistributedType.FSDP, "several processes on GPUs"),
+            ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed", DistributedType.DEEPSPEED, "a GPU")):
         if str_to_bool(environ.get(variable, "false")) and accelerator.distributed_type != kind:
             raise LaunchError(
                 f"the accelerate config asks for {engine} ({variable}=true), but Accelerate runs this launch as "
-                f"{accelerator.distributed_type.value} (no GPU?); launch {engine} on GPUs, or give accelerate launch "
-                "a config without it (e.g. --config_file configs/accelerate/ddp.yaml)")
+                f"{accelerator.distributed_type.value}: {engine} needs {needs}; launch it so, or give accelerate "
+                "launch a config without it (e.g. --config_file configs/accelerate/ddp.yaml)")
 
 
 def check_launch(launch: Launch, *, batch_size: int, grad_accum: int, global_batch_size: int | None = None,

@@ -21,10 +21,12 @@ import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.commands.config.config_args import load_config_from_file
+from accelerate.utils import DistributedType
 from safetensors.torch import load_file
 
 from qlora_loop.config import ASSETS, TrainConfig
-from qlora_loop.distributed import Launch, LaunchError, check_launch, describe_launch, resolve_grad_accum
+from qlora_loop.distributed import (Launch, LaunchError, check_engine_taken, check_launch, describe_launch,
+                                    resolve_grad_accum)
 from qlora_loop.model import load_base_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -204,9 +206,22 @@ def test_an_fsdp_config_that_accelerate_runs_without_fsdp_is_one_error_line(tmp_
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1] == (
         "error: the accelerate config asks for FSDP (ACCELERATE_USE_FSDP=true), but Accelerate runs this launch as "
-        "NO (no GPU?); launch FSDP on GPUs, or give accelerate launch a config without it "
+        "NO: FSDP needs several processes on GPUs; launch it so, or give accelerate launch a config without it "
         "(e.g. --config_file configs/accelerate/ddp.yaml)")
     assert not out.exists()
+
+
+def test_an_engine_asked_for_must_be_the_one_accelerate_runs():
+    from types import SimpleNamespace
+    runs_as = {kind: SimpleNamespace(distributed_type=kind) for kind in DistributedType}
+    fsdp, deepspeed = {"ACCELERATE_USE_FSDP": "true"}, {"ACCELERATE_USE_DEEPSPEED": "true"}
+    check_engine_taken(runs_as[DistributedType.FSDP], fsdp)
+    check_engine_taken(runs_as[DistributedType.DEEPSPEED], deepspeed)
+    check_engine_taken(runs_as[DistributedType.MULTI_GPU], {"ACCELERATE_USE_FSDP": "false"})
+    with pytest.raises(LaunchError, match="runs this launch as MULTI_GPU: FSDP needs several processes on GPUs"):
+        check_engine_taken(runs_as[DistributedType.MULTI_GPU], fsdp)
+    with pytest.raises(LaunchError, match="asks for DeepSpeed .* runs this launch as NO: DeepSpeed needs a GPU"):
+        check_engine_taken(runs_as[DistributedType.NO], deepspeed)
 
 
 def test_the_script_refuses_a_misfit_launch_before_loading_or_writing(tmp_path, overrides):
