@@ -199,7 +199,7 @@ def collate_packed(examples: list[dict]) -> dict[str, torch.Tensor]:
     restart at 0 for each. Given position_ids and no attention mask, transformers' attention keeps
     each example to itself (model.check_packing proves it for the model at hand). Each example's
     first label is -100, so no example learns to predict the start of the next one. attention_mask
-    is all ones, for counting tokens only; step.model_inputs does not pass it to the model."""
+    is all ones, for counting tokens only; model_inputs does not pass it to the model."""
     input_ids = torch.tensor([[t for e in examples for t in e["input_ids"]]])
     labels = torch.tensor([[label for e in examples for label in [IGNORE, *e["labels"][1:]]]])
     position_ids = torch.tensor([[p for e in examples for p in range(len(e["input_ids"]))]])
@@ -209,13 +209,12 @@ def collate_packed(examples: list[dict]) -> dict[str, torch.Tensor]:
 
 
 def model_inputs(batch: dict) -> dict:
-    """What the model's forward is given. A packed batch (data.collate_packed) passes position_ids
-    and no attention mask, which is how transformers recognises packed rows; no cache is built
-    either way, which packing also needs."""
+    """What the model's forward is given. A packed batch (collate_packed) passes position_ids and
+    no attention mask, which is how transformers recognises packed rows, and use_cache=False, as a
+    cache (the config's use_cache, if set) would also turn that recognition off."""
     if "position_ids" in batch:
         return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
-    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
-
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
 
 class EpochSampler(Sampler):

@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None, loss_fn=None) -> dict:
     runner = StepRunner(model, optimizer, scheduler, accelerator, loss_fn, t.max_grad_norm)
     if d.packing:  # before any step: packed rows must not see each other
         with accelerator.autocast():
-            check_packing(model, train_rows)
+            share = check_packing(model, train_rows)
+        log.print(f"packing check: packed rows stay apart (logit difference {share or 0:.1%} of rows that mix)")
 
     # memory: the longest batch, forward and backward, before step 1
     if t.memory_probe:

@@ -612,7 +612,7 @@ def test_collate_packed_puts_rows_end_to_end_with_restarting_positions():
     assert batch["attention_mask"].tolist() == [[1] * 5] and batch["index"].tolist() == [4, 7]
     # the model gets position_ids and no mask (how transformers recognises packed rows); padded batches the mask
     assert set(model_inputs(batch)) == {"input_ids", "position_ids", "use_cache"}
-    assert set(model_inputs(collate([first, second], 0))) == {"input_ids", "attention_mask", "use_cache"}
+    assert set(model_inputs(collate([first, second], 0))) == {"input_ids", "attention_mask"}
 
 
 def test_packing_trains_packed_rows_in_shuffled_order_and_validates_padded(numbered, qwen2_tokenizer):

@@ -149,16 +149,26 @@ def test_training_after_an_evaluation_computes_what_it_did_before(tiny_qwen2, qw
     assert after.item() == before.item()
 
 
-class BuildsItsOwnMask(torch.nn.Module):
-    """Stands in for remote model code that builds its causal mask from the sequence length and
-    ignores position_ids as row boundaries: the case data.packing must refuse."""
+class MixesPackedRows(torch.nn.Module):
+    """Stands in for remote model code that builds its own causal mask over the whole sequence, so
+    packed rows see each other: with position_ids restarting (RoPE as in the model) or ignored."""
 
+    def __init__(self, model, keeps_positions: bool):
+        super().__init__()
+        self.model, self.keeps_positions = model, keeps_positions
+
+    def forward(self, input_ids, position_ids=None, attention_mask=None, **kwargs):
+        positions = {"position_ids": position_ids} if self.keeps_positions else {}
+        return self.model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **positions, **kwargs)
+
+
+class TakesNoPositions(torch.nn.Module):
     def __init__(self, model):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, position_ids=None, **kwargs):
-        return self.model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
+    def forward(self, input_ids, attention_mask=None):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask)
 
 
 @pytest.mark.parametrize("fixture", ["tiny_qwen2", "tiny_llama"])
@@ -168,9 +178,18 @@ def test_packing_check_passes_native_models_and_refuses_one_whose_rows_would_mix
     path = request.getfixturevalue(fixture)
     train, _, _ = build_datasets(load_tokenizer(str(path)), str(ASSETS / "self_cognition.jsonl"), None, 0.0, 256)
     model = peft_model(path, r=4)
+    with torch.no_grad():  # a trained-looking adapter, not B = 0
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.02)
     model.train()
-    assert check_packing(model, train) < 0.01  # bf16 compute: ~0.002 apart
+    assert check_packing(model, train) < 0.01  # bf16 compute on CPU: 1e-3 (Qwen2), 4e-7 (Llama)
     assert model.training  # left as it was
-    with pytest.raises(ModelError, match=r"data.packing=true: this model's attention does not keep packed rows "
-                                         r"apart .*set data.packing=false"):
-        check_packing(BuildsItsOwnMask(model), train)
+    assert check_packing(model, train[:1]) is None  # one row: nothing to pack
+    for keeps_positions in (True, False):
+        with pytest.raises(ModelError, match=r"data.packing=true: this model's attention does not keep packed rows "
+                                             r"apart .*set data.packing=false"):
+            check_packing(MixesPackedRows(model, keeps_positions), train)
+    with pytest.raises(ModelError, match=r"data.packing=true: this model's forward cannot be given packed rows .*"
+                                         r"position_ids"):
+        check_packing(TakesNoPositions(model), train)
