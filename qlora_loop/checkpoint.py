@@ -165,7 +165,11 @@ class Checkpoints:
         for warning in check_manifest(path, tokenizer, base):
             warnings.warn(warning, stacklevel=2)
         state = _read(path / "state.json", lambda f: json.loads(Path(f).read_text(encoding="utf-8")))
-        changed = {k: (state["identity"].get(k), v) for k, v in self.identity.items() if state["identity"].get(k) != v}
+        saved = state["identity"]
+        if "batching" not in saved:  # written before data.packing existed: grouped or shuffled, as configured
+            grouped = state.get("config", {}).get("data", {}).get("group_by_length", True)
+            saved = {**saved, "batching": "grouped" if grouped else "shuffled"}
+        changed = {k: (saved.get(k), v) for k, v in self.identity.items() if saved.get(k) != v}
         if changed and not force:
             what = "; ".join(f"{k} was {old!r}, is now {new!r}" for k, (old, new) in changed.items())
             raise CheckpointError(f"cannot resume from {path}: {what}. Resuming would not continue the same run; "

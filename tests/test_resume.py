@@ -128,3 +128,20 @@ def test_packed_run_resumes_exactly_and_trains_without_padding(tiny_qwen2, rows4
     assert len(steps) == 15 and rows(out / "steps.jsonl") == steps
     assert all(r["positions"] == r["tokens"] for r in steps) and full["padding_share"] == 0
     assert steps[-1]["loss"] < steps[0]["loss"] - 3  # it learns: 7.35 -> 3.35 when pinned
+
+
+def test_a_checkpoint_from_before_packing_existed_still_resumes(uninterrupted, tiny_qwen2, rows44, train_main,
+                                                                tmp_path):
+    """Checkpoints written before the resume identity held `batching` take it from their config."""
+    import shutil
+    old = tmp_path / "step-000006"
+    shutil.copytree(uninterrupted / "checkpoints" / "step-000006", old)
+    state = json.loads((old / "state.json").read_text())
+    del state["identity"]["batching"]
+    (old / "state.json").write_text(json.dumps(state))
+    args = [f"model.name_or_path={tiny_qwen2}", f"data.train={rows44}", f"output_dir={tmp_path / 'out'}", *SETTINGS,
+            f"train.resume={old}"]
+    with pytest.raises(CheckpointError, match=r"batching was 'grouped', is now 'packed'"):
+        train_main(args + ["data.packing=true"])
+    summary = train_main(args)
+    assert summary["steps"] == 15
