@@ -98,6 +98,8 @@ def dry_run(name_or_path: str, adapter: dict, batch_size: int, max_length: int, 
         "logits": min(tokens, logits_chunk or tokens) * vocab * (act + 3 * FP32),
         "dequantized_weight": largest_linear * act * 2,  # one Linear4bit unpacked for its matmul, and its grad path
     }
+    if packing and attn_implementation != "flash_attention_2":  # flash attention takes row lengths, no mask
+        memory["packed_mask"] = tokens ** 2 * (1 + act)  # transformers' boolean T x T mask, and sdpa's float copy
     memory["total"] = sum(memory.values())
     return DryRun(name_or_path, config.model_type, list(targets), trainable, total, batch_size, max_length, memory)
 

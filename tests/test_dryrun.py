@@ -75,6 +75,10 @@ def test_no_weights_are_read(tmp_path):
     scores = 2 * 28 * 1024 ** 2 * 2  # scores and probabilities, 28 heads, bf16, per 1024-token row
     assert eager.memory["activations"] - chunked.memory["activations"] == 4 * scores
     assert packed.memory["activations"] - chunked.memory["activations"] == 4 ** 2 * scores
+    assert packed.memory["packed_mask"] == (4 * 1024) ** 2 * (1 + 2) and "packed_mask" not in eager.memory
+    flash = dry_run(str(tmp_path), lora, batch_size=4, max_length=1024, attn_implementation="flash_attention_2",
+                    packing=True)
+    assert "packed_mask" not in flash.memory and flash.memory["activations"] == chunked.memory["activations"]
 
 
 def test_dry_run_from_a_config_and_its_report(tiny_qwen2):
