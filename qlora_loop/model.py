@@ -71,7 +71,7 @@ def load_base_model(name_or_path: str, device: torch.device, compute_dtype: torc
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                       bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype,
                                       bnb_4bit_quant_storage=quant_storage or torch.uint8)
-    device_map = {"": device.index if device.type == "cuda" else str(device)}
+    device_map = {"": device_index(device)}
     try:
         model = AutoModelForCausalLM.from_pretrained(
             name_or_path, quantization_config=quantization, device_map=device_map,
@@ -96,6 +96,14 @@ def load_base_model(name_or_path: str, device: torch.device, compute_dtype: torc
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+def device_index(device: torch.device) -> int | str:
+    """from_pretrained's device_map target for `device`: a GPU by its index, anything else by name.
+    A single process gets torch.device("cuda") from Accelerate, with no index: the current GPU."""
+    if device.type != "cuda":
+        return str(device)
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 def keep_training_layout(model) -> None:

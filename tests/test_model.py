@@ -85,6 +85,14 @@ def test_builtin_models_are_built_once_and_deterministic(tmp_path, monkeypatch):
         resolve_model_path("builtin:nope")
 
 
+def test_device_map_names_a_gpu_by_index_even_when_accelerate_gives_none(monkeypatch):
+    from qlora_loop.model import device_index
+    assert device_index(torch.device("cpu")) == "cpu" and device_index(torch.device("cuda", 1)) == 1
+    # one process: Accelerate's device is torch.device("cuda"), index None, which from_pretrained rejects
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert device_index(torch.device("cuda")) == 3
+
+
 def test_compute_dtype():
     assert resolve_compute_dtype("auto", torch.device("cpu")) == torch.bfloat16
     assert resolve_compute_dtype("float16", torch.device("cpu")) == torch.float16
