@@ -136,6 +136,29 @@ def test_under_autocast_embeddings_and_head_stay_in_the_compute_dtype(tiny_qwen2
     assert losses["kept"][-1] < losses["kept"][0]  # it trains
 
 
+@pytest.mark.parametrize("fixture", ["tiny_qwen2", "tiny_llama"])
+def test_preparation_is_peft_kbit_preparation_but_for_embeddings_and_head_under_autocast(request, fixture):
+    """load_base_model prepares the base as peft's prepare_model_for_kbit_training does (every weight
+    frozen, 16-bit ones beside the 4-bit ones in float32, checkpointing on), except that under
+    autocast the embeddings and head are never up-cast, so no moment holds them twice."""
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    path = str(request.getfixturevalue(fixture))
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                      bnb_4bit_compute_dtype=torch.bfloat16)
+    reference = prepare_model_for_kbit_training(AutoModelForCausalLM.from_pretrained(
+        path, quantization_config=quantization, device_map={"": "cpu"}, dtype=torch.bfloat16))
+    expected = {name: (p.dtype, p.requires_grad) for name, p in reference.named_parameters()}
+    ours = load_base_model(path, torch.device("cpu"), torch.bfloat16)
+    assert {name: (p.dtype, p.requires_grad) for name, p in ours.named_parameters()} == expected
+    assert ours.is_gradient_checkpointing
+    kept = {name: (p.dtype, p.requires_grad)
+            for name, p in load_base_model(path, torch.device("cpu"), torch.bfloat16, autocast=True).named_parameters()}
+    differ = {name for name in expected if kept[name] != expected[name]}
+    assert differ == {n for n in expected if "embed_tokens" in n or "lm_head" in n}
+    assert all(kept[name] == (torch.bfloat16, False) for name in differ)
+
+
 def test_training_after_an_evaluation_computes_what_it_did_before(tiny_qwen2, qwen2_tokenizer):
     """An eval-mode forward without grad (fit's evaluate) must not change how the 4-bit layers train:
     on CPUs with AVX512-BF16 bitsandbytes would repack them for inference, after which Qwen2's biased
