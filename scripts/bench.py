@@ -90,6 +90,8 @@ def parse_args(argv=None):
     p.add_argument("--ours-set", action="append", default=[], metavar="KEY=VALUE",
                    help="an extra key.path=value for our run, e.g. data.group_by_length=false (repeatable)")
     p.add_argument("--threads", type=int, help="torch CPU threads in every run (default: torch's own choice)")
+    p.add_argument("--run-timeout", type=float, metavar="SECONDS",
+                   help="kill a run that takes longer (it is reported as failed; the other runs go on)")
     p.add_argument("--quick", action="store_true",
                    help="a few steps of ours and hf on a tiny set (well under a minute)")
     p.add_argument("--gpu-7b", action="store_true",
@@ -500,8 +502,8 @@ def fail(message: str, code: int = 2):
     sys.exit(code)
 
 
-def run_peer(peer: str, repeat: int, spec_path: Path, workdir: Path) -> dict:
-    """One peer, once, in a fresh process; its raw measures plus the derived rates."""
+def run_peer(peer: str, repeat: int, spec_path: Path, workdir: Path, timeout: float | None = None) -> dict:
+    """One peer, once, in a fresh process; its raw measures plus the derived rates, or {"error": ...}."""
     name = f"{peer}-{repeat}"
     result, log = workdir / "results" / f"{name}.json", workdir / "logs" / f"{name}.log"
     result.parent.mkdir(exist_ok=True), log.parent.mkdir(exist_ok=True)
@@ -509,11 +511,15 @@ def run_peer(peer: str, repeat: int, spec_path: Path, workdir: Path) -> dict:
     threads = json.loads(spec_path.read_text())["threads"]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     with open(log, "w") as f:
-        code = subprocess.call([sys.executable, __file__, "--worker", peer, "--spec", str(spec_path),
-                                "--result", str(result)], stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+        try:
+            code = subprocess.run([sys.executable, __file__, "--worker", peer, "--spec", str(spec_path),
+                                   "--result", str(result)], stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
+                                  timeout=timeout).returncode
+        except subprocess.TimeoutExpired:  # the worker is killed; the other peers still run
+            code = f"killed after --run-timeout {timeout} s"
     if code != 0 or not result.is_file():
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
-        fail(f"the {peer} run failed (exit {code}); its log {log} ends:\n{tail}", code=1)
+        return {"peer": peer, "repeat": repeat, "error": f"exit {code}; its log {log} ends:\n{tail}"}
     r = json.loads(result.read_text())
     return {"peer": peer, "repeat": repeat, **r, **derived(r)}
 
@@ -565,22 +571,33 @@ def gpu_bounds(shape: dict, seq: int, batch: int, r: int, chunk: int = 1024) -> 
     # fp32 absmax per 256 of those blocks.
     base = linear * (0.5 + 1 / 64 + 4 / (64 * 256))
     base += 2 * V * H * 2 + L * (H + 2 * kv) * 2 + (2 * L + 1) * H * 2  # bf16 embeddings, head, q/k/v biases, norms
-    lora = L * r * (2 * (H + H) + 2 * (H + kv) + 3 * (H + I))  # A (r x in) + B (out x r) for each target
+    shapes = [(H, H), (H, kv), (H, kv), (H, H), (H, I), (H, I), (I, H)]  # (in, out) of q, k, v, o, gate, up, down
+    tensors = [n for fan_in, fan_out in shapes for n in (r * fan_in, fan_out * r)]  # A (r x in), B (out x r)
+    lora = L * sum(tensors)
     adapter = lora * (4 + 4 + 8)  # fp32 weights, their grads, AdamW's m and v
+    # bitsandbytes' paged AdamW keeps the state of tensors of >= 1e5 elements in managed memory, which
+    # torch.cuda.max_memory_allocated does not see: here gate/up B (I x r) and down A (r x I).
+    paged = L * sum(n for n in tensors if n >= 100_000) * 8
     tokens = seq * batch
-    checkpoints = L * tokens * H * 2  # each layer's bf16 input, kept by (non-reentrant) checkpointing
-    # One layer's recomputed activations while its backward runs: normed input, q/k/v, attention out,
-    # o out, post-attention norm (5H + 2kv wide) and gate, up, act(gate), act*up (4I wide), bf16.
-    recompute = tokens * (5 * H + 2 * kv + 4 * I) * 2
-    loss_chunk = min(chunk, tokens) * V * 4  # fp32 logits of one chunk of the chunked loss
-    # The loss chunk is freed before the layers' backward starts, so only the larger of the two is alive.
-    activations = checkpoints + max(recompute, loss_chunk)
-    # FLOPs per token: 2N forward + 2N recomputed forward + 2N backward to the inputs (frozen 4-bit
-    # weights get no weight gradient); N = matmul parameters a token passes (linear layers + lm_head).
-    n_active = linear + V * H
-    return {"floor_bytes": base + adapter + activations, "base_bytes": base, "adapter_optimizer_bytes": adapter,
-            "activation_bytes": activations, "lora_parameters": lora, "n_active": n_active,
-            "flops_per_token": 6 * n_active}
+
+    def activations(width: int) -> int:  # bytes per hidden-state element: 2 (bf16) or 4 (fp32)
+        checkpoints = L * tokens * H * width  # each layer's input, kept by (non-reentrant) checkpointing
+        # One layer's recomputed activations while its backward runs: normed input, q/k/v, attention out,
+        # o out, post-attention norm (5H + 2kv wide) and gate, up, act(gate), act*up (4I wide).
+        recompute = tokens * (5 * H + 2 * kv + 4 * I) * width
+        loss_chunk = min(chunk, tokens) * V * 4  # fp32 logits of one chunk of the chunked loss
+        # The loss chunk is freed before the layers' backward starts, so only the larger of the two is alive.
+        return checkpoints + max(recompute, loss_chunk)
+
+    # The issue's floor counts bf16 activations. With peft-style preparation the norms are float32, so
+    # the residual stream after the first norm is float32 for every peer: that floor is reported too.
+    # FLOPs per token: 2N forward + 2N recomputed forward + 2N backward to the inputs of the checkpointed
+    # layers (frozen 4-bit weights get no weight gradient), and 2VH + 2VH for lm_head, outside the
+    # checkpoints; N = the layers' matmul parameters. Ours applies the head only at trained positions.
+    return {"floor_bytes": base + adapter + activations(2), "floor_fp32_stream_bytes": base + adapter + activations(4),
+            "base_bytes": base, "adapter_optimizer_bytes": adapter, "paged_optimizer_bytes": paged,
+            "activation_bytes": activations(2), "activation_fp32_stream_bytes": activations(4),
+            "lora_parameters": lora, "n_active": linear + V * H, "flops_per_token": 6 * linear + 4 * V * H}
 
 
 def print_report(report: dict) -> None:
@@ -686,38 +703,52 @@ def main(argv=None) -> dict | None:
     spec_path = workdir / "spec.json"
     spec_path.write_text(json.dumps(spec, indent=1))
 
-    runs = [run_peer(peer, rep, spec_path, workdir) for rep in range(args.repeats) for peer in peers]
-    peer_values, ratios = summarize(runs)
     lengths = [len(e["input_ids"]) for e in train]
-    report = {
-        "command": "python scripts/bench.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "device": device,
-                    "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
-                    "torch": torch.__version__, "cpu_threads": torch.get_num_threads()},
-        "settings": {**{k: v for k, v in spec.items() if k not in ("ours_overrides", "workdir")},
-                     "repeats": args.repeats, "model_desc": desc, "peers": peers, "skipped": skipped,
-                     "ours_overrides": overrides,
-                     "ours_overrides_rejected": rejected},
-        "data": {"train_rows": len(train), "val_rows": len(val), "min_tokens": min(lengths), "max_tokens": max(lengths),
-                 "length_ratio": max(lengths) / min(lengths), "mean_tokens": statistics.mean(lengths),
-                 "steps_per_run": total},
-        "runs": runs, "peers": peer_values, "ratios": ratios,
-    }
     vocab = json.loads((Path(model) / "config.json").read_text())["vocab_size"]
-    report["settings"]["vocab_size"] = vocab
-    report["targets"] = targets(peer_values, ratios, vocab)
-    if args.gpu_7b:
-        bounds = gpu_bounds(QWEN25_7B, args.seq, args.batch_size, args.r)
-        peak = args.peak_tflops * 1e12
-        report["gpu_7b"] = {**bounds, "peak_tflops": args.peak_tflops,
-                            "flop_bound_tokens_per_second": peak / bounds["flops_per_token"],
-                            "per_peer": {p: {"peak_over_floor": v["peak_memory_bytes"] / bounds["floor_bytes"],
-                                             "mfu": v["tokens_per_second"] * bounds["flops_per_token"] / peak}
-                                         for p, v in peer_values.items()}}
+
+    def build_report(runs: list[dict], failed: list[dict]) -> dict:
+        peer_values, ratios = summarize(runs)
+        report = {
+            "command": "python scripts/bench.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "machine": {"platform": platform.platform(), "processor": platform.processor(), "device": device,
+                        "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
+                        "torch": torch.__version__, "cpu_threads": torch.get_num_threads()},
+            "settings": {**{k: v for k, v in spec.items() if k not in ("ours_overrides", "workdir")},
+                         "repeats": args.repeats, "model_desc": desc, "peers": peers, "skipped": skipped,
+                         "ours_overrides": overrides, "ours_overrides_rejected": rejected, "vocab_size": vocab},
+            "data": {"train_rows": len(train), "val_rows": len(val), "min_tokens": min(lengths),
+                     "max_tokens": max(lengths), "length_ratio": max(lengths) / min(lengths),
+                     "mean_tokens": statistics.mean(lengths), "steps_per_run": total},
+            "runs": runs, "failed": failed, "peers": peer_values, "ratios": ratios,
+            "targets": targets(peer_values, ratios, vocab),
+        }
+        if args.gpu_7b:
+            bounds = gpu_bounds(QWEN25_7B, args.seq, args.batch_size, args.r)
+            peak = args.peak_tflops * 1e12
+            report["gpu_7b"] = {**bounds, "peak_tflops": args.peak_tflops,
+                                "flop_bound_tokens_per_second": peak / bounds["flops_per_token"],
+                                "per_peer": {p: {"peak_over_floor": v["peak_memory_bytes"] / bounds["floor_bytes"],
+                                                 "peak_over_floor_fp32_stream":
+                                                     v["peak_memory_bytes"] / bounds["floor_fp32_stream_bytes"],
+                                                 "mfu": v["tokens_per_second"] * bounds["flops_per_token"] / peak}
+                                             for p, v in peer_values.items()}}
+        return report
+
+    # The report is rewritten after every run, so a run that fails or hangs late loses nothing measured.
+    runs, failed = [], []
     Path(args.report).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.report).write_text(json.dumps(report, indent=1) + "\n")
-    print_report(report)
+    for rep in range(args.repeats):
+        for peer in peers:
+            result = run_peer(peer, rep, spec_path, workdir, args.run_timeout)
+            (failed if "error" in result else runs).append(result)
+            report = build_report(runs, failed)
+            Path(args.report).write_text(json.dumps(report, indent=1) + "\n")
+    if runs:
+        print_report(report)
+    if failed:
+        fail("; ".join(f"the {r['peer']} run {r['repeat']} failed ({r['error']})" for r in failed)
+             + f"; the other runs are in {args.report}", code=1)
     return report
 
 

@@ -59,6 +59,31 @@ def test_quick_bench_reports_every_field_for_ours_and_hf(tmp_path, tiny_qwen2):
     assert {"loss-bearing tokens/s >= 1.5x hf", "padding share <= 5% (ours)"} <= names
 
 
+def test_a_failed_run_is_recorded_and_the_others_still_report(tmp_path, tiny_qwen2):
+    """An unattended bench (the first GPU run) must keep what it measured when one peer fails: here
+    ours stops at its memory probe and is recorded as failed; hf runs and is in the report."""
+    report_path = tmp_path / "bench_report.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--quick", "--model", str(tiny_qwen2),
+                           "--threads", "1", "--workdir", str(tmp_path / "work"), "--report", str(report_path),
+                           "--ours-set", "train.memory_budget_gib=0.001"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].endswith(f"the other runs are in {report_path}")
+    report = json.loads(report_path.read_text())
+    assert [r["peer"] for r in report["runs"]] == ["hf"] and report["peers"]["hf"]["steps"] > 0
+    assert [r["peer"] for r in report["failed"]] == ["ours"] and "memory" in report["failed"][0]["error"]
+    assert report["ratios"] == {}
+
+
+def test_a_run_past_the_time_limit_is_killed_and_recorded(tmp_path, tiny_qwen2):
+    report_path = tmp_path / "bench_report.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--quick", "--model", str(tiny_qwen2),
+                           "--peers", "ours", "--run-timeout", "0.5", "--workdir", str(tmp_path / "work"),
+                           "--report", str(report_path)], cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 1 and "killed after --run-timeout 0.5 s" in proc.stderr
+    assert json.loads(report_path.read_text())["runs"] == []
+
+
 def test_gpu_7b_floor_and_flop_bound_come_from_the_qwen25_7b_shape():
     bench = load_bench()
     b = bench.gpu_bounds(bench.QWEN25_7B, seq=2048, batch=1, r=16)
@@ -66,8 +91,13 @@ def test_gpu_7b_floor_and_flop_bound_come_from_the_qwen25_7b_shape():
     assert b["lora_parameters"] == 40_370_176  # r=16 on q,k,v,o,gate,up,down of 28 layers
     assert 0.64e9 < b["adapter_optimizer_bytes"] < 0.65e9
     assert 0.9e9 < b["activation_bytes"] < 1.1e9
-    assert 7.1e9 < b["floor_bytes"] < 7.4e9
-    assert b["flops_per_token"] == 6 * b["n_active"] and 7.0e9 < b["n_active"] < 7.1e9
+    assert 7.1e9 < b["floor_bytes"] < 7.4e9  # the issue's floor: bf16 activations
+    # float32 hidden states (norms up-cast): checkpointed inputs and the recompute double
+    assert 1.55e9 < b["activation_fp32_stream_bytes"] < 1.65e9 and 7.7e9 < b["floor_fp32_stream_bytes"] < 7.9e9
+    assert b["paged_optimizer_bytes"] == 28 * 3 * 18944 * 16 * 8  # gate/up B and down A: >= 1e5 elements
+    head = 152064 * 3584
+    assert b["n_active"] - head == 28 * (2 * 3584 ** 2 + 2 * 3584 * 512 + 3 * 3584 * 18944)
+    assert b["flops_per_token"] == 6 * (b["n_active"] - head) + 4 * head  # the head is not recomputed
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only guard")
