@@ -19,8 +19,8 @@ from qlora_loop.model import ModelError, add_adapter, find_linear4bit_targets, t
 from qlora_loop.step import chunk_tokens, chunked_lm_loss, default_loss
 
 # Bytes per parameter. NF4 with double quantisation: 4 bits, plus one 8-bit absmax per block of
-# 64 and one fp32 absmax per 256 blocks. prepare_model_for_kbit_training casts the norms to float32;
-# embeddings and lm_head are kept in the compute dtype when training runs under autocast.
+# 64 and one fp32 absmax per 256 blocks. Under bf16 autocast (a GPU run) the other weights stay bf16;
+# under float16 the norms are up-cast to float32 (model.load_base_model).
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
 FP32 = 4
 # Adapter weights in fp32, their gradients, and AdamW's two moments (32-bit or 8-bit).
@@ -73,6 +73,9 @@ def dry_run(name_or_path: str, adapter: dict, batch_size: int, max_length: int, 
         logits_chunk = chunk_tokens(model.get_output_embeddings().out_features) if default_loss(model) is chunked_lm_loss else None
 
     act = 4 if compute_dtype == "float32" else 2
+    # The residual stream and the norms: bf16 under bf16 autocast; float32 otherwise, as float16 runs
+    # keep their norms up-cast (model.load_base_model) and a float32 norm makes its output float32.
+    stream = 2 if compute_dtype == "bfloat16" else 4
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     hidden, layers, vocab = text.hidden_size, text.num_hidden_layers, text.vocab_size
     inter = getattr(text, "intermediate_size", 4 * hidden) or 4 * hidden
@@ -82,16 +85,16 @@ def dry_run(name_or_path: str, adapter: dict, batch_size: int, max_length: int, 
     # Activations kept by one decoder layer for backward: attention (norm, q/k/v, output), the MLP
     # (norm, gate, up, activation, product) and the inputs LoRA dropout copies; eager attention
     # also keeps its T x T scores and probabilities per head, T the whole row when packed.
-    per_layer = tokens * (8 * hidden + 2 * hidden * kv // heads + 5 * inter) * act
+    per_layer = tokens * (8 * hidden + 2 * hidden * kv // heads + 5 * inter) * stream
     if attn_implementation == "eager":
         rows, length = (1, tokens) if packing else (batch_size, max_length)
         per_layer += 2 * rows * heads * length ** 2 * act
     # With checkpointing only each layer's input is kept, and one layer is recomputed at a time.
-    activations = layers * tokens * hidden * act + per_layer if gradient_checkpointing else layers * per_layer
+    activations = layers * tokens * hidden * stream + per_layer if gradient_checkpointing else layers * per_layer
     memory = {
         "base_4bit": int(sum(quantized.values()) * NF4_BYTES),
         "embeddings_and_head": embeddings * act,
-        "norms_and_biases_fp32": (base_total - sum(quantized.values()) - embeddings) * FP32,
+        "norms_and_biases": (base_total - sum(quantized.values()) - embeddings) * stream,
         "adapter_and_optimizer": trainable * (FP32 + FP32 + OPTIMIZER_BYTES.get(optimizer, 8)),
         "activations": activations,
         # logits in the compute dtype, their float32 copy, log-softmax kept for backward, and its gradient

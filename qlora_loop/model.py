@@ -63,9 +63,13 @@ def load_base_model(name_or_path: str, device: torch.device, compute_dtype: torc
     wrapped unit only if all its parameters share one dtype.
 
     autocast: training runs under autocast in compute_dtype (on a GPU, train.mixed_precision=auto).
-    The frozen embeddings and lm_head then stay in compute_dtype rather than being up-cast to float32
-    with the norms: at a 152k vocabulary that is 2 x 1.1 GB less on a 7B model. Without autocast a
-    float32 hidden state could not meet a bfloat16 head, so they are up-cast as usual.
+    Every frozen weight beside the 4-bit ones then stays in compute_dtype, as torchtune and
+    LLaMA-Factory keep them, rather than being up-cast to float32 as peft's k-bit preparation does:
+    the embeddings and lm_head (2 x 1.1 GB at Qwen2.5-7B's 152k vocabulary), and the norms, whose
+    float32 weights would turn the whole residual stream float32 (+0.56 GB of activations at 7B,
+    seq 2048). RMSNorm still normalises in float32 inside. In float16 (GPUs without bfloat16) the norms
+    are up-cast all the same: a float16 residual stream can overflow. Without autocast a float32
+    hidden state could not meet a 16-bit weight, so everything is up-cast as peft does.
     """
     sharded = quant_storage is not None and quant_storage.is_floating_point
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
@@ -85,14 +89,14 @@ def load_base_model(name_or_path: str, device: torch.device, compute_dtype: torc
     model.requires_grad_(False)
     if not sharded:
         # What peft's prepare_model_for_kbit_training does: every 16-bit weight beside the 4-bit ones
-        # (norms, biases, embeddings, head) to float32. Under autocast the frozen embeddings and head
-        # stay as loaded: peft's function would up-cast them too, and casting back would briefly hold
-        # both copies, 2.2 GB more than training needs at 7B, before step 1 on an 8 GB card.
-        stay = {id(p) for module in (model.get_input_embeddings(), model.get_output_embeddings())
-                if autocast and module is not None for p in module.parameters()}
+        # (norms, biases, embeddings, head) to float32, so a float32 hidden state meets float32 weights;
+        # under autocast, all but the norms in float16 runs (see the docstring) stay as loaded.
+        embeddings = {id(p) for module in (model.get_input_embeddings(), model.get_output_embeddings())
+                      if module is not None for p in module.parameters()}
         for param in model.parameters():
+            stays = autocast and (compute_dtype == torch.bfloat16 or id(param) in embeddings)
             if param.dtype in (torch.float16, torch.bfloat16) and not isinstance(param, bnb.nn.Params4bit) \
-                    and id(param) not in stay:
+                    and not stays:
                 param.data = param.data.to(torch.float32)
     # Sharded (quant_storage a float dtype): nothing is up-cast, as FSDP flattens a wrapped unit only
     # if all its parameters share one dtype.

@@ -98,9 +98,10 @@ def test_compute_dtype():
     assert resolve_compute_dtype("float16", torch.device("cpu")) == torch.float16
 
 
-def test_under_autocast_embeddings_and_head_stay_in_the_compute_dtype(tiny_qwen2, qwen2_tokenizer):
-    """A GPU run trains under bf16 autocast: the frozen embeddings and lm_head are then kept in bf16
-    (half the memory of peft's float32 up-cast), the norms in float32, and a step still trains.
+def test_under_bf16_autocast_weights_and_residual_stream_stay_bf16_and_it_trains(tiny_qwen2, qwen2_tokenizer):
+    """A GPU run trains under bf16 autocast: the frozen embeddings, lm_head and norms are then kept in
+    bf16 (half the memory of peft's float32 up-cast), every layer's hidden state stays bf16 (a float32
+    norm would make it float32), and steps train as the float32 preparation does.
     Checked here with CPU autocast, which takes the same path."""
     from accelerate import Accelerator
 
@@ -113,9 +114,16 @@ def test_under_autocast_embeddings_and_head_stay_in_the_compute_dtype(tiny_qwen2
     kept = load_base_model(str(tiny_qwen2), torch.device("cpu"), torch.bfloat16, autocast=True)
     assert plain.lm_head.weight.dtype == plain.model.embed_tokens.weight.dtype == torch.float32
     assert kept.lm_head.weight.dtype == kept.model.embed_tokens.weight.dtype == torch.bfloat16
-    assert kept.model.norm.weight.dtype == torch.float32
+    assert kept.model.norm.weight.dtype == kept.model.layers[0].input_layernorm.weight.dtype == torch.bfloat16
     rows, _, _ = build_datasets(qwen2_tokenizer, str(ASSETS / "self_cognition.jsonl"), None, 0.0, 128)
     batch = collate(rows[:4], qwen2_tokenizer.pad_token_id)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden = kept(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                      output_hidden_states=True).hidden_states
+        plain_hidden = plain(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             output_hidden_states=True).hidden_states
+    assert {h.dtype for h in hidden} == {torch.bfloat16}
+    assert {h.dtype for h in plain_hidden[1:]} == {torch.float32}  # float32 norms: a float32 stream
     losses = {}
     for name, base, autocast in (("plain", plain, False), ("kept", kept, True)):
         torch.manual_seed(0)
@@ -137,10 +145,11 @@ def test_under_autocast_embeddings_and_head_stay_in_the_compute_dtype(tiny_qwen2
 
 
 @pytest.mark.parametrize("fixture", ["tiny_qwen2", "tiny_llama"])
-def test_preparation_is_peft_kbit_preparation_but_for_embeddings_and_head_under_autocast(request, fixture):
+def test_preparation_is_peft_kbit_preparation_but_nothing_is_up_cast_under_bf16_autocast(request, fixture):
     """load_base_model prepares the base as peft's prepare_model_for_kbit_training does (every weight
-    frozen, 16-bit ones beside the 4-bit ones in float32, checkpointing on), except that under
-    autocast the embeddings and head are never up-cast, so no moment holds them twice."""
+    frozen, 16-bit ones beside the 4-bit ones in float32, checkpointing on), except under autocast:
+    in bf16 nothing is up-cast (so no moment holds the embeddings twice, and the residual stream stays
+    bf16); in float16 the norms and biases are, the embeddings and head not."""
     from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
     path = str(request.getfixturevalue(fixture))
@@ -152,11 +161,14 @@ def test_preparation_is_peft_kbit_preparation_but_for_embeddings_and_head_under_
     ours = load_base_model(path, torch.device("cpu"), torch.bfloat16)
     assert {name: (p.dtype, p.requires_grad) for name, p in ours.named_parameters()} == expected
     assert ours.is_gradient_checkpointing
-    kept = {name: (p.dtype, p.requires_grad)
-            for name, p in load_base_model(path, torch.device("cpu"), torch.bfloat16, autocast=True).named_parameters()}
-    differ = {name for name in expected if kept[name] != expected[name]}
-    assert differ == {n for n in expected if "embed_tokens" in n or "lm_head" in n}
-    assert all(kept[name] == (torch.bfloat16, False) for name in differ)
+    up_cast = {name for name, (dtype, _) in expected.items() if dtype == torch.float32}
+    head = {n for n in expected if "embed_tokens" in n or "lm_head" in n}
+    assert head < up_cast  # peft up-casts norms, biases, embeddings and head
+    for dtype, stays in ((torch.bfloat16, up_cast), (torch.float16, head)):  # float16: norms up-cast still
+        kept = {name: (p.dtype, p.requires_grad)
+                for name, p in load_base_model(path, torch.device("cpu"), dtype, autocast=True).named_parameters()}
+        assert {name for name in expected if kept[name][0] != expected[name][0]} == stays
+        assert all(kept[name] == (dtype, False) for name in stays)
 
 
 def test_training_after_an_evaluation_computes_what_it_did_before(tiny_qwen2, qwen2_tokenizer):
