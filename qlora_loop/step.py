@@ -41,8 +41,8 @@ def chunk_tokens(vocab_size: int) -> int:
 
 
 def chunked_lm_loss(model, batch: dict, chunk_size: int | None = None) -> torch.Tensor:
-    """causal_lm_loss without ever materialising [tokens, vocab] logits: the forward returns the
-    final hidden states (and one position of logits), and lm_head is applied here only at positions
+    """causal_lm_loss without ever materialising [tokens, vocab] logits: the forward gives the final
+    hidden states (final_hidden_states; its logits are one position's), and lm_head is applied here only at positions
     whose next token is trained, `chunk_size` at a time (default: chunk_tokens), each chunk recomputed
     in backward. For a 152k vocabulary at 2048 tokens this saves ~3 GB of fp32 logits and their gradient.
 
@@ -50,10 +50,10 @@ def chunked_lm_loss(model, batch: dict, chunk_size: int | None = None) -> torch.
     synchronisation is untouched; lm_head is frozen, so applying it outside costs DDP nothing."""
     labels = batch["labels"][:, 1:]
     keep = labels != IGNORE
-    out = model(**model_inputs(batch), output_hidden_states=True, logits_to_keep=1)
+    final = final_hidden_states(model, batch)
     if not keep.any():  # zero, but through the graph: backward (and DDP's all-reduce) still runs
-        return out.hidden_states[-1].float().sum(dim=(1, 2)) * 0
-    hidden = out.hidden_states[-1][:, :-1][keep]  # [trained tokens, hidden]; hidden_states[-1] is after the final norm
+        return final.float().sum(dim=(1, 2)) * 0
+    hidden = final[:, :-1][keep]  # [trained tokens, hidden]
     targets, rows = labels[keep], keep.nonzero()[:, 0]
     head = output_head(model)
     chunk_size = chunk_size or chunk_tokens(head.out_features)
@@ -61,6 +61,27 @@ def chunked_lm_loss(model, batch: dict, chunk_size: int | None = None) -> torch.
               for i in range(0, len(targets), chunk_size)]
     per_token = torch.cat(losses)
     return torch.zeros(labels.shape[0], device=per_token.device).index_add(0, rows, per_token)
+
+
+def final_hidden_states(model, batch: dict) -> torch.Tensor:
+    """The forward through `model` (so DDP and Accelerate's autocast apply) and the decoder's output,
+    the final hidden states after the last norm, taken by a hook. output_hidden_states=True would
+    return every layer's, which Accelerate's mixed-precision wrapper copies to float32 (0.85 GB at
+    7B, seq 2048); logits_to_keep=1 keeps the model's own logits to one position."""
+    captured = []
+    hook = base_model(model).get_decoder().register_forward_hook(lambda module, args, out: captured.append(out[0]))
+    try:
+        model(**model_inputs(batch), logits_to_keep=1)
+    finally:
+        hook.remove()
+    return captured[-1]
+
+
+def base_model(model):
+    """The transformers model inside DDP / Accelerate / peft wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def _token_losses(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -76,17 +97,14 @@ def output_head(model):
 
 def default_loss(model):
     """chunked_lm_loss where the model's logits are plainly lm_head(final hidden state) and its
-    forward takes logits_to_keep; else (remote code, logit soft-capping or scaling) causal_lm_loss."""
-    head = output_head(model)
-    base = model
-    while hasattr(base, "module"):
-        base = base.module
-    base = base.get_base_model() if hasattr(base, "get_base_model") else base
-    config = base.config
-    plain = not any(getattr(config, name, None) for name in ("final_logit_softcapping", "logit_scale"))
+    forward takes logits_to_keep and it has a decoder to hook; else (remote code, logit soft-capping
+    or scaling) causal_lm_loss."""
+    head, base = output_head(model), base_model(model)
+    plain = not any(getattr(base.config, name, None) for name in ("final_logit_softcapping", "logit_scale"))
     takes_keep = "logits_to_keep" in inspect.signature(base.forward).parameters
+    has_decoder = callable(getattr(base, "get_decoder", None)) and base.get_decoder() is not None
     frozen = head is not None and not any(p.requires_grad for p in head.parameters())
-    return chunked_lm_loss if plain and takes_keep and frozen else causal_lm_loss
+    return chunked_lm_loss if plain and takes_keep and has_decoder and frozen else causal_lm_loss
 
 
 def count_targets(batch: dict) -> int:

@@ -209,3 +209,27 @@ def test_micro_batches_without_targets_give_no_nan(tiny_qwen2, examples, qwen2_t
     nothing, no_update = step([empty])
     assert (nothing.loss, nothing.grad_norm, nothing.target_tokens, nothing.finite) == (0.0, 0.0, 0, True)
     assert all(not u.any() for u in no_update.values())
+
+
+def test_chunked_loss_asks_for_no_per_layer_hidden_states_under_accelerates_bf16_wrapper(tiny_qwen2, examples,
+                                                                                          qwen2_tokenizer):
+    """Accelerate's mixed-precision wrapper copies every bf16 output to float32; the chunked loss
+    takes the final hidden state by a hook, so no per-layer hidden states come out to be copied
+    (at 7B, seq 2048, they would be 0.85 GB), and its loss is still the full-logits loss."""
+    from types import MethodType
+
+    from accelerate.utils.operations import convert_outputs_to_fp32
+
+    from qlora_loop.model import add_adapter, load_base_model
+    torch.manual_seed(0)
+    model = add_adapter(load_base_model(str(tiny_qwen2), torch.device("cpu"), torch.bfloat16, autocast=True), r=4,
+                        dropout=0.0)
+    model.forward = MethodType(convert_outputs_to_fp32(model.forward.__func__), model)  # as accelerator.prepare
+    outputs = []
+    model.register_forward_hook(lambda module, args, out: outputs.append(out))
+    batch = collate(examples[:4], qwen2_tokenizer.pad_token_id)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        chunked = chunked_lm_loss(model, batch).sum()
+        full = causal_lm_loss(model, batch).sum()
+    assert outputs[0].hidden_states is None and outputs[0].logits.shape[1] == 1
+    assert chunked.item() == pytest.approx(full.item(), rel=1e-2)  # bf16 logits either way
