@@ -207,8 +207,8 @@ def trainable_parameters(model) -> tuple[int, int]:
 def check_packing(model, examples: list[dict], tokens: int = 24, tolerance: float = 0.25) -> float | None:
     """data.packing needs a model whose attention reads restarting position_ids as row boundaries:
     transformers' own models do (sdpa, eager, flash_attention_2, flex), remote code often does not.
-    Runs two short rows apart, packed, and packed under a full attention mask (a control in which
-    the rows do see each other), and returns how far packed is from apart as a share of how far the
+    Runs two short rows apart, packed, and joined as one plain sequence (a control in which the rows
+    do see each other), and returns how far packed is from apart as a share of how far the
     control is: ~0 when packing works, ~1 when the model mixes the rows. A share rather than an
     absolute bound, so that bf16 kernel noise over a large vocabulary cannot trip it. Raises
     ModelError above `tolerance`; None with fewer than two rows. Dropout off; the RNG is not drawn."""
@@ -223,12 +223,13 @@ def check_packing(model, examples: list[dict], tokens: int = 24, tolerance: floa
     try:
         apart = torch.cat([model(input_ids=torch.tensor([r["input_ids"]], device=device)).logits[0]
                            for r in rows]).float()
-        packed = model(**model_inputs(batch)).logits[0].float()
-        mixed = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                      position_ids=batch["position_ids"]).logits[0].float()
-    except TypeError as e:  # e.g. remote code whose forward takes no position_ids
-        raise ModelError(f"data.packing=true: this model's forward cannot be given packed rows ({e}); "
-                         "set data.packing=false") from None
+        # the control: the joined rows as one plain sequence, in any attention implementation
+        mixed = model(input_ids=batch["input_ids"]).logits[0].float()
+        try:
+            packed = model(**model_inputs(batch)).logits[0].float()
+        except TypeError as e:  # e.g. remote code whose forward takes no position_ids
+            raise ModelError(f"data.packing=true: this model's forward cannot be given packed rows ({e}); "
+                             "set data.packing=false") from None
     finally:
         model.train(training)
     share = float((packed - apart).abs().max() / (mixed - apart).abs().max().clamp_min(1e-6))

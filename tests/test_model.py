@@ -229,6 +229,14 @@ def test_packing_check_passes_native_models_and_refuses_one_whose_rows_would_mix
     assert check_packing(model, train) < 0.01  # bf16 compute on CPU: 1e-3 (Qwen2), 4e-7 (Llama)
     assert model.training  # left as it was
     assert check_packing(model, train[:1]) is None  # one row: nothing to pack
+    from qlora_loop.data import collate_packed
+    rows = [{**e, "input_ids": e["input_ids"][:24], "labels": e["labels"][:24]} for e in train[:2]]
+    model.eval()
+    with torch.no_grad():  # the check's control really mixes the rows: joined, the second sees the first
+        joined = model(input_ids=collate_packed(rows)["input_ids"]).logits[0]
+        apart = torch.cat([model(input_ids=torch.tensor([r["input_ids"]])).logits[0] for r in rows])
+    assert (joined - apart).abs().max() > 0.1 * apart.abs().max()
+    model.train()
     for keeps_positions in (True, False):
         with pytest.raises(ModelError, match=r"data.packing=true: this model's attention does not keep packed rows "
                                              r"apart .*set data.packing=false"):
