@@ -118,7 +118,8 @@ def main(argv: list[str] | None = None, loss_fn=None) -> dict:
     if d.packing:  # before any step: packed rows must not see each other
         with accelerator.autocast():
             share = check_packing(model, train_rows)
-        log.print(f"packing check: packed rows stay apart (logit difference {share or 0:.1%} of rows that mix)")
+        if share is not None:
+            log.print(f"packing check: packed rows stay apart (logit difference {share:.1%} of rows that mix)")
 
     # memory: the longest batch, forward and backward, before step 1
     if t.memory_probe:
@@ -228,7 +229,11 @@ def samples(cfg, runner, tokenizer, log, sharded_by: str | None):
 
     @accelerator.on_main_process
     def sample(epoch: int) -> None:
-        replies = sample_replies(accelerator.unwrap_model(runner.model), tokenizer, prompts, cfg.eval.max_new_tokens)
+        # generate() runs the unwrapped model, outside the autocast Accelerate wraps its forward in;
+        # under float16 its float32 norms would otherwise meet a float16 head
+        with accelerator.autocast():
+            replies = sample_replies(accelerator.unwrap_model(runner.model), tokenizer, prompts,
+                                     cfg.eval.max_new_tokens)
         log.samples(epoch, runner.step, [p[-1]["content"] for p in prompts], replies, references)
 
     return sample
