@@ -516,10 +516,11 @@ def run_peer(peer: str, repeat: int, spec_path: Path, workdir: Path, timeout: fl
                                    "--result", str(result)], stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
                                   timeout=timeout).returncode
         except subprocess.TimeoutExpired:  # the worker is killed; the other peers still run
-            code = f"killed after --run-timeout {timeout} s"
+            code = None
     if code != 0 or not result.is_file():
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
-        return {"peer": peer, "repeat": repeat, "error": f"exit {code}; its log {log} ends:\n{tail}"}
+        how = f"killed after --run-timeout {timeout} s" if code is None else f"exit {code}"
+        return {"peer": peer, "repeat": repeat, "error": f"{how}; its log {log} ends:\n{tail}"}
     r = json.loads(result.read_text())
     return {"peer": peer, "repeat": repeat, **r, **derived(r)}
 

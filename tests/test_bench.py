@@ -81,7 +81,9 @@ def test_a_run_past_the_time_limit_is_killed_and_recorded(tmp_path, tiny_qwen2):
                            "--peers", "ours", "--run-timeout", "0.5", "--workdir", str(tmp_path / "work"),
                            "--report", str(report_path)], cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 1 and "killed after --run-timeout 0.5 s" in proc.stderr
-    assert json.loads(report_path.read_text())["runs"] == []
+    report = json.loads(report_path.read_text())
+    assert report["runs"] == [] and [r["peer"] for r in report["failed"]] == ["ours"]
+    assert report["failed"][0]["error"].startswith("killed after --run-timeout 0.5 s")
 
 
 def test_gpu_7b_floor_and_flop_bound_come_from_the_qwen25_7b_shape():
