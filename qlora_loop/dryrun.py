@@ -15,7 +15,8 @@ import torch
 from accelerate import init_empty_weights
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from qlora_loop.model import ModelError, add_adapter, find_linear4bit_targets, trainable_parameters
+from qlora_loop.model import (ModelError, add_adapter, embedding_parameters, find_linear4bit_targets,
+                              trainable_parameters)
 from qlora_loop.step import chunk_tokens, chunked_lm_loss, default_loss
 
 # Bytes per parameter. NF4 with double quantisation: 4 bits, plus one 8-bit absmax per block of
@@ -62,15 +63,15 @@ def dry_run(name_or_path: str, adapter: dict, batch_size: int, max_length: int, 
     largest_linear = max(quantized.values(), default=0)
     base_total = sum(p.numel() for p in model.parameters())
     # Embeddings and lm_head stay in the compute dtype under a GPU's autocast (model.load_base_model).
-    embeddings = sum({id(p): p.numel() for m in (model.get_input_embeddings(), model.get_output_embeddings())
-                      if m is not None for p in m.parameters()}.values())
+    embeddings = sum(p.numel() for p in embedding_parameters(model))
     targets = find_linear4bit_targets(model, torch.nn.Linear) if adapter.get("target_modules", "auto") == "auto" \
         else adapter["target_modules"]
     with init_empty_weights():
         model = add_adapter(model, **{**adapter, "target_modules": targets}, total_steps=NOMINAL_STEPS)
     trainable, total = trainable_parameters(model)
     if logits_chunk == "auto":
-        logits_chunk = chunk_tokens(model.get_output_embeddings().out_features) if default_loss(model) is chunked_lm_loss else None
+        chunked = default_loss(model) is chunked_lm_loss
+        logits_chunk = chunk_tokens(model.get_output_embeddings().out_features) if chunked else None
 
     act = 4 if compute_dtype == "float32" else 2
     # The residual stream and the norms: bf16 under bf16 autocast; float32 otherwise, as float16 runs

@@ -91,8 +91,7 @@ def load_base_model(name_or_path: str, device: torch.device, compute_dtype: torc
         # What peft's prepare_model_for_kbit_training does: every 16-bit weight beside the 4-bit ones
         # (norms, biases, embeddings, head) to float32, so a float32 hidden state meets float32 weights;
         # under autocast, all but the norms in float16 runs (see the docstring) stay as loaded.
-        embeddings = {id(p) for module in (model.get_input_embeddings(), model.get_output_embeddings())
-                      if module is not None for p in module.parameters()}
+        embeddings = {id(p) for p in embedding_parameters(model)}
         for param in model.parameters():
             stays = autocast and (compute_dtype == torch.bfloat16 or id(param) in embeddings)
             if param.dtype in (torch.float16, torch.bfloat16) and not isinstance(param, bnb.nn.Params4bit) \
@@ -103,6 +102,12 @@ def load_base_model(name_or_path: str, device: torch.device, compute_dtype: torc
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+def embedding_parameters(model) -> list[torch.nn.Parameter]:
+    """The input embeddings' and lm_head's parameters, once each (a tied head shares the embedding's)."""
+    modules = [m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None]
+    return list({id(p): p for m in modules for p in m.parameters()}.values())
 
 
 def device_index(device: torch.device) -> int | str:
