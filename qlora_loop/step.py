@@ -90,9 +90,7 @@ def _token_losses(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Te
 
 def output_head(model):
     """The (unwrapped) model's lm_head module."""
-    while hasattr(model, "module"):  # DDP / accelerate wrappers
-        model = model.module
-    return model.get_output_embeddings()
+    return base_model(model).get_output_embeddings()
 
 
 def default_loss(model):
