@@ -254,8 +254,9 @@ def load_examples(spec: dict):
 
 def batch_counts(batch) -> tuple[int, int, int]:
     """(non-padding tokens, all positions, loss-bearing tokens) of one batch; targets as our loss counts them."""
-    labels = batch["labels"]
-    return int(batch["attention_mask"].sum()), batch["attention_mask"].numel(), int((labels[:, 1:] != -100).sum())
+    from qlora_loop.step import count_targets
+
+    return int(batch["attention_mask"].sum()), batch["attention_mask"].numel(), count_targets(batch)
 
 
 def peak_memory_bytes(device: str) -> int:
