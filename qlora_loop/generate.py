@@ -152,8 +152,9 @@ def attach_adapter(model, adapter_dir: str | Path, base: Base):
 def load_for_inference(adapter_dir: str | Path | None = None, base: str | None = None, no_adapter: bool = False,
                        device: torch.device | None = None, trust_remote_code: bool | None = None):
     """(model, tokenizer) in eval mode with the KV cache on: the base in 4-bit NF4 as training loaded
-    it without autocast (weights beside the 4-bit ones in float32), plus the adapter unless `no_adapter`. The tokenizer (and its chat template) is the one
-    saved with the adapter, so prompts render as in training."""
+    it without autocast (weights beside the 4-bit ones in float32), plus the adapter unless
+    `no_adapter`. The tokenizer (and its chat template) is the one saved with the adapter, so prompts
+    render as in training."""
     found = locate_base(adapter_dir, base, trust_remote_code)
     tokenizer = load_inference_tokenizer(adapter_dir, found)
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
