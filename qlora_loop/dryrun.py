@@ -83,21 +83,19 @@ def dry_run(name_or_path: str, adapter: dict, batch_size: int, max_length: int, 
     heads = text.num_attention_heads
     kv = getattr(text, "num_key_value_heads", heads) or heads
     tokens = batch_size * max_length
-    # Activations kept by one decoder layer for backward: attention (norm, q/k/v, output), the MLP
-    # (norm, gate, up, activation, product) and the inputs LoRA dropout copies; eager attention
-    # also keeps its T x T scores and probabilities per head, T the whole row when packed.
-    per_layer = tokens * (8 * hidden + 2 * hidden * kv // heads + 5 * inter) * stream
-    if attn_implementation == "eager":
+    scores = 0
+    if attn_implementation == "eager":  # T x T scores and probabilities per head, T the whole row when packed
         rows, length = (1, tokens) if packing else (batch_size, max_length)
-        per_layer += 2 * rows * heads * length ** 2 * act
-    # With checkpointing only each layer's input is kept, and one layer is recomputed at a time.
-    activations = layers * tokens * hidden * stream + per_layer if gradient_checkpointing else layers * per_layer
+        scores = 2 * rows * heads * length ** 2 * act
+    held, one_layer = activation_bytes(tokens, hidden=hidden, intermediate=inter, kv_width=hidden * kv // heads,
+                                       layers=layers, stream_bytes=stream, checkpointing=gradient_checkpointing,
+                                       scores_bytes=scores)
     memory = {
         "base_4bit": int(sum(quantized.values()) * NF4_BYTES),
         "embeddings_and_head": embeddings * act,
         "norms_and_biases": (base_total - sum(quantized.values()) - embeddings) * stream,
         "adapter_and_optimizer": trainable * (FP32 + FP32 + OPTIMIZER_BYTES.get(optimizer, 8)),
-        "activations": activations,
+        "activations": held + one_layer,
         # logits in the compute dtype, their float32 copy, log-softmax kept for backward, and its gradient
         "logits": min(tokens, logits_chunk or tokens) * vocab * (act + 3 * FP32),
         "dequantized_weight": largest_linear * act * 2,  # one Linear4bit unpacked for its matmul, and its grad path
@@ -106,6 +104,22 @@ def dry_run(name_or_path: str, adapter: dict, batch_size: int, max_length: int, 
         memory["packed_mask"] = tokens ** 2 * (1 + act)  # transformers' boolean T x T mask, and sdpa's float copy
     memory["total"] = sum(memory.values())
     return DryRun(name_or_path, config.model_type, list(targets), trainable, total, batch_size, max_length, memory)
+
+
+def activation_bytes(tokens: int, *, hidden: int, intermediate: int, kv_width: int, layers: int,
+                     stream_bytes: int, checkpointing: bool = True, scores_bytes: int = 0) -> tuple[int, int]:
+    """The activations a QLoRA backward holds for `tokens` tokens, in bytes, as (held through the whole
+    backward, held while one layer's backward runs). The dry run adds the two; the bench's GPU floor
+    (bench.bounds) sets the second against the loss's logits, which are freed before it.
+
+    One decoder layer keeps, in the residual stream's dtype (`stream_bytes`): attention (norm, q/k/v
+    outputs, output), the MLP (norm, gate, up, activation, product) and the inputs LoRA dropout copies,
+    plus `scores_bytes` (eager attention's scores). With gradient checkpointing every layer's input is
+    held and one layer at a time is recomputed; without, every layer keeps its own."""
+    one_layer = tokens * (8 * hidden + 2 * kv_width + 5 * intermediate) * stream_bytes + scores_bytes
+    if checkpointing:
+        return layers * tokens * hidden * stream_bytes, one_layer
+    return layers * one_layer, 0
 
 
 def dry_run_config(cfg, model_path: str, logits_chunk: int | None | str = "auto") -> DryRun:
