@@ -26,7 +26,7 @@ class LabelMaskError(DataError):
     """The audit found rows whose label masks would train the wrong tokens."""
 
 
-def audit_label_masks(tokenizer, examples: list[dict], conversations: list[Conversation] | list[list[dict]],
+def audit_label_masks(tokenizer, examples: list[dict], conversations: list[Conversation] | list[list[dict]], *,
                       sample: int = 64, max_length: int | None = None, seed: int = 0,
                       collate_fn=collate) -> list[str]:
     """Problems found in up to `sample` examples (chosen with `seed`), each starting with the row's
@@ -47,21 +47,22 @@ def audit_label_masks(tokenizer, examples: list[dict], conversations: list[Conve
     return problems
 
 
-def audit_file(tokenizer, examples: list[dict], train_file: str, system_prompt: str | None, sample: int,
+def audit_file(tokenizer, examples: list[dict], train_file: str, *, system_prompt: str | None, sample: int,
                max_length: int) -> list[str]:
     """audit_label_masks on examples built from `train_file`, its rows read again to compare against."""
     conversations = load_conversations(train_file, system_prompt, Rejects(strict=False))
-    return audit_label_masks(tokenizer, examples, conversations, sample, max_length)
+    return audit_label_masks(tokenizer, examples, conversations, sample=sample, max_length=max_length)
 
 
-def check_label_masks(tokenizer, examples: list[dict], train_file: str, system_prompt: str | None,
+def check_label_masks(tokenizer, examples: list[dict], train_file: str, *, system_prompt: str | None,
                       sample: int, max_length: int) -> int:
     """audit_file, raising LabelMaskError naming the rows and what is wrong. Returns the number of
     rows audited (0 when sample is 0: the audit is off)."""
     if sample <= 0:
         return 0
     audited = min(sample, len(examples))
-    problems = audit_file(tokenizer, examples, train_file, system_prompt, sample, max_length)
+    problems = audit_file(tokenizer, examples, train_file, system_prompt=system_prompt, sample=sample,
+                          max_length=max_length)
     if problems:
         shown = "\n  ".join(problems[:10]) + (f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else "")
         raise LabelMaskError(f"the label-mask audit found {len(problems)} problem(s) in {audited} rows; training "

@@ -10,7 +10,6 @@ Nothing is pickled, so loading runs no code: tensors in safetensors, everything 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -25,7 +24,7 @@ from accelerate.utils import DistributedType
 from safetensors.torch import load_file, save_file
 
 from qlora_loop.manifest import FILE as MANIFEST
-from qlora_loop.manifest import check_manifest, write_manifest
+from qlora_loop.manifest import check_manifest, text_hash, write_manifest
 from qlora_loop.model import adalora_of
 
 MARKER = "COMPLETE"
@@ -39,7 +38,7 @@ class CheckpointError(RuntimeError):
 
 # --- the best adapter ---------------------------------------------------------------------------
 
-def save_adapter(accelerator, model, tokenizer, directory: str | Path, manifest: dict | None = None) -> None:
+def save_adapter(accelerator, model, tokenizer, directory: str | Path, *, manifest: dict | None = None) -> None:
     """Write only the adapter (never base weights, never pickle) and its manifest to `directory`,
     replacing any adapter there only once the new one is complete: a crash mid-save leaves the old
     one intact."""
@@ -75,19 +74,36 @@ def save_adapter(accelerator, model, tokenizer, directory: str | Path, manifest:
 
 # --- full training checkpoints ------------------------------------------------------------------
 
-def data_hash(*paths: str | None) -> str:
-    digest = hashlib.sha256()
-    for path in paths:
-        if path is not None:
-            digest.update(Path(path).read_bytes())
-    return digest.hexdigest()[:16]
+def resume_identity(cfg, *, grad_accum: int, world_size: int, manifest: dict) -> dict:
+    """What must not change between a save and a resume, or the resumed run is not the same run:
+    the batch shapes, the world size, the order of rows and the data's content (the manifest's
+    hashes of the data files, path-independent)."""
+    d = cfg.data
+    return {"batch_size": cfg.train.batch_size, "grad_accum": grad_accum, "max_length": d.max_length,
+            "world_size": world_size, "data_hash": text_hash(" ".join(manifest["data"].values())),
+            "batching": "packed" if d.packing else "grouped" if d.group_by_length else "shuffled"}
+
+
+def find_resume(checkpoints: "Checkpoints", resume: str | None, *, warn=print) -> Path | None:
+    """train.resume: None -> start afresh; auto -> the newest complete checkpoint, if any; else a path.
+    Incomplete checkpoints (a run stopped while writing one) are named through `warn` and skipped."""
+    for partial in checkpoints.incomplete():
+        warn(f"[yellow]ignoring {partial}: incomplete (the run stopped while writing it)")
+    if resume is None:
+        return None
+    if resume == "auto":
+        return checkpoints.latest()
+    path = Path(resume)
+    if not path.is_dir():
+        raise CheckpointError(f"train.resume={resume}: no such checkpoint folder")
+    return path
 
 
 class Checkpoints:
     """The checkpoints of one run. `identity` holds what must not change between a save and a
-    resume (batch size, grad accumulation, max length, world size, data hash)."""
+    resume (see resume_identity)."""
 
-    def __init__(self, accelerator, output_dir: str | Path, identity: dict, config: dict, keep_last: int = 2,
+    def __init__(self, accelerator, output_dir: str | Path, *, identity: dict, config: dict, keep_last: int = 2,
                  manifest: dict | None = None):
         self.accelerator, self.dir = accelerator, Path(output_dir) / "checkpoints"
         self.identity, self.config, self.keep_last, self.manifest = identity, config, keep_last, manifest
@@ -113,33 +129,43 @@ class Checkpoints:
         if not all(torch.isfinite(w).all() for w in weights.values()):
             raise CheckpointError(f"refusing to write {final}: the adapter holds non-finite weights; "
                                   f"resume from {self.latest() or 'the start'}")
+        adalora = adalora_of(peft_model)
+
+        @accelerator.on_main_process
+        def make_tmp():
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+
+        @accelerator.on_main_process
+        def write_shared():  # one copy of what every rank holds alike
+            _write(tmp / "adapter.safetensors", save_file, weights)
+            _save_tree(tmp / "optimizer", runner.optimizer.state_dict())
+            _save_tree(tmp / "scheduler", runner.scheduler.state_dict())
+            if adalora is not None:
+                _write(tmp / "adalora.safetensors", save_file, _allocator_state(adalora))
+            state = {"format": FORMAT, "step": runner.step, "loop": loop, "identity": self.identity,
+                     "config": self.config, "world_size": accelerator.num_processes,
+                     "rank_pattern": adalora and adalora.peft_config[adalora.trainable_adapter_name].rank_pattern}
+            _write(tmp / "state.json", _write_json, state)
+            if self.manifest is not None:
+                _write(tmp / MANIFEST, _write_json, self.manifest)
+
+        @accelerator.on_main_process
+        def publish():
+            _fsync_dir(tmp)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            _write(final / MARKER, _write_json, {"step": runner.step})  # last: the checkpoint is now complete
+            _fsync_dir(self.dir)
+            self._prune(final)
+
         try:
-            if accelerator.is_main_process:
-                shutil.rmtree(tmp, ignore_errors=True)
-                tmp.mkdir(parents=True)
+            make_tmp()
             accelerator.wait_for_everyone()
-            _save_tree(tmp / f"rng-rank{accelerator.process_index}", _rng_state())
-            if accelerator.is_main_process:
-                _write(tmp / "adapter.safetensors", save_file, weights)
-                _save_tree(tmp / "optimizer", runner.optimizer.state_dict())
-                _save_tree(tmp / "scheduler", runner.scheduler.state_dict())
-                adalora = adalora_of(peft_model)
-                if adalora is not None:
-                    _write(tmp / "adalora.safetensors", save_file, _allocator_state(adalora))
-                state = {"format": FORMAT, "step": runner.step, "loop": loop, "identity": self.identity,
-                         "config": self.config, "world_size": accelerator.num_processes,
-                         "rank_pattern": adalora and adalora.peft_config[adalora.trainable_adapter_name].rank_pattern}
-                _write(tmp / "state.json", _write_json, state)
-                if self.manifest is not None:
-                    _write(tmp / MANIFEST, _write_json, self.manifest)
+            _save_tree(tmp / f"rng-rank{accelerator.process_index}", _rng_state())  # each rank its own
+            write_shared()
             accelerator.wait_for_everyone()
-            if accelerator.is_main_process:
-                _fsync_dir(tmp)
-                shutil.rmtree(final, ignore_errors=True)
-                os.replace(tmp, final)
-                _write(final / MARKER, _write_json, {"step": runner.step})  # last: the checkpoint is now complete
-                _fsync_dir(self.dir)
-                self._prune(final)
+            publish()
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
             (final / MARKER).unlink(missing_ok=True)  # a save that failed never counts, even past the rename
@@ -155,7 +181,7 @@ class Checkpoints:
                 if old != newest:
                     shutil.rmtree(old)
 
-    def restore(self, path: Path, runner, force: bool = False, tokenizer=None, base: str | None = None) -> dict:
+    def restore(self, path: Path, runner, *, force: bool = False, tokenizer=None, base: str | None = None) -> dict:
         """Load `path` into the runner's model, optimizer, scheduler, RNG and AdaLoRA allocator;
         return the loop state. Refuses a checkpoint of a different run setup unless `force`; warns
         when its manifest records another base model or chat template."""
@@ -165,10 +191,11 @@ class Checkpoints:
         for warning in check_manifest(path, tokenizer, base):
             warnings.warn(warning, stacklevel=2)
         state = _read(path / "state.json", lambda f: json.loads(Path(f).read_text(encoding="utf-8")))
+        if state.get("format") != FORMAT:
+            raise CheckpointError(f"{path} is a checkpoint of format {state.get('format')!r}; this qlora_loop reads "
+                                  f"format {FORMAT}; resume it with the qlora_loop that wrote it, or start afresh "
+                                  "with --overwrite")
         saved = state["identity"]
-        if "batching" not in saved:  # written before data.packing existed: grouped or shuffled, as configured
-            grouped = state.get("config", {}).get("data", {}).get("group_by_length", True)
-            saved = {**saved, "batching": "grouped" if grouped else "shuffled"}
         changed = {k: (saved.get(k), v) for k, v in self.identity.items() if saved.get(k) != v}
         if changed and not force:
             what = "; ".join(f"{k} was {old!r}, is now {new!r}" for k, (old, new) in changed.items())

@@ -263,6 +263,13 @@ def _key_lines(node: yaml.Node, prefix: str, out: dict[str, int], path: Path) ->
             _key_lines(value_node, key + ".", out, path)
 
 
+def flat_config(config: dict) -> dict[str, Any]:
+    """{'train': {'lr': 1e-4}, 'output_dir': 'x'} -> {'train.lr': 1e-4, 'output_dir': 'x'}: the key
+    paths of a config dict (to_dict, or a run's config.yaml); a dict-valued key such as adapter.extra
+    stays one value."""
+    return dict(_flatten(config))
+
+
 def _flatten(data: dict, prefix: str = "") -> list[tuple[str, Any]]:
     """{'train': {'lr': 1}} -> [('train.lr', 1)]; a section's dict is descended, a dict-typed value is not."""
     items = []

@@ -115,7 +115,8 @@ def build_examples(tokenizer, conversations: list[Conversation], max_length: int
             continue
         stats.truncated += truncated
         stats.target_tokens += sum(label != IGNORE for label in labels[1:])
-        examples.append({"input_ids": ids, "labels": labels, "index": len(examples), "where": conversation.where})
+        examples.append({"input_ids": ids, "labels": labels, "index": len(examples), "where": conversation.where,
+                         "messages": conversation.messages})
     stats.rows, stats.examples, stats.dropped = rows, len(examples), rejects.count
     stats.dropped_by_kind, stats.dropped_where = dict(rejects.by_kind), list(rejects.where)
     return examples, stats
@@ -150,7 +151,7 @@ def split_validation(rows: list, val_split: float, seed: int, where: str = "data
     return [rows[i] for i in sorted(order[n_val:])], [rows[i] for i in sorted(order[:n_val])]
 
 
-def build_datasets(tokenizer, train: str, val: str | None, val_split: float, max_length: int,
+def build_datasets(tokenizer, train: str, val: str | None = None, *, val_split: float, max_length: int,
                    system_prompt: str | None = None, seed: int = 0, on_error: str = "error",
                    max_skip_fraction: float = 0.1):
     """(train examples, val examples or [], {"train": DataStats, "val": DataStats}).
@@ -226,7 +227,7 @@ class EpochSampler(Sampler):
     holds rows of similar length, so little of it is padding, and which batch comes when stays random.
     A short last batch stays last, so it never shifts the batches after it."""
 
-    def __init__(self, size: int, seed: int = 0, lengths: list[int] | None = None, batch_size: int = 1,
+    def __init__(self, size: int, seed: int = 0, *, lengths: list[int] | None = None, batch_size: int = 1,
                  mega: int = 50):
         self.size, self.seed, self.epoch = size, seed, 0
         self.lengths, self.batch_size, self.mega = lengths, batch_size, mega
@@ -251,7 +252,7 @@ class EpochSampler(Sampler):
         return self.size
 
 
-def build_dataloaders(train_examples: list[dict], val_examples: list[dict], batch_size: int, pad_id: int,
+def build_dataloaders(train_examples: list[dict], val_examples: list[dict], *, batch_size: int, pad_id: int,
                       seed: int = 0, num_workers: int = 0, group_by_length: bool = False,
                       processes: int = 1, packing: bool = False) -> tuple[DataLoader, DataLoader | None]:
     """Under `processes` ranks Accelerate deals consecutive batches out to the ranks in turn, so the
@@ -264,7 +265,7 @@ def build_dataloaders(train_examples: list[dict], val_examples: list[dict], batc
         return collate(batch, pad_id)
 
     lengths = [len(e["input_ids"]) for e in train_examples] if group_by_length and not packing else None
-    sampler = EpochSampler(len(train_examples), seed, lengths, batch_size * processes)
+    sampler = EpochSampler(len(train_examples), seed, lengths=lengths, batch_size=batch_size * processes)
     # Each loader gets its own generator: creating an iterator draws a seed from it, and without one
     # that draw comes from the global RNG, which dropout uses, so a resumed epoch would shift it.
     train = DataLoader(train_examples, batch_size=batch_size, sampler=sampler,

@@ -17,7 +17,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from qlora_loop.model import (ModelError, add_adapter, embedding_parameters, find_linear4bit_targets,
                               trainable_parameters)
-from qlora_loop.step import chunk_tokens, chunked_lm_loss, default_loss
+from qlora_loop.loss import chunk_tokens, chunked_lm_loss, default_loss
 
 # Bytes per parameter. NF4 with double quantisation: 4 bits, plus one 8-bit absmax per block of
 # 64 and one fp32 absmax per 256 blocks. Under bf16 autocast (a GPU run) the other weights stay bf16;

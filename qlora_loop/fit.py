@@ -6,16 +6,19 @@ LoopState, saved in every checkpoint, so a resumed run continues from exactly th
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import signal
 import time
 from dataclasses import dataclass, field
 
 import torch
 
-from qlora_loop.data import IGNORE, steps_per_epoch
+from qlora_loop.checkpoint import CheckpointError
+from qlora_loop.data import steps_per_epoch
+from qlora_loop.loss import default_loss, target_mask
 from qlora_loop.memory import peak_memory_bytes
-from qlora_loop.step import causal_lm_loss
 
 
 class NonFiniteError(RuntimeError):
@@ -115,20 +118,35 @@ class LoopState:
 
     @classmethod
     def from_dict(cls, d: dict) -> "LoopState":
-        return cls(**{**d, "epoch_meter": Meter(**d["epoch_meter"]), "run_meter": Meter(**d["run_meter"])})
+        """The state a checkpoint saved (dataclasses.asdict of one); fields this code does not know,
+        or lacks, are a CheckpointError naming them."""
+        _check_fields(cls, d, "loop")
+        meters = {k: _check_fields(Meter, d.get(k, {}), k) for k in ("epoch_meter", "run_meter")}
+        return cls(**{**d, **{k: Meter(**v) for k, v in meters.items()}})
+
+
+def _check_fields(cls, saved: dict, what: str) -> dict:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(saved) - names)
+    if unknown:
+        raise CheckpointError(f"the checkpoint's {what} state has fields this qlora_loop does not know ({unknown}); "
+                              "resume with the qlora_loop that wrote it, or start afresh with --overwrite")
+    return saved
 
 
 @torch.no_grad()
-def evaluate(model, dataloader, accelerator, loss_fn=causal_lm_loss) -> float | None:
-    """Mean loss per target token over the whole validation set, on all processes together."""
+def evaluate(model, dataloader, accelerator, loss_fn=None) -> float | None:
+    """Mean loss per target token over the whole validation set, on all processes together.
+    loss_fn: as the StepRunner's; None = loss.default_loss(model)."""
     if dataloader is None:
         return None
+    loss_fn = loss_fn or default_loss(model)
     model.eval()
     loss_sum, n_targets = 0.0, 0
     for batch in dataloader:
         with accelerator.autocast():
             per_sample = loss_fn(model, batch).float()
-        counts = (batch["labels"][:, 1:] != IGNORE).sum(dim=1)
+        counts = target_mask(batch["labels"]).sum(dim=1)
         # gather_for_metrics drops the samples accelerate repeats to even out the last batch.
         per_sample, counts = accelerator.gather_for_metrics((per_sample, counts))
         loss_sum += per_sample.sum().item()
@@ -160,7 +178,7 @@ def epoch_batches(dataloader, epoch: int, skip: int, accelerator):
     return dataloader
 
 
-def fit(runner, train_dl, val_dl, log, save_best, checkpoints=None, *, epochs: int, grad_accum: int,
+def fit(runner, train_dl, val_dl, log, *, save_best, checkpoints=None, epochs: int, grad_accum: int,
         stopper: EarlyStopping, eval_every: int = 0, save_every: int = 0, skip_nonfinite: int = 0,
         state: LoopState | None = None, sample=None) -> dict:
     """Train up to `epochs` from `state` (a fresh run without one). `save_best()` runs each time the
@@ -247,3 +265,21 @@ def _skip_nonfinite(state: LoopState, result, runner, log, limit: int, checkpoin
         raise NonFiniteError(f"{what}, {state.nonfinite_in_row} in a row (train.skip_nonfinite={limit}); the "
                              f"last good checkpoint is {last or 'none yet'}", result.sample_ids)
     log.print(f"[yellow]skipped: {what} ({state.nonfinite_in_row} in a row, {state.skipped_steps} in all)")
+
+
+@contextlib.contextmanager
+def stop_on_signals(accelerator):
+    """While training: the first SIGTERM/SIGINT sets Accelerate's trigger, so every rank finishes the
+    current step, writes a checkpoint and stops (fit checks the trigger after each step). A second
+    one gets the default action: the process ends at once. The previous handlers come back on exit."""
+    def handler(signum, frame):
+        accelerator.set_trigger()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_DFL)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from qlora_loop.data import IGNORE
-from qlora_loop.step import StepRunner, causal_lm_loss
+from qlora_loop.loss import default_loss, target_mask
+from qlora_loop.step import StepRunner
 
 try:
     from torchkeras import KerasModel
@@ -41,15 +41,16 @@ class KerasStepRunner:
             raise ValueError(f"fit(gradient_accumulation_steps={accelerator.gradient_accumulation_steps}): our "
                              "StepRunner accumulates itself; pass 1 and raise the batch size, or use scripts/train.py "
                              "with train.grad_accum")
-        self.net, self.loss_fn, self.accelerator, self.stage = net, loss_fn, accelerator, stage
+        self.net, self.accelerator, self.stage = net, accelerator, stage
+        self.loss_fn = loss_fn or default_loss(net)
         self.metrics_dict = metrics_dict if metrics_dict is not None else {}
         # torchkeras builds a new runner every epoch; the optimizer-step count (AdaLoRA's schedule
         # needs it) lives in a dict the KerasModel keeps.
         self.step_counter = step_counter if step_counter is not None else {"step": 0}
         self.runner = None
         if stage == "train" and optimizer is not None:
-            self.runner = StepRunner(net, optimizer, lr_scheduler, accelerator, loss_fn, max_grad_norm,
-                                     step=self.step_counter["step"])
+            self.runner = StepRunner(net, optimizer, lr_scheduler, accelerator, loss_fn=self.loss_fn,
+                                     max_grad_norm=max_grad_norm, step=self.step_counter["step"])
         self.net.train() if stage == "train" else self.net.eval()
 
     def __call__(self, batch: dict):
@@ -61,7 +62,7 @@ class KerasStepRunner:
         # validation (or an epoch torchkeras runs without an optimizer): loss per target token
         with self.accelerator.autocast():
             per_sample = self.loss_fn(self.net, batch).float()
-        counts = (batch["labels"][:, 1:] != IGNORE).sum(dim=1)
+        counts = target_mask(batch["labels"]).sum(dim=1)
         per_sample, counts = self.accelerator.gather_for_metrics((per_sample, counts))
         loss = (per_sample.sum() / counts.sum().clamp(min=1)).item()
         return {f"{self.stage}_loss": loss}, ({"lr": 0.0} if self.stage == "train" else {})
@@ -72,7 +73,7 @@ class QLoraKerasModel(KerasModel):
 
     StepRunner = KerasStepRunner
 
-    def __init__(self, net, loss_fn=causal_lm_loss, optimizer=None, lr_scheduler=None, max_grad_norm: float = 1.0):
+    def __init__(self, net, loss_fn=None, optimizer=None, lr_scheduler=None, max_grad_norm: float = 1.0):
         # torchkeras passes every extra keyword through accelerator.prepare() (which returns plain
         # objects as they are) to each StepRunner it builds.
         super().__init__(net, loss_fn, metrics_dict=None, optimizer=optimizer, lr_scheduler=lr_scheduler,

@@ -1,10 +1,11 @@
 """What a run shows and writes: rich progress, tables and sample panels on the main process;
 steps.jsonl (one row every log_every steps), history.jsonl (one per epoch), samples.jsonl and
 summary.json in the output folder; the same numbers to the trackers of train.log_with.
-Every method is a no-op on the other processes."""
+Every method marked @main_process is a no-op on the other processes."""
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -21,6 +22,15 @@ HISTORY_COLUMNS = ("epoch", "step", "train_loss", "val_loss", "lr", "grad_norm",
                    "tokens_per_second", "loss_tokens_per_second", "padding_share", "peak_memory_bytes")
 
 
+def main_process(method):
+    """Run `method` on the main process only, through the run's Accelerator (its on_main_process)."""
+    @functools.wraps(method)
+    def on_main(self, *args, **kwargs):
+        return self.accelerator.on_main_process(method)(self, *args, **kwargs)
+
+    return on_main
+
+
 class RunLog:
     def __init__(self, accelerator, output_dir: str | Path, log_every: int = 1):
         self.accelerator, self.output_dir, self.log_every = accelerator, Path(output_dir), log_every
@@ -30,14 +40,12 @@ class RunLog:
         for column in ("epoch", "train_loss", "val_loss", "lr", "grad_norm", "tok/s", "loss tok/s", "pad %",
                        "seconds"):
             self.table.add_column(column, justify="right")
-        # Everything that prints or writes runs on the main process only.
-        for name in ("print", "data_report", "model_report", "memory_report", "epoch_start", "resume", "step",
-                     "epoch_end", "samples", "summary"):
-            setattr(self, name, accelerator.on_main_process(getattr(self, name)))
 
+    @main_process
     def print(self, *args) -> None:
         self.console.print(*args)
 
+    @main_process
     def data_report(self, stats: dict) -> None:
         table = Table(title="data")
         for column in ("split", "rows", "truncated", "dropped", "examples", "target tokens"):
@@ -50,10 +58,12 @@ class RunLog:
                 kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(s.dropped_by_kind.items()))
                 self.console.print(f"[yellow]{split}: {s.dropped} rows skipped ({kinds}); first: {s.dropped_where[0]}")
 
+    @main_process
     def model_report(self, targets: list[str], trainable: int, total: int) -> None:
         self.console.print(f"LoRA targets (every Linear4bit but lm_head): [bold]{', '.join(targets)}[/]")
         self.console.print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
 
+    @main_process
     def memory_report(self, probe) -> None:
         headroom = "" if probe.budget_bytes is None else \
             f", headroom {probe.headroom_bytes / GIB:.2f} GiB of {probe.budget_bytes / GIB:.2f} GiB"
@@ -61,6 +71,7 @@ class RunLog:
         self.console.print(f"memory probe (longest batch, {probe.tokens} token slots): peak "
                            f"{probe.peak_bytes / GIB:.2f} GiB {what}{headroom}")
 
+    @main_process
     def epoch_start(self, epoch: int, epochs: int, steps: int, done: int = 0) -> None:
         self.progress = Progress(TextColumn(f"epoch {epoch}/{epochs}"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TimeRemainingColumn(),
@@ -68,6 +79,7 @@ class RunLog:
         self.progress.start()
         self.task = self.progress.add_task("train", total=steps, completed=done, stats="")
 
+    @main_process
     def resume(self, step: int, epoch: int) -> None:
         """Cut the logs back to a checkpoint taken after `step`, inside `epoch`."""
         for name, keep in (("steps.jsonl", lambda row: row["step"] <= step),
@@ -78,6 +90,7 @@ class RunLog:
                 rows = [line for line in path.read_text(encoding="utf-8").splitlines() if keep(json.loads(line))]
                 path.write_text("".join(line + "\n" for line in rows), encoding="utf-8")
 
+    @main_process
     def step(self, step: int, epoch: int, result, tokens_per_second: float) -> None:
         stats = f"loss {result.loss:.4f}  lr {result.lr:.2e}  gnorm {result.grad_norm:.3f}  {tokens_per_second:,.0f} tok/s"
         self.progress.update(self.task, advance=1, stats=stats)
@@ -88,6 +101,7 @@ class RunLog:
                 self.accelerator.log(step_metrics(result, tokens_per_second,
                                                   peak_memory_bytes(self.accelerator.device)), step=step)
 
+    @main_process
     def epoch_end(self, row: dict) -> None:
         self.progress.stop()
         val = "-" if row["val_loss"] is None else f"{row['val_loss']:.4f}"
@@ -100,7 +114,8 @@ class RunLog:
         if self.accelerator.trackers:
             self.accelerator.log(epoch_metrics(row), step=row["step"])
 
-    def samples(self, epoch: int, step: int, prompts: list[str], responses: list[str],
+    @main_process
+    def samples(self, epoch: int, step: int, *, prompts: list[str], responses: list[str],
                 references: list[str | None]) -> None:
         """Replies to the sample prompts: a panel each, a row each in samples.jsonl, and the trackers."""
         when = "before training" if epoch == 0 else f"after epoch {epoch}"
@@ -113,6 +128,7 @@ class RunLog:
                                            "reference": reference})
         log_samples(self.accelerator, list(zip(prompts, responses)), step)
 
+    @main_process
     def summary(self, summary: dict) -> None:
         (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         table = Table(title="summary", show_header=False)

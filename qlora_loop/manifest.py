@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from qlora_loop.config import flat_config
+
 FILE = "manifest.json"
 FORMAT = 1
 PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "qlora_loop")
@@ -32,7 +34,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin")
 SAMPLE_BYTES = 1 << 16  # bytes read from the middle of each weights file for the fingerprint
 
 
-def build_manifest(config: dict, tokenizer, base: str, data_files: list[str | None] = (),
+def build_manifest(config: dict, tokenizer, base: str, *, data_files: list[str | None] = (),
                    device: torch.device | None = None) -> dict:
     """Everything worth recording about a run, computed once at its start (it hashes the data)."""
     return {
@@ -181,15 +183,3 @@ def git_state(directory: Path) -> dict | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return {"commit": commit.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
-
-
-def flat_config(config: dict) -> dict:
-    """{'train': {'lr': 1e-4}, 'output_dir': 'x'} -> {'train.lr': 1e-4, 'output_dir': 'x'}. Only the
-    sections are opened; a dict-valued key such as adapter.extra stays one value."""
-    flat = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            flat.update({f"{key}.{k}": v for k, v in value.items()})
-        else:
-            flat[key] = value
-    return flat

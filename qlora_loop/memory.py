@@ -62,7 +62,7 @@ class Probe:
         return None if self.budget_bytes is None else self.budget_bytes - self.peak_bytes
 
 
-def longest_batch(examples: list[dict], batch_size: int, pad_id: int, packing: bool = False) -> dict:
+def longest_batch(examples: list[dict], *, batch_size: int, pad_id: int, packing: bool = False) -> dict:
     """The `batch_size` longest rows in one batch (one packed row with `packing`): no batch of any
     epoch holds more token slots. Built from the rows, not by iterating the dataloader, which would
     draw from its generator."""
@@ -70,7 +70,7 @@ def longest_batch(examples: list[dict], batch_size: int, pad_id: int, packing: b
     return collate_packed(longest) if packing else collate(longest, pad_id)
 
 
-def probe_memory(model, batch: dict, loss_fn, accelerator, budget_gib: float | None = None) -> Probe:
+def probe_memory(model, batch: dict, loss_fn, accelerator, *, budget_gib: float | None = None) -> Probe:
     """Forward + backward of `batch` as a training step runs it, gradients then dropped: the peak
     memory of the heaviest micro-step. Leaves weights, gradients, optimizer and RNG as they were, so
     the run that follows computes exactly what it would have without the probe."""
@@ -97,7 +97,7 @@ def probe_memory(model, batch: dict, loss_fn, accelerator, budget_gib: float | N
     return Probe(peak, budget, batch["input_ids"].numel(), out_of_memory)
 
 
-def advice(probe: Probe, batch_size: int, grad_accum: int, max_length: int, checkpointing: bool) -> str:
+def advice(probe: Probe, *, batch_size: int, grad_accum: int, max_length: int, checkpointing: bool) -> str:
     """What to change when the probe does not fit, as config keys with suggested values."""
     options = []
     if batch_size > 1:
@@ -111,3 +111,17 @@ def advice(probe: Probe, batch_size: int, grad_accum: int, max_length: int, chec
     return (f"the longest batch ({probe.tokens} token slots) needs {need}{budget} in one forward/backward; "
             f"training would run out of memory. Try: {'; or '.join(options)}; or raise train.memory_budget_gib "
             "if the budget is too low")
+
+
+def check_memory(runner, batch: dict, *, log, budget_gib: float | None, batch_size: int, grad_accum: int,
+                 max_length: int, checkpointing: bool) -> Probe:
+    """Probe the heaviest micro-step and report it; every rank stops if any rank would run out of memory."""
+    accelerator = runner.accelerator
+    batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+    probe = probe_memory(runner.model, batch, runner.loss_fn, accelerator, budget_gib=budget_gib)
+    log.memory_report(probe)
+    misfits = accelerator.reduce(torch.tensor(int(not probe.fits), device=accelerator.device), "sum")
+    if misfits:
+        raise OutOfMemory(advice(probe, batch_size=batch_size, grad_accum=grad_accum, max_length=max_length,
+                                 checkpointing=checkpointing))
+    return probe

@@ -9,6 +9,7 @@ and evaluated; the fidelity report says by how much, on the model's own replies.
 
 from __future__ import annotations
 
+import argparse
 import gc
 import json
 import math
@@ -18,13 +19,16 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from rich.console import Console
+from rich.panel import Panel
 from rich.table import Table
 from transformers import AutoModelForCausalLM
 
 from qlora_loop.data import DataError
-from qlora_loop.generate import (InferenceError, as_messages, attach_adapter, encode_chat, generate_ids,
-                                 load_for_inference, load_inference_tokenizer, locate_base, read_prompt_lines,
-                                 run_config, stop_token_ids, validation_prompts)
+from qlora_loop.generate import as_messages, encode_chat, generate_ids, stop_token_ids
+from qlora_loop.inference import (InferenceError, attach_adapter, load_for_inference, load_inference_tokenizer,
+                                  locate_base, read_adapter_config, read_prompt_lines, run_config,
+                                  validation_prompts)
 
 # Questions for an adapter whose run (config.yaml, data) is not at hand and no --prompts were given.
 FALLBACK_PROMPTS = ["Who are you?", "What can you do?", "Explain what a language model is in one sentence."]
@@ -41,7 +45,7 @@ def check_out_dir(out: str | Path, force: bool, adapter_dir: str | Path) -> None
         raise InferenceError(f"--out {out} is not empty; pass --force to replace it, or choose another folder")
 
 
-def merge_adapter(adapter_dir: str | Path, out: str | Path, base: str | None = None,
+def merge_adapter(adapter_dir: str | Path, out: str | Path, base: str | None = None, *,
                   trust_remote_code: bool | None = None, dtype: torch.dtype = torch.bfloat16) -> str:
     """Write base + adapter as one plain transformers model (safetensors, tokenizer, generation
     config) to `out`; returns the base it used. Runs on the CPU: it needs the bf16 model in RAM."""
@@ -73,7 +77,7 @@ def merge_adapter(adapter_dir: str | Path, out: str | Path, base: str | None = N
 
 # --- prompts for the report ---------------------------------------------------------------------
 
-def report_prompts(adapter_dir: str | Path, prompts_file: str | None = None, n: int = 8,
+def report_prompts(adapter_dir: str | Path, prompts_file: str | None = None, *, n: int = 8,
                    system: str | None = None) -> tuple[list[list[dict]], list[str | None], str]:
     """(conversations to reply to, reference answers or None, where they came from).
     --prompts FILE: one question per line. Otherwise the first n validation rows of the run that
@@ -109,7 +113,7 @@ def reference_pass(model, tokenizer, prompts: list[list[dict]], max_new_tokens: 
     passes = []
     for messages in prompts:
         prompt_ids = encode_chat(tokenizer, messages)
-        reply_ids = generate_ids(model, tokenizer, prompt_ids, max_new_tokens)
+        reply_ids = generate_ids(model, tokenizer, prompt_ids, max_new_tokens=max_new_tokens)
         passes.append({"prompt_ids": prompt_ids, "reply_ids": reply_ids,
                        "logprobs": reply_logprobs(model, prompt_ids, reply_ids)})
     return passes
@@ -123,7 +127,7 @@ def compare(candidate, tokenizer, passes: list[dict], max_new_tokens: int) -> li
         logq = reply_logprobs(candidate, p["prompt_ids"], p["reply_ids"])
         logp = p["logprobs"]
         kl = (logp.exp() * (logp - logq)).sum(-1).clamp_min(0)  # rounding can make a ~0 KL slightly negative
-        own = generate_ids(candidate, tokenizer, p["prompt_ids"], max_new_tokens)
+        own = generate_ids(candidate, tokenizer, p["prompt_ids"], max_new_tokens=max_new_tokens)
         rows.append({"positions": len(kl), "mean_kl": kl.mean().item(), "max_kl": kl.max().item(),
                      "top1_agreement": (logp.argmax(-1) == logq.argmax(-1)).float().mean().item(),
                      "greedy_match": torch.equal(own, p["reply_ids"]),
@@ -132,7 +136,7 @@ def compare(candidate, tokenizer, passes: list[dict], max_new_tokens: int) -> li
     return rows
 
 
-def fidelity_report(adapter_dir: str | Path, merged_dir: str | Path, prompts: list[list[dict]],
+def fidelity_report(adapter_dir: str | Path, merged_dir: str | Path, prompts: list[list[dict]], *,
                     references: list[str | None], base: str | None = None, max_new_tokens: int = 64,
                     max_kl: float = 0.05) -> dict:
     """4-bit base + adapter (the reference: what was trained and evaluated) against the merged
@@ -188,3 +192,60 @@ def _free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+# --- the command line (scripts/merge.py) -------------------------------------------------------
+
+def parse_args(argv: list[str] | None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--adapter", required=True, help="adapter folder a run wrote, e.g. OUTPUT_DIR/best")
+    parser.add_argument("--out", required=True, help="folder for the merged model (must be empty, or --force)")
+    parser.add_argument("--base", help="base model (hub id or folder); default: the one the adapter records")
+    parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    parser.add_argument("--prompts", metavar="FILE", help="report on these prompts (one per line) instead of "
+                                                          "the run's validation rows")
+    parser.add_argument("--num-prompts", type=int, default=8, help="validation rows to report on")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="length of the greedy replies compared")
+    parser.add_argument("--max-kl", type=float, default=0.05,
+                        help="warn when the mean KL (nats per token) of merged vs 4-bit + adapter exceeds this")
+    parser.add_argument("--trust-remote-code", action="store_true", default=None,
+                        help="allow the base's own modeling code (default: as the run was configured)")
+    args = parser.parse_args(argv)
+    for flag in ("num_prompts", "max_new_tokens"):
+        if not getattr(args, flag) > 0:
+            parser.error(f"--{flag.replace('_', '-')} must be > 0")
+    if not args.max_kl >= 0:
+        parser.error("--max-kl must be >= 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    console = Console(highlight=False, soft_wrap=True)
+    # Every check that can fail cheaply runs before the (slow, memory-hungry) merge.
+    read_adapter_config(args.adapter)
+    check_out_dir(args.out, args.force, args.adapter)
+    prompts, references, source = report_prompts(args.adapter, args.prompts, n=args.num_prompts)
+
+    # merge
+    console.print(f"merging {args.adapter} into its base in bfloat16 ...")
+    base = merge_adapter(args.adapter, args.out, args.base, trust_remote_code=args.trust_remote_code)
+    console.print(f"merged model written to [bold]{args.out}[/] (base {base})")
+
+    # fidelity report
+    console.print(f"comparing with 4-bit base + adapter on {len(prompts)} prompt(s) from {source} ...")
+    report = fidelity_report(args.adapter, args.out, prompts, references=references, base=args.base,
+                             max_new_tokens=args.max_new_tokens, max_kl=args.max_kl)
+    console.print(report_table(report))
+    path = write_report(report, args.out, adapter=str(args.adapter), base=base, merged=str(args.out),
+                        dtype="bfloat16", prompts_from=source)
+    console.print(f"report: {path}")
+    if not report["ok"]:
+        console.print(Panel(
+            f"mean KL {report['mean_kl']:.3g} nats/token is above --max-kl {args.max_kl:g}: the merged model does "
+            f"not behave like the 4-bit base + adapter that was trained and evaluated (top-1 agreement "
+            f"{report['top1_agreement']:.1%}, greedy replies the same on {report['greedy_match']}/{report['prompts']} "
+            "prompts). Evaluate the merged model before shipping it, or serve the adapter on the 4-bit base.",
+            title="WARNING: merge fidelity", border_style="bold red"))
+    return report
+

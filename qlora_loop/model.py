@@ -19,7 +19,7 @@ class ModelError(ValueError):
     """The model or tokenizer cannot be used as configured; the message says which key to change."""
 
 
-def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, revision: str | None = None,
+def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, revision: str | None = None,
                    chat_template: str | None = None):
     """The tokenizer, with a chat template (the config's wins) and a pad token (EOS if it has none)."""
     try:
@@ -50,7 +50,7 @@ def resolve_compute_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.float16
 
 
-def load_base_model(name_or_path: str, device: torch.device, compute_dtype: torch.dtype = torch.bfloat16,
+def load_base_model(name_or_path: str, device: torch.device, compute_dtype: torch.dtype = torch.bfloat16, *,
                     gradient_checkpointing: bool = True, trust_remote_code: bool = False,
                     revision: str | None = None, attn_implementation: str | None = None,
                     quant_storage: torch.dtype | None = None, autocast: bool = False):
@@ -143,7 +143,7 @@ def find_linear4bit_targets(model, layer: type = bnb.nn.Linear4bit) -> list[str]
     return suffixes if len(matched) == len(full) else full
 
 
-def add_adapter(model, kind: str = "lora", r: int = 16, alpha: float = 32.0, dropout: float = 0.05,
+def add_adapter(model, kind: str = "lora", *, r: int = 16, alpha: float = 32.0, dropout: float = 0.05,
                 target_modules: str | list[str] = "auto", total_steps: int | None = None,
                 init_r: int | None = None, tinit: float = 0.1, tfinal: float = 0.2, delta_t: int = 1,
                 orth_reg_weight: float = 0.5, extra: dict | None = None) -> PeftModel:

@@ -8,6 +8,7 @@ epoch; a run without steps.jsonl is drawn against the epoch instead.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from pathlib import Path
@@ -19,8 +20,7 @@ matplotlib.use("Agg")  # files only: no display, no GUI toolkit needed on a serv
 import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 
-GIB = 2 ** 30
-
+from qlora_loop.memory import GIB  # noqa: E402
 
 def read_jsonl(path: Path) -> list[dict]:
     if not path.is_file():
@@ -182,3 +182,14 @@ def _max_grad_norm(output_dir: Path) -> float | None:
     if not config.is_file():
         return None
     return (yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("train", {}).get("max_grad_norm")
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("output_dir", help="the output_dir of a run")
+    parser.add_argument("--out", help="where to write the PNG (default: OUTPUT_DIR/curves.png)")
+    args = parser.parse_args(argv)
+    drawn = plot_run(args.output_dir, args.out)
+    print(drawn["path"])
+    return drawn["path"]
+

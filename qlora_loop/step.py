@@ -1,4 +1,4 @@
-"""StepRunner: one optimizer step over its micro-batches, and the loss it is given.
+"""StepRunner: one optimizer step over its micro-batches (the loss functions are in loss.py).
 
 The runner never reads the config, never saves and never prints; `fit` calls it once per
 optimizer step with that step's micro-batches (`grad_accum` of them, fewer at an epoch's end).
@@ -7,106 +7,13 @@ optimizer step with that step's micro-batches (`grad_accum` of them, fewer at an
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
-from qlora_loop.data import IGNORE, model_inputs
+from qlora_loop.loss import count_targets, default_loss
 from qlora_loop.model import adalora_of, adalora_orth_reg
-
-
-def causal_lm_loss(model, batch: dict) -> torch.Tensor:
-    """Per-sample *sum* of next-token cross-entropy over trained tokens, shape [batch].
-
-    A loss function takes (model, batch) and returns per-sample sums; the runner divides by the
-    target-token count of the whole step. Swap in another objective by passing another function.
-    """
-    logits = model(**model_inputs(batch)).logits
-    labels = batch["labels"][:, 1:]
-    losses = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
-                             ignore_index=IGNORE, reduction="none")
-    return losses.view(labels.shape).sum(dim=1)
-
-
-LOGITS_CHUNK_BYTES = 256 * 2**20  # float32 logits of one chunk; its backward holds a few times this
-
-
-def chunk_tokens(vocab_size: int) -> int:
-    """Tokens per chunk of chunked_lm_loss: ~440 at Qwen's 152k vocabulary, a whole batch at a tiny one."""
-    return max(1, LOGITS_CHUNK_BYTES // (4 * vocab_size))
-
-
-def chunked_lm_loss(model, batch: dict, chunk_size: int | None = None) -> torch.Tensor:
-    """causal_lm_loss without ever materialising [tokens, vocab] logits: the forward gives the final
-    hidden states (final_hidden_states; its logits are one position's), and lm_head is applied here only at positions
-    whose next token is trained, `chunk_size` at a time (default: chunk_tokens), each chunk recomputed
-    in backward. For a 152k vocabulary at 2048 tokens this saves ~3 GB of fp32 logits and their gradient.
-
-    The forward still goes through `model` (the DDP wrapper under several processes), so gradient
-    synchronisation is untouched; lm_head is frozen, so applying it outside costs DDP nothing."""
-    labels = batch["labels"][:, 1:]
-    keep = labels != IGNORE
-    final = final_hidden_states(model, batch)
-    if not keep.any():  # zero, but through the graph: backward (and DDP's all-reduce) still runs
-        return final.float().sum(dim=(1, 2)) * 0
-    hidden = final[:, :-1][keep]  # [trained tokens, hidden]
-    targets, rows = labels[keep], keep.nonzero()[:, 0]
-    head = output_head(model)
-    chunk_size = chunk_size or chunk_tokens(head.out_features)
-    losses = [checkpoint(_token_losses, head, hidden[i:i + chunk_size], targets[i:i + chunk_size], use_reentrant=False)
-              for i in range(0, len(targets), chunk_size)]
-    per_token = torch.cat(losses)
-    return torch.zeros(labels.shape[0], device=per_token.device).index_add(0, rows, per_token)
-
-
-def final_hidden_states(model, batch: dict) -> torch.Tensor:
-    """The forward through `model` (so DDP and Accelerate's autocast apply) and the decoder's output,
-    the final hidden states after the last norm, taken by a hook. output_hidden_states=True would
-    return every layer's, which Accelerate's mixed-precision wrapper copies to float32 (0.85 GB at
-    7B, seq 2048); logits_to_keep=1 keeps the model's own logits to one position."""
-    captured = []
-    hook = base_model(model).get_decoder().register_forward_hook(lambda module, args, out: captured.append(out[0]))
-    try:
-        model(**model_inputs(batch), logits_to_keep=1)
-    finally:
-        hook.remove()
-    return captured[-1]
-
-
-def base_model(model):
-    """The transformers model inside DDP / Accelerate / peft wrappers."""
-    while hasattr(model, "module"):
-        model = model.module
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def _token_losses(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(head(hidden).float(), targets, reduction="none")
-
-
-def output_head(model):
-    """The (unwrapped) model's lm_head module."""
-    return base_model(model).get_output_embeddings()
-
-
-def default_loss(model):
-    """chunked_lm_loss where the model's logits are plainly lm_head(final hidden state) and its
-    forward takes logits_to_keep and it has a decoder to hook; else (remote code, logit soft-capping
-    or scaling) causal_lm_loss."""
-    head, base = output_head(model), base_model(model)
-    plain = not any(getattr(base.config, name, None) for name in ("final_logit_softcapping", "logit_scale"))
-    takes_keep = "logits_to_keep" in inspect.signature(base.forward).parameters
-    has_decoder = callable(getattr(base, "get_decoder", None)) and base.get_decoder() is not None
-    frozen = head is not None and not any(p.requires_grad for p in head.parameters())
-    return chunked_lm_loss if plain and takes_keep and has_decoder and frozen else causal_lm_loss
-
-
-def count_targets(batch: dict) -> int:
-    return int((batch["labels"][:, 1:] != IGNORE).sum())
 
 
 @dataclass
@@ -122,10 +29,12 @@ class StepResult:
 
 
 class StepRunner:
-    def __init__(self, model, optimizer, scheduler, accelerator, loss_fn=causal_lm_loss,
-                 max_grad_norm: float = 1.0, step: int = 0):
+    def __init__(self, model, optimizer, scheduler, accelerator, *, loss_fn=None, max_grad_norm: float = 1.0,
+                 step: int = 0):
+        """loss_fn: (model, batch) -> per-sample loss sums (see loss.py); None = loss.default_loss(model)."""
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
-        self.accelerator, self.loss_fn, self.max_grad_norm = accelerator, loss_fn, max_grad_norm
+        self.accelerator, self.max_grad_norm = accelerator, max_grad_norm
+        self.loss_fn = loss_fn or default_loss(model)
         self.step = step  # optimizer steps taken so far
         self.adalora = adalora_of(accelerator.unwrap_model(model))
 

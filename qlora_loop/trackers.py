@@ -17,7 +17,8 @@ from pathlib import Path
 from accelerate import utils as accelerate_utils
 
 from qlora_loop.config import ConfigError
-from qlora_loop.manifest import flat_config
+from qlora_loop.config import flat_config
+from qlora_loop.memory import GIB
 
 PROJECT = "qlora_loop"  # the W&B / SwanLab / MLflow project; TensorBoard writes OUTPUT_DIR/qlora_loop/
 # name in train.log_with -> (accelerate's availability check, what to pip install)
@@ -75,7 +76,7 @@ def hyperparameters(config: dict) -> dict:
 def step_metrics(result, tokens_per_second: float, peak_memory_bytes: int) -> dict:
     """One optimizer step's numbers (result: step.StepResult)."""
     return {"train/loss": result.loss, "train/lr": result.lr, "train/grad_norm": result.grad_norm,
-            "train/tokens_per_second": tokens_per_second, "train/peak_memory_gib": peak_memory_bytes / 2**30}
+            "train/tokens_per_second": tokens_per_second, "train/peak_memory_gib": peak_memory_bytes / GIB}
 
 
 def epoch_metrics(row: dict) -> dict:

@@ -1,19 +1,18 @@
 """Shared fixtures: tiny models built offline once per session, loaded through from_pretrained,
-and a helper that runs scripts/train.py in-process."""
+and `train_main`, which runs a training as scripts/train.py does (qlora_loop.run.train), in-process."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from accelerate import Accelerator
 
-from qlora_loop.config import ASSETS
+from qlora_loop.config import ASSETS, load_config
 from qlora_loop.model import add_adapter, load_base_model, load_tokenizer
+from qlora_loop.run import train
 from qlora_loop.tiny import build_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,19 +62,15 @@ def rows44(tmp_path_factory) -> Path:
     return path
 
 
-def load_script(name: str):
-    """scripts/NAME.py as a module, imported from the checkout (scripts are not a package)."""
-    spec = importlib.util.spec_from_file_location(f"qlora_loop_{name}_script", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+def run_training(overrides: list[str], *, loss_fn=None, overwrite: bool = False, config: str | None = None) -> dict:
+    """A training as `scripts/train.py [--config FILE] [--overwrite] key=value ...` runs it."""
+    return train(load_config(config, overrides), overwrite=overwrite, loss_fn=loss_fn)
 
 
 @pytest.fixture(scope="session")
 def train_main():
-    """scripts/train.py's main(argv)."""
-    return load_script("train").main
+    """run_training, as a fixture."""
+    return run_training
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,5 @@
 # python -m torch.distributed.run --standalone --nproc_per_node 2 tests/ddp_worker.py RECORD_DIR [--nan RANK:CALL] [--sigterm RANK:CALL] [key.path=value ...]
-"""scripts/train.py's main() on every rank, unchanged, except that its StepRunner also notes which
+"""qlora_loop.run.train() on every rank, unchanged, except that its StepRunner also notes which
 examples each step trained on. --nan RANK:CALL gives rank RANK alone a NaN loss in its CALL-th
 step; --sigterm RANK:CALL sends SIGTERM to rank RANK alone just before its CALL-th step.
 Each rank then writes what it saw and how the run ended to RECORD_DIR/rank{N}.json, and the adapter
@@ -8,7 +8,6 @@ weights it holds to RECORD_DIR/rank{N}.safetensors, for tests/test_distributed.p
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import signal
@@ -22,8 +21,11 @@ sys.path.insert(0, str(ROOT))  # this checkout's qlora_loop, as scripts/train.py
 from peft import get_peft_model_state_dict  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
+from qlora_loop import run  # noqa: E402
+from qlora_loop.config import load_config  # noqa: E402
 from qlora_loop.fit import Interrupted, NonFiniteError  # noqa: E402
-from qlora_loop.step import StepRunner, causal_lm_loss  # noqa: E402
+from qlora_loop.loss import causal_lm_loss  # noqa: E402
+from qlora_loop.step import StepRunner  # noqa: E402
 
 
 def nan_loss(model, batch):
@@ -66,16 +68,13 @@ def main() -> None:
     parser.add_argument("--sigterm", help="RANK:CALL")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args()
-    spec = importlib.util.spec_from_file_location("qlora_loop_train_script", ROOT / "scripts" / "train.py")
-    train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train)
-    train.StepRunner = RecordingStepRunner  # main() builds its runner from this module-level name
+    run.StepRunner = RecordingStepRunner  # train() builds its runner from this module-level name
     rank = int(os.environ["RANK"])  # set by torchrun; read here, in the test's launcher, not in the code under test
     for option, attribute in ((args.nan, "nan_on_call"), (args.sigterm, "sigterm_on_call")):
         if option and int(option.split(":")[0]) == rank:
             setattr(RecordingStepRunner, attribute, int(option.split(":")[1]))
     try:
-        train.main(args.overrides)
+        run.train(load_config(None, args.overrides))
         outcome = "finished"
     except (Interrupted, NonFiniteError) as e:
         outcome = f"{type(e).__name__}: {e}"

@@ -16,14 +16,16 @@ from qlora_loop.config import ASSETS
 from qlora_loop.data import build_datasets, collate
 from qlora_loop.model import adalora_of, adalora_orth_reg, load_base_model
 from qlora_loop.optim import build_optimizer, build_scheduler
-from qlora_loop.step import StepRunner, causal_lm_loss
+from qlora_loop.loss import causal_lm_loss
+from qlora_loop.step import StepRunner
 
 TOTAL, TARGET_R, INIT_R = 20, 2, 4
 
 
 @pytest.fixture(scope="module")
 def batches(qwen2_tokenizer):
-    train, _, _ = build_datasets(qwen2_tokenizer, str(ASSETS / "self_cognition.jsonl"), None, 0.0, 256)
+    train, _, _ = build_datasets(qwen2_tokenizer, str(ASSETS / "self_cognition.jsonl"), None, val_split=0.0,
+                                 max_length=256)
     return [collate(train[i:i + 4], qwen2_tokenizer.pad_token_id) for i in range(0, 40, 4)]
 
 

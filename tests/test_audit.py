@@ -136,13 +136,13 @@ def test_collate_that_masks_pad_ids_drops_the_trained_eos(llama_tokenizer):
 def test_check_label_masks_stops_with_the_rows_unless_disabled(qwen2_tokenizer):
     examples, _ = bundled(qwen2_tokenizer)
     examples = [e for e in examples if e["where"].startswith(BUNDLED)]
-    assert check_label_masks(qwen2_tokenizer, examples, BUNDLED, None, sample=8, max_length=512) == 8
+    assert check_label_masks(qwen2_tokenizer, examples, BUNDLED, system_prompt=None, sample=8, max_length=512) == 8
     broken = [{**e, "labels": list(e["input_ids"])} for e in examples]
     with pytest.raises(LabelMaskError, match=r"(?s)label-mask audit found \d+ problem.*self_cognition.jsonl:\d+: "
                                              r"user text .* is trained.*data.audit_rows=0") as caught:
-        check_label_masks(qwen2_tokenizer, broken, BUNDLED, None, sample=8, max_length=512)
+        check_label_masks(qwen2_tokenizer, broken, BUNDLED, system_prompt=None, sample=8, max_length=512)
     assert isinstance(caught.value, DataError)  # scripts/train.py exits 2 with one error: line
-    assert check_label_masks(qwen2_tokenizer, broken, BUNDLED, None, sample=0, max_length=512) == 0
+    assert check_label_masks(qwen2_tokenizer, broken, BUNDLED, system_prompt=None, sample=0, max_length=512) == 0
 
 
 def test_a_run_whose_masks_train_the_prompt_stops_before_training(tiny_llama, train_main, tmp_path):

@@ -16,12 +16,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import load_script, peft_model
+from conftest import peft_model
 from peft import PeftModel
 
+import qlora_loop.chat
 from qlora_loop.config import ASSETS
 from qlora_loop.data import build_datasets, collate
-from qlora_loop.generate import InferenceError, generate_reply, load_for_inference, sample_replies, stream_reply
+from qlora_loop.generate import generate_reply, sample_replies, stream_reply
+from qlora_loop.inference import InferenceError, load_for_inference
 from qlora_loop.model import load_base_model, load_tokenizer
 from qlora_loop.step import StepRunner
 
@@ -32,7 +34,7 @@ ANSWERS = {"Who are you?": "I am Loopy, a small assistant fine-tuned with qlora_
 
 @pytest.fixture(scope="module")
 def chat_main():
-    return load_script("chat").main
+    return qlora_loop.chat.main
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +144,8 @@ def test_hub_base_unreachable_offline_is_one_line_and_exit_2(best, tmp_path):
 
 @pytest.fixture(scope="module")
 def batches(qwen2_tokenizer):
-    train, _, _ = build_datasets(qwen2_tokenizer, str(ASSETS / "self_cognition.jsonl"), None, 0.0, 256)
+    train, _, _ = build_datasets(qwen2_tokenizer, str(ASSETS / "self_cognition.jsonl"), None, val_split=0.0,
+                                 max_length=256)
     return [collate(train[i:i + 4], qwen2_tokenizer.pad_token_id) for i in (0, 4)]
 
 

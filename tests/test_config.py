@@ -201,11 +201,11 @@ def test_shipped_config_builds_data_and_adapter_on_a_tiny_model(path, request, t
                              f"data.train={SELF_COGNITION}", f"output_dir={tmp_path}"])
 
     # data: the label mask trains exactly the assistant turns, closed by the end-of-turn token
-    tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code, cfg.model.revision,
-                               cfg.data.chat_template)
+    tokenizer = load_tokenizer(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code,
+                               revision=cfg.model.revision, chat_template=cfg.data.chat_template)
     # val_split 0 (not the config's) keeps the file's first row first.
-    train_rows, _, _ = build_datasets(tokenizer, cfg.data.train, None, 0.0, cfg.data.max_length,
-                                      cfg.data.system_prompt, cfg.train.seed)
+    train_rows, _, _ = build_datasets(tokenizer, cfg.data.train, None, val_split=0.0, max_length=cfg.data.max_length,
+                                      system_prompt=cfg.data.system_prompt, seed=cfg.train.seed)
     first = load_conversations(cfg.data.train, cfg.data.system_prompt)[0].messages
     trained = tokenizer.decode([t for t in train_rows[0]["labels"] if t != IGNORE])
     for message in first:
@@ -215,13 +215,16 @@ def test_shipped_config_builds_data_and_adapter_on_a_tiny_model(path, request, t
     # model: 4-bit base + adapter, built as scripts/train.py builds them
     dtype = resolve_compute_dtype(cfg.model.compute_dtype, torch.device("cpu"))
     torch.manual_seed(0)
-    base = load_base_model(cfg.model.name_or_path, torch.device("cpu"), dtype, cfg.model.gradient_checkpointing,
-                           cfg.model.trust_remote_code, cfg.model.revision, cfg.model.attn_implementation)
+    base = load_base_model(cfg.model.name_or_path, torch.device("cpu"), dtype,
+                           gradient_checkpointing=cfg.model.gradient_checkpointing,
+                           trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision,
+                           attn_implementation=cfg.model.attn_implementation)
     linear4bit = {name for name, module in base.named_modules() if isinstance(module, bnb.nn.Linear4bit)}
     a = cfg.adapter
     targets = find_linear4bit_targets(base) if a.target_modules == "auto" else a.target_modules
-    model = add_adapter(base, a.kind, a.r, a.alpha, a.dropout, targets, 100, a.init_r, a.tinit, a.tfinal,
-                        a.delta_t, a.orth_reg_weight, a.extra)
+    model = add_adapter(base, a.kind, r=a.r, alpha=a.alpha, dropout=a.dropout, target_modules=targets, total_steps=100,
+                        init_r=a.init_r, tinit=a.tinit, tfinal=a.tfinal, delta_t=a.delta_t,
+                        orth_reg_weight=a.orth_reg_weight, extra=a.extra)
 
     peft_config = model.peft_config["default"]
     assert peft_config.peft_type.value == a.kind.upper()

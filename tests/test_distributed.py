@@ -120,7 +120,8 @@ def test_two_processes_stop_early_together_and_write_one_set_of_outputs(one_proc
     # One checkpoint per epoch end; each rank adds only its own RNG state to it.
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
     ours, theirs = (out / "checkpoints" / "step-000004", one_process / "checkpoints" / "step-000004")
-    assert {p.name for p in ours.iterdir()} == {p.name for p in theirs.iterdir()} | {"rng-rank1.safetensors", "rng-rank1.json"}
+    assert {p.name for p in ours.iterdir()} == {p.name for p in theirs.iterdir()} | {"rng-rank1.safetensors",
+                                                                                     "rng-rank1.json"}
     assert stdout.count("trainable parameters:") == 1 and stdout.count("best_metric") == 1  # printed by one rank
 
 

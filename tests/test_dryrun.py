@@ -16,7 +16,7 @@ from transformers import Qwen2Config
 from qlora_loop.config import load_config
 from qlora_loop.dryrun import dry_run, dry_run_config, report
 from qlora_loop.model import add_adapter, find_linear4bit_targets, load_base_model, trainable_parameters
-from qlora_loop.step import chunk_tokens
+from qlora_loop.loss import chunk_tokens
 
 ADAPTERS = {
     "lora": dict(kind="lora", r=8, alpha=16, dropout=0.05),

@@ -21,9 +21,10 @@ from safetensors.torch import load_file
 from qlora_loop.checkpoint import CheckpointError, Checkpoints, save_adapter
 from qlora_loop.config import ASSETS
 from qlora_loop.data import build_datasets, collate
-from qlora_loop.fit import NonFiniteError
+from qlora_loop.fit import NonFiniteError, stop_on_signals
 from qlora_loop.optim import build_optimizer, build_scheduler
-from qlora_loop.step import StepRunner, chunked_lm_loss
+from qlora_loop.loss import chunked_lm_loss
+from qlora_loop.step import StepRunner
 
 # 40 train rows, batch 4, grad_accum 1: loss call 1 is the memory probe, calls 2..11 are the 10 optimizer
 # steps of epoch 1
@@ -79,7 +80,8 @@ def runner(tiny_qwen2, qwen2_tokenizer):
     model = peft_model(tiny_qwen2, r=4)
     optimizer = build_optimizer(model, lr=1e-3)
     runner = StepRunner(model, optimizer, build_scheduler(optimizer, "cosine", 10, 0.1), accelerator)
-    train, _, _ = build_datasets(qwen2_tokenizer, str(ASSETS / "self_cognition.jsonl"), None, 0.0, 128)
+    train, _, _ = build_datasets(qwen2_tokenizer, str(ASSETS / "self_cognition.jsonl"), None, val_split=0.0,
+                                 max_length=128)
     runner.batch = collate(train[:2], qwen2_tokenizer.pad_token_id)
     return runner
 
@@ -89,7 +91,7 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 
 def test_disk_full_at_any_stage_of_a_save_keeps_the_previous_checkpoint(runner, monkeypatch, tmp_path):
-    checkpoints = Checkpoints(runner.accelerator, tmp_path, {"batch_size": 2}, {}, keep_last=1)
+    checkpoints = Checkpoints(runner.accelerator, tmp_path, identity={"batch_size": 2}, config={}, keep_last=1)
     runner([runner.batch])
     first = checkpoints.save(runner, {"epoch": 1})
     before = snapshot(first)
@@ -97,7 +99,8 @@ def test_disk_full_at_any_stage_of_a_save_keeps_the_previous_checkpoint(runner, 
 
     real_fsync, calls = os.fsync, [0]
     monkeypatch.setattr(os, "fsync", lambda fd: (calls.__setitem__(0, calls[0] + 1), real_fsync(fd)))
-    Checkpoints(runner.accelerator, tmp_path / "dry", {}, {}).save(runner, {"epoch": 1})  # counts one save's fsyncs
+    Checkpoints(runner.accelerator, tmp_path / "dry", identity={}, config={}).save(runner,
+                                                                                   {"epoch": 1})  # counts one save's fsyncs
     stages = calls[0]
     assert stages >= 11  # 8 files, the folder, the marker, the parent folder
     for stage in range(1, stages + 1):
@@ -137,7 +140,7 @@ def test_disk_full_while_saving_the_best_adapter_keeps_the_old_one(runner, qwen2
     (lambda c: (c / "scheduler.json").write_text('{"__tensor__": "t99"}'), r"scheduler\.json is corrupt"),
 ])
 def test_missing_or_corrupt_checkpoint_file_is_an_error_naming_it(runner, tmp_path, damage, says):
-    checkpoints = Checkpoints(runner.accelerator, tmp_path, {}, {})
+    checkpoints = Checkpoints(runner.accelerator, tmp_path, identity={}, config={})
     runner([runner.batch])
     saved = checkpoints.save(runner, {"epoch": 1})
     damage(saved)
@@ -146,7 +149,7 @@ def test_missing_or_corrupt_checkpoint_file_is_an_error_naming_it(runner, tmp_pa
 
 
 def test_checkpoints_hold_no_pickle_only_safetensors_and_json(runner, tmp_path):
-    checkpoints = Checkpoints(runner.accelerator, tmp_path, {}, {})
+    checkpoints = Checkpoints(runner.accelerator, tmp_path, identity={}, config={})
     runner([runner.batch])
     saved = checkpoints.save(runner, {"epoch": 1})
     names = sorted(p.name for p in saved.iterdir())
@@ -185,14 +188,12 @@ def test_sigterm_finishes_the_step_writes_a_checkpoint_and_exits_75(tiny_qwen2, 
     assert "Traceback" not in stderr
 
 
-def test_second_signal_gets_the_default_action(train_main):
-    spec = sys.modules["qlora_loop_train_script"]
+def test_second_signal_gets_the_default_action():
     accelerator = Accelerator(mixed_precision="no")
-    previous = spec.stop_on_signals(accelerator)
-    try:
+    before = signal.getsignal(signal.SIGINT)
+    with stop_on_signals(accelerator):
         signal.raise_signal(signal.SIGINT)  # the first: only asks to stop after the step
         assert accelerator.check_trigger()
         assert signal.getsignal(signal.SIGINT) == signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    assert signal.getsignal(signal.SIGINT) == before  # the caller's handlers come back
+

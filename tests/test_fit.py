@@ -32,7 +32,7 @@ def run_fit(tmp_path, losses, patience, mode="min", epochs=None):
     batches = [{"labels": torch.zeros(1, 2)}] * 4  # 4 micro-batches, grad_accum 2 -> 2 steps per epoch
     runner = ScriptedRunner(accelerator, losses, steps_per_epoch=2)
     saved_at = []
-    summary = fit(runner, batches, None, RunLog(accelerator, tmp_path), lambda: saved_at.append(runner.step),
+    summary = fit(runner, batches, None, RunLog(accelerator, tmp_path), save_best=lambda: saved_at.append(runner.step),
                   epochs=epochs or len(losses), grad_accum=2, stopper=EarlyStopping(patience, mode, "train_loss"))
     history = [json.loads(line) for line in (tmp_path / "history.jsonl").read_text().splitlines()]
     return summary, saved_at, history

@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import load_script
+import qlora_loop.inspector
 from rich.console import Console
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,7 +25,7 @@ ROWS = [
 
 @pytest.fixture(scope="module")
 def script():
-    return load_script("inspect_data")
+    return qlora_loop.inspector
 
 
 @pytest.fixture

@@ -22,8 +22,8 @@ from qlora_loop.optim import build_optimizer, build_scheduler  # noqa: E402
 
 
 def test_keras_model_trains_the_tiny_model_through_our_step_runner(tmp_path, tiny_qwen2, qwen2_tokenizer, rows44):
-    train, val, _ = build_datasets(qwen2_tokenizer, str(rows44), None, 0.1, 512, seed=0)
-    train_dl, val_dl = build_dataloaders(train, val, 4, qwen2_tokenizer.pad_token_id, seed=0)
+    train, val, _ = build_datasets(qwen2_tokenizer, str(rows44), None, val_split=0.1, max_length=512, seed=0)
+    train_dl, val_dl = build_dataloaders(train, val, batch_size=4, pad_id=qwen2_tokenizer.pad_token_id, seed=0)
     model = peft_model(tiny_qwen2, r=8, alpha=16, dropout=0.0)
     optimizer = build_optimizer(model, "paged_adamw_32bit", 3e-3)
     scheduler = build_scheduler(optimizer, "cosine", len(train_dl) * 3, 0.05)

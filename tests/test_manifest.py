@@ -29,8 +29,8 @@ def adapter_dir(tmp_path, tiny_qwen2, qwen2_tokenizer):
     config["model"]["name_or_path"] = str(tiny_qwen2)
     folder = tmp_path / "best"
     folder.mkdir()
-    write_manifest(folder, build_manifest(config, qwen2_tokenizer, str(tiny_qwen2), [config["data"]["train"]],
-                                          torch.device("cpu")))
+    write_manifest(folder, build_manifest(config, qwen2_tokenizer, str(tiny_qwen2),
+                                          data_files=[config["data"]["train"]], device=torch.device("cpu")))
     return folder
 
 

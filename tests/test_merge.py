@@ -9,14 +9,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import load_script, peft_model
+from conftest import peft_model
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import qlora_loop.merge
 from qlora_loop.checkpoint import save_adapter
 from qlora_loop.config import ASSETS, Config
 from qlora_loop.data import IGNORE, build_datasets, collate
-from qlora_loop.generate import InferenceError, encode_chat, generate_reply, load_for_inference, validation_prompts
+from qlora_loop.generate import encode_chat, generate_reply
+from qlora_loop.inference import InferenceError, load_for_inference, validation_prompts
 from qlora_loop.merge import fidelity_report, merge_adapter, report_prompts
 from qlora_loop.model import load_tokenizer
 from qlora_loop.optim import build_optimizer, build_scheduler
@@ -27,15 +29,15 @@ ANSWER = "I am Loopy, a small assistant fine-tuned with qlora_loop."
 
 @pytest.fixture(scope="module")
 def merge_main():
-    return load_script("merge").main
+    return qlora_loop.merge.main
 
 
 @pytest.fixture(scope="module")
 def held_out(best) -> list[dict]:
     """The default run's validation examples, built as scripts/train.py builds them."""
     cfg = Config()
-    _, val, _ = build_datasets(load_tokenizer(str(best)), cfg.data.train, None, cfg.data.val_split,
-                               cfg.data.max_length, seed=cfg.train.seed)
+    _, val, _ = build_datasets(load_tokenizer(str(best)), cfg.data.train, None, val_split=cfg.data.val_split,
+                               max_length=cfg.data.max_length, seed=cfg.train.seed)
     return val
 
 
@@ -77,7 +79,8 @@ def test_merged_model_answers_like_the_adapter_where_top1_agrees(merged, best, h
     model = AutoModelForCausalLM.from_pretrained(out)  # plain transformers, nothing of ours
     tokenizer = AutoTokenizer.from_pretrained(out)
     reference, ref_tokenizer = load_for_inference(best)
-    assert report["prompts"] == min(8, len({prompt_ids(row) for row in held_out}))  # --num-prompts 8 of the default's validation questions
+    assert report["prompts"] == min(8,
+                                    len({prompt_ids(row) for row in held_out}))  # --num-prompts 8 of the default's validation questions
     for row in report["rows"]:  # the report's replies are the models' real greedy replies
         merged_reply = plain_greedy(model, tokenizer, row["prompt"])
         adapter_reply = generate_reply(reference, ref_tokenizer, row["prompt"], max_new_tokens=64)
@@ -144,7 +147,8 @@ def test_validation_prompts_skip_bad_rows_as_training_does(qwen2_tokenizer, tmp_
     path.write_text("\n".join(lines[:3] + ["{not json"] + lines[3:]) + "\n", encoding="utf-8")
     run = {"data": {"train": str(path), "val_split": 0.25, "on_error": "skip"}, "train": {"seed": 3}}
     prompts, references, source = validation_prompts(run, n=100)
-    _, val, _ = build_datasets(qwen2_tokenizer, str(path), None, 0.25, 512, seed=3, on_error="skip")
+    _, val, _ = build_datasets(qwen2_tokenizer, str(path), None, val_split=0.25, max_length=512, seed=3,
+                               on_error="skip")
     assert len(val) == 5 and source == f"{path} (validation rows)"
     first_turns_match(qwen2_tokenizer, prompts, references, val)
 
@@ -157,7 +161,7 @@ def test_a_corrupted_adapter_gives_a_large_kl(merged, best, tmp_path):
     save_file({k: t * 50 if "lora_B" in k else t for k, t in tensors.items()}, bad / "adapter_model.safetensors")
     prompts, references, _ = report_prompts(best, n=3)
     # 4-bit base + corrupted adapter against the merge of the good one.
-    report = fidelity_report(bad, out, prompts, references, max_new_tokens=16)
+    report = fidelity_report(bad, out, prompts, references=references, max_new_tokens=16)
     assert report["mean_kl"] > 1.0 > 1000 * good["mean_kl"]
     assert report["top1_agreement"] < 0.5 and report["greedy_match"] == 0 and not report["ok"]
 
@@ -196,7 +200,7 @@ def test_missing_adapter_is_an_error_before_any_work(merge_main, tmp_path):
 def test_adalora_adapter_merges(tiny_qwen2, qwen2_tokenizer, tmp_path):
     from accelerate import Accelerator
     accelerator = Accelerator(mixed_precision="no")
-    train, _, _ = build_datasets(qwen2_tokenizer, str(Config().data.train), None, 0.0, 64)
+    train, _, _ = build_datasets(qwen2_tokenizer, str(Config().data.train), None, val_split=0.0, max_length=64)
     batches = [collate(train[i:i + 2], qwen2_tokenizer.pad_token_id) for i in range(0, 12, 2)]
     model = peft_model(tiny_qwen2, "adalora", r=2, init_r=4, total_steps=6, tinit=0.1, tfinal=0.2, dropout=0.0)
     optimizer = build_optimizer(model, lr=2e-2)
@@ -210,7 +214,7 @@ def test_adalora_adapter_merges(tiny_qwen2, qwen2_tokenizer, tmp_path):
     merge_adapter(tmp_path / "best", tmp_path / "merged")
     prompts, references, source = report_prompts(tmp_path / "best")  # no run config: built-in questions
     assert "built-in" in source
-    report = fidelity_report(tmp_path / "best", tmp_path / "merged", prompts, references, max_new_tokens=16)
+    report = fidelity_report(tmp_path / "best", tmp_path / "merged", prompts, references=references, max_new_tokens=16)
     assert report["ok"] and report["mean_kl"] < 0.01
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")

@@ -10,7 +10,8 @@ from peft import LoraConfig
 
 from qlora_loop.model import (ModelError, add_adapter, check_packing, find_linear4bit_targets, load_base_model,
                               load_tokenizer, resolve_compute_dtype, trainable_parameters)
-from qlora_loop.tiny import build_tiny_model, resolve_model_path
+from qlora_loop.builtin import resolve_model_path
+from qlora_loop.tiny import build_tiny_model
 
 PROJECTIONS = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
 
@@ -108,14 +109,16 @@ def test_under_bf16_autocast_weights_and_residual_stream_stay_bf16_and_it_trains
     from qlora_loop.config import ASSETS
     from qlora_loop.data import build_datasets, collate
     from qlora_loop.optim import build_optimizer, build_scheduler
-    from qlora_loop.step import StepRunner, default_loss
+    from qlora_loop.step import StepRunner
+    from qlora_loop.loss import default_loss
 
     plain = load_base_model(str(tiny_qwen2), torch.device("cpu"), torch.bfloat16)
     kept = load_base_model(str(tiny_qwen2), torch.device("cpu"), torch.bfloat16, autocast=True)
     assert plain.lm_head.weight.dtype == plain.model.embed_tokens.weight.dtype == torch.float32
     assert kept.lm_head.weight.dtype == kept.model.embed_tokens.weight.dtype == torch.bfloat16
     assert kept.model.norm.weight.dtype == kept.model.layers[0].input_layernorm.weight.dtype == torch.bfloat16
-    rows, _, _ = build_datasets(qwen2_tokenizer, str(ASSETS / "self_cognition.jsonl"), None, 0.0, 128)
+    rows, _, _ = build_datasets(qwen2_tokenizer, str(ASSETS / "self_cognition.jsonl"), None, val_split=0.0,
+                                max_length=128)
     batch = collate(rows[:4], qwen2_tokenizer.pad_token_id)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         hidden = kept(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -138,7 +141,7 @@ def test_under_bf16_autocast_weights_and_residual_stream_stay_bf16_and_it_trains
                 return loss_fn(model, batch)
 
         runner = StepRunner(model, optimizer, build_scheduler(optimizer, "constant", 5, 0.0),
-                            Accelerator(mixed_precision="no"), forward_under_autocast)
+                            Accelerator(mixed_precision="no"), loss_fn=forward_under_autocast)
         losses[name] = [runner([batch]).loss for _ in range(3)]
     assert losses["kept"] == pytest.approx(losses["plain"], rel=0.02)  # bf16 logits: close, not equal
     assert losses["kept"][-1] < losses["kept"][0]  # it trains
@@ -177,9 +180,10 @@ def test_training_after_an_evaluation_computes_what_it_did_before(tiny_qwen2, qw
     q/k/v projections fail in training and the numbers differ."""
     from qlora_loop.config import ASSETS
     from qlora_loop.data import build_datasets, collate
-    from qlora_loop.step import causal_lm_loss
+    from qlora_loop.loss import causal_lm_loss
 
-    rows, _, _ = build_datasets(qwen2_tokenizer, str(ASSETS / "self_cognition.jsonl"), None, 0.0, 128)
+    rows, _, _ = build_datasets(qwen2_tokenizer, str(ASSETS / "self_cognition.jsonl"), None, val_split=0.0,
+                                max_length=128)
     batch = collate(rows[:4], qwen2_tokenizer.pad_token_id)
     model = peft_model(tiny_qwen2, r=4, dropout=0.0)
     before = causal_lm_loss(model, batch).sum()
@@ -219,7 +223,8 @@ def test_packing_check_passes_native_models_and_refuses_one_whose_rows_would_mix
     from qlora_loop.config import ASSETS
     from qlora_loop.data import build_datasets
     path = request.getfixturevalue(fixture)
-    train, _, _ = build_datasets(load_tokenizer(str(path)), str(ASSETS / "self_cognition.jsonl"), None, 0.0, 256)
+    train, _, _ = build_datasets(load_tokenizer(str(path)), str(ASSETS / "self_cognition.jsonl"), None, val_split=0.0,
+                                 max_length=256)
     model = peft_model(path, r=4)
     with torch.no_grad():  # a trained-looking adapter, not B = 0
         for name, p in model.named_parameters():

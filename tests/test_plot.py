@@ -10,10 +10,10 @@ import math
 from pathlib import Path
 
 import pytest
-from conftest import load_script
 
 from qlora_loop.config import Config
 from qlora_loop.data import split_validation, steps_per_epoch
+import qlora_loop.plot
 from qlora_loop.plot import plot_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,7 +124,7 @@ def test_skipped_nonfinite_steps_are_left_out_and_counted(run, tmp_path):
 
 
 def test_plot_script_writes_where_told(run, tmp_path, capsys):
-    script = load_script("plot")
+    script = qlora_loop.plot
     out = tmp_path / "elsewhere.png"
     assert script.main([str(run), "--out", str(out)]) == out
     assert out.stat().st_size > 60_000 and capsys.readouterr().out.strip() == str(out)

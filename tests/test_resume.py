@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from qlora_loop.checkpoint import CheckpointError
 from qlora_loop.config import ConfigError
-from qlora_loop.step import chunked_lm_loss
+from qlora_loop.loss import chunked_lm_loss
 
 # 40 train rows / batch 4 = 10 micro-batches, grad_accum 2 -> 5 steps an epoch; checkpoints at even steps
 # and at each epoch end
@@ -130,18 +130,20 @@ def test_packed_run_resumes_exactly_and_trains_without_padding(tiny_qwen2, rows4
     assert steps[-1]["loss"] < steps[0]["loss"] - 3  # it learns: 7.35 -> 3.35 when pinned
 
 
-def test_a_checkpoint_from_before_packing_existed_still_resumes(uninterrupted, tiny_qwen2, rows44, train_main,
-                                                                tmp_path):
-    """Checkpoints written before the resume identity held `batching` take it from their config."""
+def test_a_checkpoint_of_another_format_or_loop_state_is_one_clear_error(uninterrupted, tiny_qwen2, rows44,
+                                                                          train_main, tmp_path):
     import shutil
-    old = tmp_path / "step-000006"
-    shutil.copytree(uninterrupted / "checkpoints" / "step-000006", old)
-    state = json.loads((old / "state.json").read_text())
-    del state["identity"]["batching"]
-    (old / "state.json").write_text(json.dumps(state))
-    args = [f"model.name_or_path={tiny_qwen2}", f"data.train={rows44}", f"output_dir={tmp_path / 'out'}", *SETTINGS,
-            f"train.resume={old}"]
-    with pytest.raises(CheckpointError, match=r"batching was 'grouped', is now 'packed'"):
-        train_main(args + ["data.packing=true"])
-    summary = train_main(args)
-    assert summary["steps"] == 15
+    args = [f"model.name_or_path={tiny_qwen2}", f"data.train={rows44}", *SETTINGS]
+    for name, edit, says in (
+            ("format", lambda state: state.update(format=99),
+             r"checkpoint of format 99; this qlora_loop reads format 1"),
+            ("field", lambda state: state["loop"].update(batches_seen=3),
+             r"loop state has fields this qlora_loop does not know \(\['batches_seen'\]\)")):
+        old = tmp_path / name / "step-000006"
+        shutil.copytree(uninterrupted / "checkpoints" / "step-000006", old)
+        state = json.loads((old / "state.json").read_text())
+        edit(state)
+        (old / "state.json").write_text(json.dumps(state))
+        with pytest.raises(CheckpointError, match=says):
+            train_main(args + [f"output_dir={tmp_path / name / 'out'}", f"train.resume={old}"])
+

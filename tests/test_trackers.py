@@ -58,8 +58,8 @@ def test_tensorboard_events_are_written_and_read_back(tmp_path, tiny_qwen2, qwen
     accelerator = Accelerator(log_with=check_trackers(["tensorboard"]), project_dir=out, mixed_precision="no")
     config = to_dict(load_config(None, ["train.lr=7e-4"]))
     start_trackers(accelerator, config, run_name="run")
-    train, _, _ = build_datasets(qwen2_tokenizer, config["data"]["train"], None, 0.0, 512)
-    loader, _ = build_dataloaders(train[:12], [], 4, qwen2_tokenizer.pad_token_id)
+    train, _, _ = build_datasets(qwen2_tokenizer, config["data"]["train"], None, val_split=0.0, max_length=512)
+    loader, _ = build_dataloaders(train[:12], [], batch_size=4, pad_id=qwen2_tokenizer.pad_token_id)
     model = peft_model(tiny_qwen2, r=4)
     lr = config["train"]["lr"]
     optimizer = build_optimizer(model, "paged_adamw_32bit", lr)
@@ -124,8 +124,8 @@ def test_a_run_with_log_with_tensorboard_sends_what_it_writes(tmp_path, tiny_qwe
     # Only event files go: the folder may hold something else of the user's.
     (tensorboard_dir(out) / "notes.txt").write_text("mine")
     train_main([f"model.name_or_path={tiny_qwen2}", f"data.train={rows44}", "train.epochs=1", "train.patience=0",
-                "train.log_with=[tensorboard]", "eval.num_samples=0", "train.lr=1e-3", f"output_dir={out}",
-                "--overwrite"])
+                "train.log_with=[tensorboard]", "eval.num_samples=0", "train.lr=1e-3", f"output_dir={out}"],
+               overwrite=True)
     steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
     events = EventAccumulator(str(tensorboard_dir(out)), size_guidance={"scalars": 0})
     events.Reload()

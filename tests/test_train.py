@@ -18,7 +18,7 @@ from qlora_loop.config import Config
 from qlora_loop.data import build_dataloaders, build_datasets
 from qlora_loop.fit import evaluate
 from qlora_loop.model import load_base_model, load_tokenizer
-from qlora_loop.tiny import resolve_model_path
+from qlora_loop.builtin import resolve_model_path
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,16 +76,18 @@ def test_reloaded_adapter_reproduces_val_loss_and_answers(default_run):
     cfg = Config()
     base_path = str(cache / "qlora_loop" / Path(resolve_model_path(cfg.model.name_or_path)).name)
     tokenizer = load_tokenizer(str(out / "best"))
-    _, val_rows, _ = build_datasets(tokenizer, cfg.data.train, None, cfg.data.val_split, cfg.data.max_length,
+    _, val_rows, _ = build_datasets(tokenizer, cfg.data.train, None, val_split=cfg.data.val_split,
+                                    max_length=cfg.data.max_length,
                                     seed=cfg.train.seed)
-    _, val_dl = build_dataloaders(val_rows, val_rows, cfg.train.batch_size, tokenizer.pad_token_id)
+    _, val_dl = build_dataloaders(val_rows, val_rows, batch_size=cfg.train.batch_size, pad_id=tokenizer.pad_token_id)
     from accelerate import Accelerator
     model = PeftModel.from_pretrained(load_base_model(base_path, torch.device("cpu")), out / "best")
     assert evaluate(model, val_dl, Accelerator(mixed_precision="no")) == pytest.approx(summary["best_metric"],
                                                                                       rel=1e-4)
     # Every question that opens a training row gets its trained answer back, verbatim, greedy.
     model.eval()
-    train_rows, _, _ = build_datasets(tokenizer, cfg.data.train, None, cfg.data.val_split, cfg.data.max_length,
+    train_rows, _, _ = build_datasets(tokenizer, cfg.data.train, None, val_split=cfg.data.val_split,
+                                      max_length=cfg.data.max_length,
                                       seed=cfg.train.seed)
     firsts = {}
     for line in Path(cfg.data.train).read_text(encoding="utf-8").splitlines():

@@ -1,0 +1,52 @@
+"""How the scripts run: one `error:` line and a documented exit status for every error a user
+can cause, never a traceback; with `quiet`, the libraries' loading bars and deprecation notices
+are kept off the terminal (chat's conversation, merge's report).
+
+Exit status: 0 done; 2 bad config, data, model, checkpoint, launch, flag or folder, or a batch that
+does not fit in memory; 3 non-finite loss; 75 stopped by SIGTERM/SIGINT after writing a checkpoint."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import warnings
+
+# bitsandbytes logs on import, on CPUs with AVX512-BF16, that an optional kernel is not installed;
+# stderr is kept for the one `error:` line. Set before anything imports bitsandbytes.
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+from qlora_loop.checkpoint import CheckpointError  # noqa: E402
+from qlora_loop.config import ConfigError  # noqa: E402
+from qlora_loop.distributed import LaunchError  # noqa: E402
+from qlora_loop.fit import Interrupted, NonFiniteError  # noqa: E402
+from qlora_loop.inference import InferenceError  # noqa: E402
+from qlora_loop.memory import OutOfMemory  # noqa: E402
+from qlora_loop.model import ModelError  # noqa: E402
+from qlora_loop.rows import DataError  # noqa: E402
+
+USER_ERRORS = (ConfigError, DataError, ModelError, CheckpointError, LaunchError, OutOfMemory, InferenceError,
+               FileNotFoundError)
+
+
+@contextlib.contextmanager
+def as_script(*, quiet: bool = False):
+    """Run a script's main: each error a user can cause becomes one line on stderr and its exit status."""
+    if quiet:
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+    try:
+        yield
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(3)
+    except Interrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        sys.exit(75)
