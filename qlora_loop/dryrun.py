@@ -124,7 +124,7 @@ def activation_bytes(tokens: int, *, hidden: int, intermediate: int, kv_width: i
 
 def dry_run_config(cfg, model_path: str, logits_chunk: int | None | str = "auto") -> DryRun:
     """dry_run for a loaded config.Config; `model_path` is cfg.model.name_or_path resolved
-    (tiny.resolve_model_path)."""
+    (builtin.resolve_model_path)."""
     a = cfg.adapter
     adapter = dict(kind=a.kind, r=a.r, alpha=a.alpha, dropout=a.dropout, target_modules=a.target_modules,
                    init_r=a.init_r, tinit=a.tinit, tfinal=a.tfinal, delta_t=a.delta_t,

@@ -1,4 +1,5 @@
-"""Tiny causal LMs built offline: the embedded default's model, and the fixture of every test.
+"""Tiny causal LMs built offline: the embedded default's model (builtin:tiny-*, see
+qlora_loop.builtin), and the fixture of every test.
 
 A tiny model is a real transformers checkpoint (config.json + safetensors + a byte-level BPE
 tokenizer with a chat template) written to a folder, so it loads through the very
@@ -8,9 +9,6 @@ tokenizer with a chat template) written to a folder, so it loads through the ver
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -47,7 +45,6 @@ ARCHS = {
     "llama": (LlamaConfig, ["<unk>", "<s>", "</s>"], "</s>", None, LLAMA2),
 }
 
-BUILTIN = {"builtin:tiny-qwen2": "qwen2", "builtin:tiny-llama": "llama"}
 BUILD_VERSION = 3  # bump when the builder or the bundled texts change, so stale caches are not reused
 LM_HEAD_STD = 0.1
 
@@ -80,28 +77,6 @@ def build_tiny_model(out_dir: str | Path, arch: str = "qwen2", hidden_size: int 
     torch.nn.init.normal_(model.lm_head.weight, std=LM_HEAD_STD)
     model.save_pretrained(out_dir)
     return out_dir
-
-
-def resolve_model_path(name_or_path: str) -> str:
-    """`builtin:tiny-*` -> a cached folder (built on first use); anything else is returned as is."""
-    if name_or_path not in BUILTIN:
-        if name_or_path.startswith("builtin:"):
-            raise ValueError(f"model.name_or_path={name_or_path!r}: unknown builtin model; "
-                             f"choose one of {', '.join(BUILTIN)}")
-        return name_or_path
-    arch = BUILTIN[name_or_path]
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qlora_loop"
-    target = cache / f"tiny-{arch}-v{BUILD_VERSION}"
-    if not (target / "config.json").is_file():
-        cache.mkdir(parents=True, exist_ok=True)
-        # Build beside the target and rename, so a crash never leaves a half-written cache.
-        tmp = Path(tempfile.mkdtemp(prefix=f".tiny-{arch}-", dir=cache))
-        try:
-            build_tiny_model(tmp, arch=arch)
-            os.replace(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return str(target)
 
 
 def _train_tokenizer(specials: list[str], vocab_size: int) -> Tokenizer:
