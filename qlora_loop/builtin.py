@@ -87,8 +87,8 @@ def resolve_gguf(name_or_path: str, gguf_file: str) -> Path:
     """A local GGUF is keyed by its content hash, a hub one by repo + file name."""
     local = next((p for p in (Path(gguf_file), Path(name_or_path) / gguf_file) if p.is_file()), None)
     if local is not None:
-        key = f"{_slug(local.stem)}-{_sha256(local)[:16]}"
-        return cached_build(f"gguf-v{GGUF_VERSION}-{key}", partial(convert_gguf, str(local.parent), local.name))
+        return cached_build(f"gguf-v{GGUF_VERSION}-{_sha256(local)[:16]}",
+                            partial(convert_gguf, str(local.parent), local.name))
     if Path(name_or_path).is_dir():
         raise ModelError(f"model.gguf_file={gguf_file!r}: no such file, neither as given nor in {name_or_path}")
     key = f"{_slug(f'{name_or_path}-{gguf_file}')}-{_sha256_text(f'{name_or_path}/{gguf_file}')[:8]}"
