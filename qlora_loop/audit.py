@@ -54,15 +54,15 @@ def audit_file(tokenizer, examples: list[dict], train_file: str, *, system_promp
     return audit_label_masks(tokenizer, examples, conversations, sample=sample, max_length=max_length)
 
 
-def check_label_masks(tokenizer, examples: list[dict], train_file: str, *, system_prompt: str | None,
-                      sample: int, max_length: int) -> int:
-    """audit_file, raising LabelMaskError naming the rows and what is wrong. Returns the number of
-    rows audited (0 when sample is 0: the audit is off)."""
+def check_label_masks(tokenizer, examples: list[dict], *, sample: int, max_length: int) -> int:
+    """audit_label_masks against the messages each example was built from (data.build_examples keeps
+    them), raising LabelMaskError naming the rows and what is wrong. Returns the number of rows
+    audited (0 when sample is 0: the audit is off)."""
     if sample <= 0:
         return 0
     audited = min(sample, len(examples))
-    problems = audit_file(tokenizer, examples, train_file, system_prompt=system_prompt, sample=sample,
-                          max_length=max_length)
+    problems = audit_label_masks(tokenizer, examples, [e["messages"] for e in examples], sample=sample,
+                                 max_length=max_length)
     if problems:
         shown = "\n  ".join(problems[:10]) + (f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else "")
         raise LabelMaskError(f"the label-mask audit found {len(problems)} problem(s) in {audited} rows; training "

@@ -48,7 +48,7 @@ def resolve_model_path(name_or_path: str, *, gguf_file: str | None = None) -> st
     `gguf_file` (a local .gguf path, or a file name inside the folder or hub repo `name_or_path`)
     -> the dequantized checkpoint's cached folder (converted on first use); anything else as is."""
     if gguf_file is not None:
-        if name_or_path.startswith("builtin:"):
+        if name_or_path.startswith("builtin:") and not Path(gguf_file).is_file():  # a local file needs no folder
             raise ModelError(f"model.gguf_file={gguf_file!r} names a GGUF checkpoint, but model.name_or_path="
                              f"{name_or_path!r} is a builtin model; give the GGUF's folder or hub repo instead")
         return str(resolve_gguf(name_or_path, gguf_file))

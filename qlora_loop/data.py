@@ -153,10 +153,12 @@ def split_validation(rows: list, val_split: float, seed: int, where: str = "data
 
 def build_datasets(tokenizer, train: str, val: str | None = None, *, val_split: float, max_length: int,
                    system_prompt: str | None = None, seed: int = 0, on_error: str = "error",
-                   max_skip_fraction: float = 0.1):
-    """(train examples, val examples or [], {"train": DataStats, "val": DataStats}).
+                   max_skip_fraction: float = 0.1, replay: list[Conversation] = ()):
+    """(train examples, val examples or [], {"train": DataStats, "val": DataStats[, "replay": DataStats]}).
     on_error: "error" stops at the first bad row; "skip" drops bad rows, counting them by kind, and
-    stops only when more than max_skip_fraction of a file's rows would be dropped."""
+    stops only when more than max_skip_fraction of a file's rows would be dropped. `replay` rows
+    (replay.replay_conversations) are trained beside the file's, never held out; one of them that
+    does not fit data.max_length is skipped and counted."""
     train_rejects, val_rejects = Rejects(on_error == "error"), Rejects(on_error == "error")
     conversations = load_conversations(train, system_prompt, train_rejects)
     if val is not None:
@@ -174,7 +176,11 @@ def build_datasets(tokenizer, train: str, val: str | None = None, *, val_split: 
         raise DataError(f"{train}: no usable rows left")
     if held_out and not val_examples:
         raise DataError(f"{val or train}: no usable validation rows left")
-    return train_examples, val_examples, {"train": train_stats, "val": val_stats}
+    stats = {"train": train_stats, "val": val_stats}
+    if replay:
+        replayed, stats["replay"] = build_examples(tokenizer, list(replay), max_length, Rejects(strict=False))
+        train_examples += [{**e, "index": len(train_examples) + e["index"]} for e in replayed]
+    return train_examples, val_examples, stats
 
 
 # --- batches ------------------------------------------------------------------------------------

@@ -180,24 +180,30 @@ def epoch_batches(dataloader, epoch: int, skip: int, accelerator):
 
 def fit(runner, train_dl, val_dl, log, *, save_best, checkpoints=None, epochs: int, grad_accum: int,
         stopper: EarlyStopping, eval_every: int = 0, save_every: int = 0, skip_nonfinite: int = 0,
-        state: LoopState | None = None, sample=None) -> dict:
+        state: LoopState | None = None, sample=None, drift=None, max_drift: float | None = None) -> dict:
     """Train up to `epochs` from `state` (a fresh run without one). `save_best()` runs each time the
     monitored value improves; `checkpoints` (checkpoint.Checkpoints) is saved every `save_every`
     steps and at each epoch end; `sample(epoch)` shows replies before the first step (epoch 0) and
-    after each epoch. Non-finite steps are skipped, at most `skip_nonfinite` in a row."""
+    after each epoch. Non-finite steps are skipped, at most `skip_nonfinite` in a row. `drift()`
+    (drift.Drift) is measured at every evaluation; with `max_drift`, an evaluation above it is
+    never kept as the best."""
     accelerator, started = runner.accelerator, time.perf_counter()
     state = state or LoopState()
     stopper.best, stopper.bad_evals = state.best, state.bad_evals
     steps = steps_per_epoch(len(train_dl), grad_accum)
 
-    def check(epoch: int) -> float | None:
-        """Evaluate; keep the adapter if it is the best yet; decide whether to stop."""
+    def check(epoch: int) -> tuple[float | None, float | None]:
+        """Evaluate (loss, drift); keep the adapter if it is the best yet; decide whether to stop."""
         val_loss = evaluate(runner.model, val_dl, accelerator, runner.loss_fn)
-        if stopper.update(val_loss if stopper.monitor == "val_loss" else state.epoch_meter.loss):
+        moved = drift() if drift is not None else None
+        value = val_loss if stopper.monitor == "val_loss" else state.epoch_meter.loss
+        if max_drift is not None and moved is not None and moved > max_drift:
+            value = math.nan  # too far from the base to be kept; counts as no improvement
+        if stopper.update(value):
             state.best_epoch, state.best_step = epoch, runner.step
             save_best()
         state.best, state.bad_evals, state.stopped = stopper.best, stopper.bad_evals, stopper.should_stop
-        return val_loss
+        return val_loss, moved
 
     def checkpoint():
         if checkpoints is not None:
@@ -209,7 +215,7 @@ def fit(runner, train_dl, val_dl, log, *, save_best, checkpoints=None, epochs: i
         if state.stopped:
             break
         log.epoch_start(epoch, epochs, steps, done=math.ceil(state.batches_done / grad_accum))
-        val_loss = None
+        val_loss = moved = None
         # forward/backward/update: one StepRunner call per optimizer step
         for window in windows(epoch_batches(train_dl, epoch, state.batches_done, accelerator), grad_accum):
             t0 = time.perf_counter()
@@ -228,16 +234,17 @@ def fit(runner, train_dl, val_dl, log, *, save_best, checkpoints=None, epochs: i
                 raise Interrupted(f"stopped by a signal after step {runner.step}")
             mid_epoch = state.batches_done < len(train_dl)
             if eval_every and runner.step % eval_every == 0 and mid_epoch:
-                val_loss = check(epoch)
+                val_loss, moved = check(epoch)
             if state.stopped:
                 break
             if save_every and runner.step % save_every == 0 and mid_epoch:
                 checkpoint()
         # end of epoch: evaluate, keep the best, log, checkpoint the position of the next epoch
         if not state.stopped:
-            val_loss = check(epoch)
+            val_loss, moved = check(epoch)
         meter = state.epoch_meter
         log.epoch_end({"epoch": epoch, "step": runner.step, "train_loss": meter.loss, "val_loss": val_loss,
+                       "drift": moved,
                        "lr": meter.lr, "grad_norm": meter.grad_norm_sum / max(meter.steps, 1),
                        "train_tokens": meter.tokens, "seconds": meter.seconds, **meter.rates(),
                        "peak_memory_bytes": peak_memory_bytes(accelerator.device)})

@@ -18,7 +18,7 @@ from qlora_loop.memory import GIB, peak_memory_bytes
 from qlora_loop.trackers import epoch_metrics, log_samples, step_metrics
 
 STEP_COLUMNS = ("loss", "grad_norm", "lr", "tokens", "target_tokens", "positions")
-HISTORY_COLUMNS = ("epoch", "step", "train_loss", "val_loss", "lr", "grad_norm", "train_tokens", "seconds",
+HISTORY_COLUMNS = ("epoch", "step", "train_loss", "val_loss", "drift", "lr", "grad_norm", "train_tokens", "seconds",
                    "tokens_per_second", "loss_tokens_per_second", "padding_share", "peak_memory_bytes")
 
 
@@ -37,7 +37,7 @@ class RunLog:
         self.console = Console()
         self.progress: Progress | None = None
         self.table = Table(title="epochs")
-        for column in ("epoch", "train_loss", "val_loss", "lr", "grad_norm", "tok/s", "loss tok/s", "pad %",
+        for column in ("epoch", "train_loss", "val_loss", "drift", "lr", "grad_norm", "tok/s", "loss tok/s", "pad %",
                        "seconds"):
             self.table.add_column(column, justify="right")
 
@@ -105,7 +105,8 @@ class RunLog:
     def epoch_end(self, row: dict) -> None:
         self.progress.stop()
         val = "-" if row["val_loss"] is None else f"{row['val_loss']:.4f}"
-        self.table.add_row(str(row["epoch"]), f"{row['train_loss']:.4f}", val, f"{row['lr']:.2e}",
+        drift = "-" if row.get("drift") is None else f"{row['drift']:.4f}"
+        self.table.add_row(str(row["epoch"]), f"{row['train_loss']:.4f}", val, drift, f"{row['lr']:.2e}",
                            f"{row['grad_norm']:.3f}", f"{row['tokens_per_second']:,.0f}",
                            f"{row['loss_tokens_per_second']:,.0f}", f"{100 * row['padding_share']:.1f}",
                            f"{row['seconds']:.1f}")
@@ -116,16 +117,17 @@ class RunLog:
 
     @main_process
     def samples(self, epoch: int, step: int, *, prompts: list[str], responses: list[str],
-                references: list[str | None]) -> None:
-        """Replies to the sample prompts: a panel each, a row each in samples.jsonl, and the trackers."""
+                references: list[str | None], sources: list[str]) -> None:
+        """Replies to the sample prompts: a panel each, a row each in samples.jsonl, and the trackers.
+        sources: what each reference is ("reference": a held-out answer; "base": the base's reply)."""
         when = "before training" if epoch == 0 else f"after epoch {epoch}"
-        for prompt, response, reference in zip(prompts, responses, references):
+        for prompt, response, reference, source in zip(prompts, responses, references, sources):
             text = f"[bold]Q:[/] {prompt}\n[bold]A:[/] {response}"
             if reference is not None:
-                text += f"\n[dim]reference: {reference}[/]"
+                text += f"\n[dim]{source}: {reference}[/]"
             self.console.print(Panel(text, title=f"sample, {when}", expand=False))
             self._append("samples.jsonl", {"epoch": epoch, "prompt": prompt, "response": response,
-                                           "reference": reference})
+                                           "reference": reference, "reference_from": source})
         log_samples(self.accelerator, list(zip(prompts, responses)), step)
 
     @main_process

@@ -1,9 +1,10 @@
 """curves.png from a run's steps.jsonl, history.jsonl and summary.json (matplotlib, Agg backend).
 
 Four panels against the optimizer step, sharing one x axis: loss (train per step, train and
-validation per epoch, the best epoch marked), learning rate, gradient norm (before clipping, with
-the clipping threshold), and throughput per epoch. Epoch values sit at the step that ended the
-epoch; a run without steps.jsonl is drawn against the epoch instead.
+validation per epoch, the drift from the base per epoch, the best epoch marked), learning rate,
+gradient norm (before clipping, with the clipping threshold), and throughput per epoch. Epoch
+values sit at the step that ended the epoch; a run without steps.jsonl is drawn against the epoch
+instead.
 """
 
 from __future__ import annotations
@@ -66,6 +67,8 @@ def plot_run(output_dir: str | Path, out: str | Path | None = None) -> dict:
         loss_ax.plot(*per_epoch("train_loss"), "o-", color="tab:blue", label="train (epoch mean)")
         if any(h.get("val_loss") is not None for h in history):
             loss_ax.plot(*per_epoch("val_loss"), "s-", color="tab:orange", label="validation (end of epoch)")
+        if any(h.get("drift") is not None for h in history):  # nats per token, as the loss
+            loss_ax.plot(*per_epoch("drift"), "^--", color="tab:purple", label="drift: KL(base || adapted)")
     best_epoch = summary.get("best_epoch")
     best = next((h for h in history if h["epoch"] == best_epoch), None)
     if best is not None:

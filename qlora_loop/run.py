@@ -2,7 +2,8 @@
 
 Callable from a notebook or a test with a config object (`config.load_config(path, overrides)`);
 scripts/train.py only parses arguments around it. The sections below are the order of a run:
-setup (launch checked before anything is loaded or written), data, model, resume, train.
+setup (launch checked before anything is loaded or written), base model, the base's own replies
+(replay rows against forgetting, drift prompts to measure it), data, adapter, resume, train.
 """
 
 from __future__ import annotations
@@ -12,13 +13,15 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from qlora_loop.audit import check_label_masks
+from qlora_loop.builtin import resolve_model_path
 from qlora_loop.checkpoint import Checkpoints, find_resume, resume_identity, save_adapter
-from qlora_loop.config import Config, to_dict
+from qlora_loop.config import Config, ConfigError, to_dict
 from qlora_loop.data import build_dataloaders, build_datasets, steps_per_epoch
 from qlora_loop.distributed import LaunchError, check_engine_taken, check_launch, describe_launch, prepare_sharding
+from qlora_loop.drift import Drift
 from qlora_loop.dryrun import dry_run_config, report
 from qlora_loop.fit import EarlyStopping, Interrupted, LoopState, NonFiniteError, fit, stop_on_signals
-from qlora_loop.generate import sampler
+from qlora_loop.generate import as_messages, sampler
 from qlora_loop.log import RunLog
 from qlora_loop.manifest import build_manifest
 from qlora_loop.memory import check_memory, longest_batch
@@ -26,9 +29,9 @@ from qlora_loop.model import (add_adapter, check_packing, find_linear4bit_target
                               resolve_compute_dtype, trainable_parameters)
 from qlora_loop.optim import build_optimizer, build_scheduler
 from qlora_loop.plot import plot_run
+from qlora_loop.replay import base_replies, choose, read_prompts, replay_conversations
 from qlora_loop.rundir import check_output_dir, start_run
 from qlora_loop.step import StepRunner
-from qlora_loop.builtin import resolve_model_path
 from qlora_loop.trackers import check_trackers, start_trackers
 
 
@@ -50,20 +53,38 @@ def train(cfg: Config, *, overwrite: bool = False, loss_fn=None) -> dict:
     set_seed(t.seed)
     log = RunLog(accelerator, cfg.output_dir, t.log_every)
     with accelerator.main_process_first():  # the first process builds a builtin model, the others reuse it
-        model_path = resolve_model_path(m.name_or_path)
+        model_path = resolve_model_path(m.name_or_path, gguf_file=m.gguf_file)
     start_run(accelerator, cfg.output_dir, to_dict(cfg), fresh=overwrite or not t.resume)
     start_trackers(accelerator, to_dict(cfg), run_name=log.output_dir.name)
 
-    # data
+    # base model: 4-bit NF4; its adapter comes once the data fixes the number of steps
     tokenizer = load_tokenizer(model_path, trust_remote_code=m.trust_remote_code, revision=m.revision,
                                chat_template=d.chat_template)
+    quant_storage = getattr(torch, m.quant_storage) if m.quant_storage else None
+    model = load_base_model(model_path, accelerator.device, dtype, gradient_checkpointing=m.gradient_checkpointing,
+                            trust_remote_code=m.trust_remote_code, revision=m.revision,
+                            attn_implementation=m.attn_implementation, quant_storage=quant_storage,
+                            autocast=accelerator.mixed_precision != "no")
+
+    # the base's own greedy replies: replay rows (trained beside data.train) and drift prompts (never
+    # trained); generated once, cached, on the main process first so the others read its cache
+    replay_prompts, drift_prompts = general_prompts(cfg)
+    with accelerator.main_process_first(), accelerator.autocast():
+        replay_replies = base_replies(model, tokenizer, replay_prompts, base=model_path, system=d.system_prompt,
+                                      max_new_tokens=d.replay_max_new_tokens, what="replay rows", console=log.console)
+        drift_replies = base_replies(model, tokenizer, drift_prompts, base=model_path, system=d.system_prompt,
+                                     max_new_tokens=cfg.eval.drift_max_new_tokens, what="drift prompts",
+                                     console=log.console)
+
+    # data
     train_rows, val_rows, stats = build_datasets(tokenizer, d.train, d.val, val_split=d.val_split,
                                                  max_length=d.max_length, system_prompt=d.system_prompt,
                                                  seed=t.seed, on_error=d.on_error,
-                                                 max_skip_fraction=d.max_skip_fraction)
+                                                 max_skip_fraction=d.max_skip_fraction,
+                                                 replay=replay_conversations(replay_prompts, replay_replies,
+                                                                             d.system_prompt))
     log.data_report(stats)
-    audited = check_label_masks(tokenizer, train_rows, d.train, system_prompt=d.system_prompt, sample=d.audit_rows,
-                                max_length=d.max_length)
+    audited = check_label_masks(tokenizer, train_rows, sample=d.audit_rows, max_length=d.max_length)
     log.print(f"label-mask audit: {audited} rows checked, no problem found" if audited else
               "[yellow]label-mask audit off (data.audit_rows=0)")
     train_dl, val_dl = build_dataloaders(train_rows, val_rows, batch_size=t.batch_size,
@@ -73,12 +94,7 @@ def train(cfg: Config, *, overwrite: bool = False, loss_fn=None) -> dict:
     train_dl, val_dl = accelerator.prepare(train_dl, val_dl)
     total_steps = steps_per_epoch(len(train_dl), grad_accum) * t.epochs
 
-    # model, adapter, optimizer
-    quant_storage = getattr(torch, m.quant_storage) if m.quant_storage else None
-    model = load_base_model(model_path, accelerator.device, dtype, gradient_checkpointing=m.gradient_checkpointing,
-                            trust_remote_code=m.trust_remote_code, revision=m.revision,
-                            attn_implementation=m.attn_implementation, quant_storage=quant_storage,
-                            autocast=accelerator.mixed_precision != "no")
+    # adapter, optimizer
     targets = find_linear4bit_targets(model) if a.target_modules == "auto" else a.target_modules
     model = add_adapter(model, a.kind, r=a.r, alpha=a.alpha, dropout=a.dropout, target_modules=targets,
                         total_steps=total_steps, init_r=a.init_r, tinit=a.tinit, tfinal=a.tfinal,
@@ -89,6 +105,10 @@ def train(cfg: Config, *, overwrite: bool = False, loss_fn=None) -> dict:
     scheduler = build_scheduler(optimizer, t.scheduler, total_steps, t.warmup_ratio)
     model, optimizer = accelerator.prepare(model, optimizer)
     runner = StepRunner(model, optimizer, scheduler, accelerator, loss_fn=loss_fn, max_grad_norm=t.max_grad_norm)
+    drift = None
+    if drift_prompts and not launch.shards_parameters:  # the base's distributions, under disable_adapter, once
+        asked = [as_messages(p, d.system_prompt) for p in drift_prompts]
+        drift = Drift(accelerator.unwrap_model(model), tokenizer, asked, drift_replies, autocast=accelerator.autocast)
     if d.packing:  # before any step: packed rows must not see each other
         with accelerator.autocast():
             share = check_packing(model, train_rows)
@@ -102,8 +122,8 @@ def train(cfg: Config, *, overwrite: bool = False, loss_fn=None) -> dict:
                      grad_accum=grad_accum, max_length=d.max_length, checkpointing=m.gradient_checkpointing)
 
     # resume
-    manifest = build_manifest(to_dict(cfg), tokenizer, model_path, data_files=[d.train, d.val],
-                              device=accelerator.device)
+    manifest = build_manifest(to_dict(cfg), tokenizer, model_path, device=accelerator.device,
+                              data_files=[d.train, d.val, d.replay_prompts if d.replay else None])
     identity = resume_identity(cfg, grad_accum=grad_accum, world_size=accelerator.num_processes, manifest=manifest)
     checkpoints = Checkpoints(accelerator, cfg.output_dir, identity=identity, config=to_dict(cfg),
                               keep_last=t.keep_last, manifest=manifest)
@@ -122,6 +142,7 @@ def train(cfg: Config, *, overwrite: bool = False, loss_fn=None) -> dict:
     # train
     sample = sampler(runner, tokenizer, log, prompts=cfg.eval.prompts, rows=val_rows or train_rows,
                      n=cfg.eval.num_samples, system=d.system_prompt, max_new_tokens=cfg.eval.max_new_tokens,
+                     general=(drift_prompts[0], drift_replies[0]) if drift_prompts else None,
                      sharded_by=launch.shards_parameters)
     try:
         with stop_on_signals(accelerator):
@@ -130,7 +151,8 @@ def train(cfg: Config, *, overwrite: bool = False, loss_fn=None) -> dict:
                                                          manifest=manifest),
                           checkpoints=checkpoints, epochs=t.epochs, grad_accum=grad_accum,
                           stopper=EarlyStopping(t.patience, t.mode, t.monitor), eval_every=t.eval_every,
-                          save_every=t.save_every, skip_nonfinite=t.skip_nonfinite, state=state, sample=sample)
+                          save_every=t.save_every, skip_nonfinite=t.skip_nonfinite, state=state, sample=sample,
+                          drift=drift, max_drift=t.max_drift)
     except NonFiniteError as e:
         rows = ", ".join(train_rows[i]["where"] for i in sorted(set(e.sample_ids)))
         raise NonFiniteError(f"{e}; the step's rows: {rows}", e.sample_ids) from None
@@ -162,4 +184,18 @@ def build_accelerator(cfg: Config, trackers: list[str]) -> tuple[Accelerator, to
 
 def dry_run(cfg: Config) -> None:
     """Print the LoRA targets, trainable parameters and a memory estimate from the model's config alone."""
-    report(dry_run_config(cfg, resolve_model_path(cfg.model.name_or_path)))
+    report(dry_run_config(cfg, resolve_model_path(cfg.model.name_or_path, gguf_file=cfg.model.gguf_file)))
+
+
+def general_prompts(cfg: Config) -> tuple[list[str], list[str]]:
+    """(replay prompts, drift prompts): data.replay of data.replay_prompts drawn by the seed, and the
+    first eval.drift_samples of eval.drift_prompts; a prompt in both is an error, since drift would
+    then measure what replay trains."""
+    d, e = cfg.data, cfg.eval
+    replay = choose(read_prompts(d.replay_prompts, "data.replay_prompts"), d.replay, cfg.train.seed) if d.replay else []
+    drift = read_prompts(e.drift_prompts, "eval.drift_prompts")[:e.drift_samples] if e.drift_samples else []
+    shared = sorted(set(replay) & set(drift))
+    if shared:
+        raise ConfigError(f"eval.drift_prompts and data.replay_prompts share {len(shared)} prompt(s), e.g. "
+                          f"{shared[0]!r}: drift would measure what replay trains; keep the two files disjoint")
+    return replay, drift

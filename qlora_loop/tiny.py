@@ -15,7 +15,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
 
-ASSETS = Path(__file__).parent / "assets"
+from qlora_loop.config import ASSETS
+
 
 CHATML = (
     "{% for message in messages %}"
@@ -49,7 +50,7 @@ BUILD_VERSION = 3  # bump when the builder or the bundled texts change, so stale
 LM_HEAD_STD = 0.1
 
 
-def build_tiny_model(out_dir: str | Path, arch: str = "qwen2", hidden_size: int = 128, num_layers: int = 2,
+def build_tiny_model(out_dir: str | Path, arch: str = "qwen2", *, hidden_size: int = 128, num_layers: int = 2,
                      vocab_size: int = 1024, seed: int = 0, chat_template: str | None = None) -> Path:
     """Write a random-weight `arch` model and a tokenizer trained on the bundled texts to `out_dir`.
     chat_template: None = the arch's own (ChatML / Llama-2), "" = none, else that Jinja string."""

@@ -85,6 +85,8 @@ def epoch_metrics(row: dict) -> dict:
                "epoch": row["epoch"]}
     if row.get("val_loss") is not None:
         metrics["val/loss"] = row["val_loss"]
+    if row.get("drift") is not None:
+        metrics["val/drift"] = row["drift"]
     return metrics
 
 

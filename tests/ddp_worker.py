@@ -1,4 +1,4 @@
-# python -m torch.distributed.run --standalone --nproc_per_node 2 tests/ddp_worker.py RECORD_DIR [--nan RANK:CALL] [--sigterm RANK:CALL] [key.path=value ...]
+# python -m torch.distributed.run --standalone --nproc_per_node 2 tests/ddp_worker.py RECORD_DIR [--config FILE] [--nan RANK:CALL] [--sigterm RANK:CALL] [key.path=value ...]
 """qlora_loop.run.train() on every rank, unchanged, except that its StepRunner also notes which
 examples each step trained on. --nan RANK:CALL gives rank RANK alone a NaN loss in its CALL-th
 step; --sigterm RANK:CALL sends SIGTERM to rank RANK alone just before its CALL-th step.
@@ -66,6 +66,7 @@ def main() -> None:
     parser.add_argument("record_dir", type=Path)
     parser.add_argument("--nan", help="RANK:CALL")
     parser.add_argument("--sigterm", help="RANK:CALL")
+    parser.add_argument("--config", help="YAML file, as for scripts/train.py")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args()
     run.StepRunner = RecordingStepRunner  # train() builds its runner from this module-level name
@@ -74,7 +75,7 @@ def main() -> None:
         if option and int(option.split(":")[0]) == rank:
             setattr(RecordingStepRunner, attribute, int(option.split(":")[1]))
     try:
-        run.train(load_config(None, args.overrides))
+        run.train(load_config(args.config, args.overrides))
         outcome = "finished"
     except (Interrupted, NonFiniteError) as e:
         outcome = f"{type(e).__name__}: {e}"

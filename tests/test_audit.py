@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from qlora_loop.audit import LabelMaskError, audit_label_masks, check_label_masks
-from qlora_loop.config import DataConfig
+from qlora_loop.config import ASSETS
 from qlora_loop.data import IGNORE, build_examples
 from qlora_loop.model import load_tokenizer
 from qlora_loop.rows import Conversation, DataError, Rejects, load_conversations
 
-BUNDLED = DataConfig().train
+BUNDLED = str(ASSETS / "self_cognition.jsonl")
 MULTI = [
     Conversation("multi.jsonl:1", [
         {"role": "system", "content": "You are Loopy."},
@@ -136,13 +136,13 @@ def test_collate_that_masks_pad_ids_drops_the_trained_eos(llama_tokenizer):
 def test_check_label_masks_stops_with_the_rows_unless_disabled(qwen2_tokenizer):
     examples, _ = bundled(qwen2_tokenizer)
     examples = [e for e in examples if e["where"].startswith(BUNDLED)]
-    assert check_label_masks(qwen2_tokenizer, examples, BUNDLED, system_prompt=None, sample=8, max_length=512) == 8
+    assert check_label_masks(qwen2_tokenizer, examples, sample=8, max_length=512) == 8
     broken = [{**e, "labels": list(e["input_ids"])} for e in examples]
     with pytest.raises(LabelMaskError, match=r"(?s)label-mask audit found \d+ problem.*self_cognition.jsonl:\d+: "
                                              r"user text .* is trained.*data.audit_rows=0") as caught:
-        check_label_masks(qwen2_tokenizer, broken, BUNDLED, system_prompt=None, sample=8, max_length=512)
+        check_label_masks(qwen2_tokenizer, broken, sample=8, max_length=512)
     assert isinstance(caught.value, DataError)  # scripts/train.py exits 2 with one error: line
-    assert check_label_masks(qwen2_tokenizer, broken, BUNDLED, system_prompt=None, sample=0, max_length=512) == 0
+    assert check_label_masks(qwen2_tokenizer, broken, sample=0, max_length=512) == 0
 
 
 def test_a_run_whose_masks_train_the_prompt_stops_before_training(tiny_llama, train_main, tmp_path):

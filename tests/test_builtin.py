@@ -15,6 +15,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from conftest import run_training
+
 from qlora_loop.builtin import resolve_model_path
 from qlora_loop.config import ASSETS
 from qlora_loop.model import ModelError, load_base_model, load_tokenizer
@@ -129,6 +131,8 @@ def test_a_gguf_file_converts_once_into_a_folder_that_loads(tmp_path, monkeypatc
     shutil.copy(gguf_path, tmp_path / "copy.gguf")
     assert resolve_model_path(str(tmp_path), gguf_file="copy.gguf") == path
     assert resolve_model_path("unused", gguf_file=str(gguf_path)) == path
+    assert resolve_model_path("builtin:smollm2-135m-instruct",
+                              gguf_file=str(gguf_path)) == path  # a file needs no folder
 
     config = json.loads((Path(path) / "config.json").read_text())
     assert config["model_type"] == "qwen2" and "quantization_config" not in config and config["dtype"] == "bfloat16"
@@ -148,6 +152,12 @@ def test_a_gguf_file_converts_once_into_a_folder_that_loads(tmp_path, monkeypatc
     assert (a - b).abs().max() < 0.15 and torch.equal(a.argmax(-1), b.argmax(-1))  # logits span about +-4
     model = load_base_model(path, torch.device("cpu"), torch.bfloat16)
     assert sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()) == 14
+
+    # model.gguf_file trains end to end, and the adapter's manifest records where the base came from
+    summary = run_training([f"model.gguf_file={gguf_path}", f"output_dir={tmp_path / 'run'}", "train.epochs=1",
+                            "train.patience=0", "eval.num_samples=0"])
+    manifest = json.loads((tmp_path / "run" / "best" / "manifest.json").read_text())
+    assert summary["steps"] > 0 and manifest["base"]["path"] == path and manifest["base"]["gguf_file"] == str(gguf_path)
 
 
 # --- SmolLM2-135M-Instruct, the real model -----------------------------------------------------------

@@ -17,6 +17,7 @@ from qlora_loop.model import add_adapter, find_linear4bit_targets, load_base_mod
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+SEVEN_B = [p for p in CONFIGS if p.name != "tiny-demo.yaml"]  # the real-model recipes; the tiny demo is tested apart
 SELF_COGNITION = ASSETS / "self_cognition.jsonl"
 
 # The tiny fixture of each shipped config's architecture family. Baichuan2's own modeling code
@@ -41,9 +42,15 @@ def write(tmp_path: Path, text: str) -> Path:
 def test_defaults_load_without_a_file():
     cfg = load_config()
     assert cfg == Config()
-    assert cfg.model.name_or_path == "builtin:tiny-qwen2"
-    assert cfg.data.train == str(SELF_COGNITION)
-    assert cfg.train.lr == 2e-3 and cfg.adapter.kind == "lora"
+    assert cfg.model.name_or_path == "builtin:smollm2-135m-instruct"  # the embedded default: a real model
+    assert cfg.data.train == str(ASSETS / "identity.jsonl") and cfg.data.replay > 0 and cfg.eval.drift_samples > 0
+    assert cfg.train.lr == 1e-3 and cfg.adapter.kind == "lora"
+
+
+def test_the_tiny_demo_config_is_the_fast_loop_without_replay_or_drift():
+    cfg = load_config(ROOT / "configs" / "tiny-demo.yaml")
+    assert cfg.model.name_or_path == "builtin:tiny-qwen2" and cfg.data.replay == 0 and cfg.eval.drift_samples == 0
+    assert cfg.data.train == "qlora_loop/assets/self_cognition.jsonl" and (ROOT / cfg.data.train).is_file()
 
 
 def test_yaml_values_override_the_defaults_and_leave_the_rest(tmp_path):
@@ -170,10 +177,10 @@ def test_missing_file_is_an_error(tmp_path):
 
 def test_every_shipped_config_has_a_tiny_family():
     assert CONFIGS, "configs/ holds no *.yaml"
-    assert {p.name for p in CONFIGS} == set(FAMILY), "add each new config to FAMILY with its tiny fixture"
+    assert {p.name for p in SEVEN_B} == set(FAMILY), "add each new config to FAMILY with its tiny fixture"
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", SEVEN_B, ids=lambda p: p.name)
 def test_shipped_config_loads_and_starts_with_its_command(path):
     first = path.read_text(encoding="utf-8").splitlines()[0]
     assert first.startswith("#") and f"scripts/train.py --config configs/{path.name}" in first
@@ -194,7 +201,7 @@ def test_shipped_chat_templates_render_the_model_format(tiny_llama, name, expect
     assert tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == expected
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", SEVEN_B, ids=lambda p: p.name)
 def test_shipped_config_builds_data_and_adapter_on_a_tiny_model(path, request, tmp_path):
     tiny = request.getfixturevalue(FAMILY[path.name])
     cfg = load_config(path, [f"model.name_or_path={tiny}", "model.trust_remote_code=false",

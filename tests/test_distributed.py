@@ -46,7 +46,8 @@ def overrides(tmp_path_factory, tiny_qwen2) -> list[str]:
     lines = (ASSETS / "self_cognition.jsonl").read_text(encoding="utf-8").splitlines()
     (data / "train.jsonl").write_text("\n".join(lines[:TRAIN_ROWS]) + "\n", encoding="utf-8")
     (data / "val.jsonl").write_text("\n".join(lines[TRAIN_ROWS:TRAIN_ROWS + VAL_ROWS]) + "\n", encoding="utf-8")
-    return [f"model.name_or_path={tiny_qwen2}", "model.compute_dtype=float32", f"data.train={data / 'train.jsonl'}",
+    return ["--config", "configs/tiny-demo.yaml", f"model.name_or_path={tiny_qwen2}", "model.compute_dtype=float32",
+            f"data.train={data / 'train.jsonl'}",
             f"data.val={data / 'val.jsonl'}", "data.max_length=64", "adapter.dropout=0", "train.epochs=3",
             "train.patience=1", "train.mode=max"]
 

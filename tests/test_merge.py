@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import peft_model
+from conftest import peft_model, tiny_config
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import qlora_loop.merge
 from qlora_loop.checkpoint import save_adapter
-from qlora_loop.config import ASSETS, Config
+from qlora_loop.config import ASSETS
 from qlora_loop.data import IGNORE, build_datasets, collate
 from qlora_loop.generate import encode_chat, generate_reply
 from qlora_loop.inference import InferenceError, load_for_inference, validation_prompts
@@ -35,7 +35,7 @@ def merge_main():
 @pytest.fixture(scope="module")
 def held_out(best) -> list[dict]:
     """The default run's validation examples, built as scripts/train.py builds them."""
-    cfg = Config()
+    cfg = tiny_config()
     _, val, _ = build_datasets(load_tokenizer(str(best)), cfg.data.train, None, val_split=cfg.data.val_split,
                                max_length=cfg.data.max_length, seed=cfg.train.seed)
     return val
@@ -55,7 +55,7 @@ def plain_greedy(model, tokenizer, question: str, max_new_tokens: int = 64) -> s
     return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
-def test_merged_folder_is_a_plain_bf16_model_without_adapter_weights(merged, default_run):
+def test_merged_folder_is_a_plain_bf16_model_without_adapter_weights(merged, tiny_run):
     out, _ = merged
     names = {p.name for p in out.iterdir()}
     assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
@@ -63,7 +63,7 @@ def test_merged_folder_is_a_plain_bf16_model_without_adapter_weights(merged, def
     assert not [n for n in names if n.endswith((".bin", ".pt", ".pth", ".pkl"))]
     tensors = load_file(out / "model.safetensors")
     assert not [k for k in tensors if "lora" in k] and {t.dtype for t in tensors.values()} == {torch.bfloat16}
-    base = load_file(Path(json.loads((default_run[0] / "best" / "adapter_config.json").read_text())
+    base = load_file(Path(json.loads((tiny_run[0] / "best" / "adapter_config.json").read_text())
                           ["base_model_name_or_path"]) / "model.safetensors")
     assert set(tensors) == set(base)
     # The update went into the adapted projections, and only there.
@@ -200,7 +200,7 @@ def test_missing_adapter_is_an_error_before_any_work(merge_main, tmp_path):
 def test_adalora_adapter_merges(tiny_qwen2, qwen2_tokenizer, tmp_path):
     from accelerate import Accelerator
     accelerator = Accelerator(mixed_precision="no")
-    train, _, _ = build_datasets(qwen2_tokenizer, str(Config().data.train), None, val_split=0.0, max_length=64)
+    train, _, _ = build_datasets(qwen2_tokenizer, str(tiny_config().data.train), None, val_split=0.0, max_length=64)
     batches = [collate(train[i:i + 2], qwen2_tokenizer.pad_token_id) for i in range(0, 12, 2)]
     model = peft_model(tiny_qwen2, "adalora", r=2, init_r=4, total_steps=6, tinit=0.1, tfinal=0.2, dropout=0.0)
     optimizer = build_optimizer(model, lr=2e-2)

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from qlora_loop.config import Config
+from conftest import tiny_config
+
 from qlora_loop.data import split_validation, steps_per_epoch
 import qlora_loop.plot
 from qlora_loop.plot import plot_run
@@ -31,7 +32,7 @@ def run(tmp_path_factory, train_main, tiny_qwen2, rows44):
 
 def epoch_end_steps(rows_file: Path) -> list[float]:
     """The step that ends each epoch, from the row count and the default split and batch size."""
-    cfg = Config()
+    cfg = tiny_config()
     rows = rows_file.read_text(encoding="utf-8").splitlines()
     train, _ = split_validation(rows, cfg.data.val_split, cfg.train.seed)
     per_epoch = steps_per_epoch(math.ceil(len(train) / cfg.train.batch_size), cfg.train.grad_accum)
@@ -75,7 +76,7 @@ def test_plotted_series_are_the_logged_numbers(run, rows44):
     (label, (x, y)), = [(k, v) for k, v in drawn["loss"].items() if k.startswith("best: ")]
     assert label == f"best: epoch {best} (val_loss {summary['best_metric']:.4g})"
     assert x == [ends[best - 1]] and y == [summary["best_metric"]]
-    clip = Config().train.max_grad_norm
+    clip = tiny_config().train.max_grad_norm
     assert drawn["grad_norm"][f"clipped at {clip:g}"][1] == [clip, clip]
 
 

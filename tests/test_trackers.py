@@ -11,7 +11,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 from accelerate import utils as accelerate_utils
-from conftest import peft_model
+from conftest import peft_model, tiny_config
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
@@ -56,7 +56,7 @@ def test_config_becomes_flat_hyperparameters():
 def test_tensorboard_events_are_written_and_read_back(tmp_path, tiny_qwen2, qwen2_tokenizer):
     out = tmp_path / "run"
     accelerator = Accelerator(log_with=check_trackers(["tensorboard"]), project_dir=out, mixed_precision="no")
-    config = to_dict(load_config(None, ["train.lr=7e-4"]))
+    config = to_dict(tiny_config("train.lr=7e-4"))
     start_trackers(accelerator, config, run_name="run")
     train, _, _ = build_datasets(qwen2_tokenizer, config["data"]["train"], None, val_split=0.0, max_length=512)
     loader, _ = build_dataloaders(train[:12], [], batch_size=4, pad_id=qwen2_tokenizer.pad_token_id)

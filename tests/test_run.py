@@ -1,4 +1,4 @@
-"""scripts/train.py end to end on the embedded default, through the real 4-bit path on CPU."""
+"""qlora_loop.run.train (what scripts/train.py runs) end to end on the tiny demo, through the real 4-bit path on CPU."""
 
 from __future__ import annotations
 
@@ -14,21 +14,23 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from qlora_loop.config import Config
+from conftest import tiny_config
+
 from qlora_loop.data import build_dataloaders, build_datasets
 from qlora_loop.fit import evaluate
 from qlora_loop.model import load_base_model, load_tokenizer
 from qlora_loop.builtin import resolve_model_path
 
 ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--config", "configs/tiny-demo.yaml"]  # the tiny demo, as the README runs it from the checkout
 
 
-def test_default_run_learns_the_identity_answers(default_run):
-    out, summary, _ = default_run
+def test_tiny_run_learns_the_identity_answers(tiny_run):
+    out, summary, _ = tiny_run
     history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
-    assert len(history) == summary["epochs_run"] <= Config().train.epochs
+    assert len(history) == summary["epochs_run"] <= tiny_config().train.epochs
     if summary["stopped_early"]:  # patience evaluations without a new best, after the best one
-        assert summary["epochs_run"] == summary["best_epoch"] + Config().train.patience
+        assert summary["epochs_run"] == summary["best_epoch"] + tiny_config().train.patience
     assert history[0]["val_loss"] > 2.0  # starts from a random base
     assert summary["best_metric"] < 0.3  # 0.047 when pinned; a broken mask or loop stays above 2
     assert summary["best_metric"] == min(row["val_loss"] for row in history)
@@ -40,8 +42,8 @@ def test_default_run_learns_the_identity_answers(default_run):
     assert summary["peak_memory_bytes"] > 0 and summary["tokens_per_second"] > 0
 
 
-def test_steps_jsonl_has_a_row_per_step_that_adds_up_to_history(default_run):
-    out, summary, _ = default_run
+def test_steps_jsonl_has_a_row_per_step_that_adds_up_to_history(tiny_run):
+    out, summary, _ = tiny_run
     steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
     history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
     assert [row["step"] for row in steps] == list(range(1, summary["steps"] + 1))
@@ -53,13 +55,13 @@ def test_steps_jsonl_has_a_row_per_step_that_adds_up_to_history(default_run):
         assert epoch["train_tokens"] == sum(r["tokens"] for r in rows) and epoch["lr"] == rows[-1]["lr"]
 
 
-def test_only_the_adapter_is_written_and_as_safetensors(default_run):
-    out, _, _ = default_run
+def test_only_the_adapter_is_written_and_as_safetensors(tiny_run):
+    out, _, _ = tiny_run
     best = out / "best"
     assert (best / "adapter_model.safetensors").is_file() and (best / "adapter_config.json").is_file()
     assert (best / "tokenizer.json").is_file()
     manifest = json.loads((best / "manifest.json").read_text())  # what it was trained with, for chat and merge
-    assert manifest["base"]["model_type"] == "qwen2" and list(manifest["data"]) == [Config().data.train]
+    assert manifest["base"]["model_type"] == "qwen2" and list(manifest["data"]) == [tiny_config().data.train]
     assert len(manifest["chat_template_hash"]) == 16
     assert all((p / "manifest.json").is_file() for p in (out / "checkpoints").glob("step-*"))
     assert {p.name for p in out.iterdir()} == {"best", "checkpoints", "steps.jsonl", "history.jsonl", "summary.json",
@@ -71,9 +73,9 @@ def test_only_the_adapter_is_written_and_as_safetensors(default_run):
     assert sum(t.numel() for t in tensors.values()) < 100_000  # adapter-sized, no base weights
 
 
-def test_reloaded_adapter_reproduces_val_loss_and_answers(default_run):
-    out, summary, cache = default_run
-    cfg = Config()
+def test_reloaded_adapter_reproduces_val_loss_and_answers(tiny_run):
+    out, summary, cache = tiny_run
+    cfg = tiny_config()
     base_path = str(cache / "qlora_loop" / Path(resolve_model_path(cfg.model.name_or_path)).name)
     tokenizer = load_tokenizer(str(out / "best"))
     _, val_rows, _ = build_datasets(tokenizer, cfg.data.train, None, val_split=cfg.data.val_split,
@@ -116,21 +118,21 @@ def greedy(model, tokenizer, question: str) -> str:
     return tokenizer.decode(generated[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
-def test_samples_before_training_and_after_every_epoch(default_run):
-    out, summary, _ = default_run
+def test_samples_before_training_and_after_every_epoch(tiny_run):
+    out, summary, _ = tiny_run
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text(encoding="utf-8").splitlines()]
-    n = Config().eval.num_samples
+    n = tiny_config().eval.num_samples
     assert [row["epoch"] for row in samples] == [e for e in range(summary["epochs_run"] + 1) for _ in range(n)]
     first, last = samples[:n], samples[-n:]
     assert [r["prompt"] for r in first] == [r["prompt"] for r in last] and all(r["reference"] for r in last)
-    answers = {m["content"] for line in Path(Config().data.train).read_text(encoding="utf-8").splitlines()
+    answers = {m["content"] for line in Path(tiny_config().data.train).read_text(encoding="utf-8").splitlines()
                for m in json.loads(line)["messages"] if m["role"] == "assistant"}
     assert not any(r["response"] in answers for r in first)  # the random base knows none of them
     assert all(r["response"] in answers for r in last)  # the trained adapter answers with one of them
 
 
-def test_every_run_reports_throughput_padding_and_memory(default_run):
-    out, summary, _ = default_run
+def test_every_run_reports_throughput_padding_and_memory(tiny_run):
+    out, summary, _ = tiny_run
     steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
     history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
     tokens, targets, positions = (sum(r[k] for r in steps) for k in ("tokens", "target_tokens", "positions"))
@@ -145,7 +147,7 @@ def test_every_run_reports_throughput_padding_and_memory(default_run):
 
 def test_memory_probe_reports_and_stops_a_run_that_cannot_fit(tiny_qwen2, tmp_path):
     args = [f"model.name_or_path={tiny_qwen2}", "train.epochs=1", f"output_dir={tmp_path / 'out'}"]
-    proc = run_script(sys.executable, "scripts/train.py", *args, "train.memory_budget_gib=0.01")
+    proc = run_script(sys.executable, "scripts/train.py", *TINY, *args, "train.memory_budget_gib=0.01")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     message = proc.stderr.strip().splitlines()[-1]
     assert message.startswith("error: the longest batch (") and "of a 0.01 GiB budget" in message
@@ -155,8 +157,8 @@ def test_memory_probe_reports_and_stops_a_run_that_cannot_fit(tiny_qwen2, tmp_pa
     assert shown and int(shown[1]) > 0 and float(shown[2]) > 0.01
 
 
-def test_finished_run_is_not_overwritten(default_run, train_main):
-    out, _, _ = default_run
+def test_finished_run_is_not_overwritten(tiny_run, train_main):
+    out, _, _ = tiny_run
     before = (out / "summary.json").read_bytes()
     with pytest.raises(ValueError, match="holds a finished run; pass --overwrite"):
         train_main([f"output_dir={out}"])
@@ -170,7 +172,7 @@ def run_script(*args, env=None, timeout=300):
 
 def test_accelerate_launch_entry_point(tmp_path):
     accelerate = str(Path(sys.executable).parent / "accelerate")  # the venv's, whether or not it is on PATH
-    proc = run_script(accelerate, "launch", "--num_processes", "1", "--cpu", "scripts/train.py",
+    proc = run_script(accelerate, "launch", "--num_processes", "1", "--cpu", "scripts/train.py", *TINY,
                       f"output_dir={tmp_path / 'out'}", "train.epochs=1", env={"XDG_CACHE_HOME": str(tmp_path)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
@@ -184,7 +186,7 @@ def test_accelerate_launch_entry_point(tmp_path):
     (["model.name_or_path=/no/such/model"], "model.name_or_path='/no/such/model': cannot load a tokenizer"),
 ])
 def test_bad_input_is_one_clear_line_and_exit_2(args, says, tmp_path):
-    proc = run_script(sys.executable, "scripts/train.py", *args, f"output_dir={tmp_path}",
+    proc = run_script(sys.executable, "scripts/train.py", *TINY, *args, f"output_dir={tmp_path}",
                       env={"XDG_CACHE_HOME": str(tmp_path)})
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == f"error: {says}" or says in proc.stderr
