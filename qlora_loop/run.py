@@ -30,7 +30,7 @@ from qlora_loop.model import (add_adapter, check_packing, find_linear4bit_target
 from qlora_loop.optim import build_optimizer, build_scheduler
 from qlora_loop.plot import plot_run
 from qlora_loop.replay import base_replies, choose, read_prompts, replay_conversations
-from qlora_loop.rundir import check_output_dir, start_run
+from qlora_loop.rundir import check_output_dir, hold, start_run
 from qlora_loop.step import StepRunner
 from qlora_loop.trackers import check_trackers, start_trackers
 
@@ -51,118 +51,123 @@ def train(cfg: Config, *, overwrite: bool = False, loss_fn=None) -> dict:
                               global_batch_size=t.global_batch_size, quant_storage=m.quant_storage,
                               max_grad_norm=t.max_grad_norm, resume=t.resume, adapter_kind=a.kind)
     set_seed(t.seed)
-    log = RunLog(accelerator, cfg.output_dir, t.log_every)
-    with accelerator.main_process_first():  # the first process builds a builtin model, the others reuse it
-        model_path = resolve_model_path(m.name_or_path, gguf_file=m.gguf_file)
-    start_run(accelerator, cfg.output_dir, to_dict(cfg), fresh=overwrite or not t.resume)
-    start_trackers(accelerator, to_dict(cfg), run_name=log.output_dir.name)
+    with hold(accelerator, cfg.output_dir):  # one run at a time in a folder; marks the folder as a run's
+        log = RunLog(accelerator, cfg.output_dir, t.log_every)
+        with accelerator.main_process_first():  # the first process builds a builtin model, the others reuse it
+            model_path = resolve_model_path(m.name_or_path, gguf_file=m.gguf_file)
 
-    # base model: 4-bit NF4; its adapter comes once the data fixes the number of steps
-    tokenizer = load_tokenizer(model_path, trust_remote_code=m.trust_remote_code, revision=m.revision,
-                               chat_template=d.chat_template)
-    quant_storage = getattr(torch, m.quant_storage) if m.quant_storage else None
-    model = load_base_model(model_path, accelerator.device, dtype, gradient_checkpointing=m.gradient_checkpointing,
-                            trust_remote_code=m.trust_remote_code, revision=m.revision,
-                            attn_implementation=m.attn_implementation, quant_storage=quant_storage,
-                            autocast=accelerator.mixed_precision != "no")
+        # base model: 4-bit NF4; its adapter comes once the data fixes the number of steps
+        tokenizer = load_tokenizer(model_path, trust_remote_code=m.trust_remote_code, revision=m.revision,
+                                   chat_template=d.chat_template)
+        quant_storage = getattr(torch, m.quant_storage) if m.quant_storage else None
+        model = load_base_model(model_path, accelerator.device, dtype, gradient_checkpointing=m.gradient_checkpointing,
+                                trust_remote_code=m.trust_remote_code, revision=m.revision,
+                                attn_implementation=m.attn_implementation, quant_storage=quant_storage,
+                                autocast=accelerator.mixed_precision != "no")
 
-    # the base's own greedy replies: replay rows (trained beside data.train) and drift prompts (never
-    # trained); generated once, cached, on the main process first so the others read its cache
-    replay_prompts, drift_prompts = general_prompts(cfg)
-    with accelerator.main_process_first(), accelerator.autocast():
-        replay_replies = base_replies(model, tokenizer, replay_prompts, base=model_path, system=d.system_prompt,
-                                      max_new_tokens=d.replay_max_new_tokens, what="replay rows", console=log.console)
-        drift_replies = base_replies(model, tokenizer, drift_prompts, base=model_path, system=d.system_prompt,
-                                     max_new_tokens=cfg.eval.drift_max_new_tokens, what="drift prompts",
-                                     console=log.console)
+        # the base's own greedy replies: replay rows (trained beside data.train) and drift prompts (never
+        # trained); generated once, cached, on the main process first so the others read its cache
+        replay_prompts, drift_prompts = general_prompts(cfg)
+        with accelerator.main_process_first(), accelerator.autocast():
+            replay_replies = base_replies(model, tokenizer, replay_prompts, base=model_path, system=d.system_prompt,
+                                          max_new_tokens=d.replay_max_new_tokens, what="replay rows",
+                                          console=log.console)
+            drift_replies = base_replies(model, tokenizer, drift_prompts, base=model_path, system=d.system_prompt,
+                                         max_new_tokens=cfg.eval.drift_max_new_tokens, what="drift prompts",
+                                         console=log.console)
 
-    # data
-    train_rows, val_rows, stats = build_datasets(tokenizer, d.train, d.val, val_split=d.val_split,
-                                                 max_length=d.max_length, system_prompt=d.system_prompt,
-                                                 seed=t.seed, on_error=d.on_error,
-                                                 max_skip_fraction=d.max_skip_fraction,
-                                                 replay=replay_conversations(replay_prompts, replay_replies,
-                                                                             d.system_prompt))
-    log.data_report(stats)
-    audited = check_label_masks(tokenizer, train_rows, sample=d.audit_rows, max_length=d.max_length)
-    log.print(f"label-mask audit: {audited} rows checked, no problem found" if audited else
-              "[yellow]label-mask audit off (data.audit_rows=0)")
-    train_dl, val_dl = build_dataloaders(train_rows, val_rows, batch_size=t.batch_size,
-                                         pad_id=tokenizer.pad_token_id, seed=t.seed, num_workers=d.num_workers,
-                                         group_by_length=d.group_by_length, processes=accelerator.num_processes,
-                                         packing=d.packing)
-    train_dl, val_dl = accelerator.prepare(train_dl, val_dl)
-    total_steps = steps_per_epoch(len(train_dl), grad_accum) * t.epochs
+        # data
+        train_rows, val_rows, stats = build_datasets(tokenizer, d.train, d.val, val_split=d.val_split,
+                                                     max_length=d.max_length, system_prompt=d.system_prompt,
+                                                     seed=t.seed, on_error=d.on_error,
+                                                     max_skip_fraction=d.max_skip_fraction,
+                                                     replay=replay_conversations(replay_prompts, replay_replies,
+                                                                                 d.system_prompt))
+        log.data_report(stats)
+        audited = check_label_masks(tokenizer, train_rows, sample=d.audit_rows, max_length=d.max_length)
+        log.print(f"label-mask audit: {audited} rows checked, no problem found" if audited else
+                  "[yellow]label-mask audit off (data.audit_rows=0)")
+        train_dl, val_dl = build_dataloaders(train_rows, val_rows, batch_size=t.batch_size,
+                                             pad_id=tokenizer.pad_token_id, seed=t.seed, num_workers=d.num_workers,
+                                             group_by_length=d.group_by_length, processes=accelerator.num_processes,
+                                             packing=d.packing)
+        train_dl, val_dl = accelerator.prepare(train_dl, val_dl)
+        total_steps = steps_per_epoch(len(train_dl), grad_accum) * t.epochs
 
-    # adapter, optimizer
-    targets = find_linear4bit_targets(model) if a.target_modules == "auto" else a.target_modules
-    model = add_adapter(model, a.kind, r=a.r, alpha=a.alpha, dropout=a.dropout, target_modules=targets,
-                        total_steps=total_steps, init_r=a.init_r, tinit=a.tinit, tfinal=a.tfinal,
-                        delta_t=a.delta_t, orth_reg_weight=a.orth_reg_weight, extra=a.extra)
-    log.model_report(targets, *trainable_parameters(model))
-    model = prepare_sharding(accelerator, model, t.batch_size, quant_storage)
-    optimizer = build_optimizer(model, t.optimizer, t.lr, t.weight_decay)
-    scheduler = build_scheduler(optimizer, t.scheduler, total_steps, t.warmup_ratio)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    runner = StepRunner(model, optimizer, scheduler, accelerator, loss_fn=loss_fn, max_grad_norm=t.max_grad_norm)
-    drift = None
-    if drift_prompts and not launch.shards_parameters:  # the base's distributions, under disable_adapter, once
-        asked = [as_messages(p, d.system_prompt) for p in drift_prompts]
-        drift = Drift(accelerator.unwrap_model(model), tokenizer, asked, drift_replies, autocast=accelerator.autocast)
-    if d.packing:  # before any step: packed rows must not see each other
-        with accelerator.autocast():
-            share = check_packing(model, train_rows)
-        if share is not None:
-            log.print(f"packing check: packed rows stay apart (logit difference {share:.1%} of rows that mix)")
+        # adapter, optimizer
+        targets = find_linear4bit_targets(model) if a.target_modules == "auto" else a.target_modules
+        model = add_adapter(model, a.kind, r=a.r, alpha=a.alpha, dropout=a.dropout, target_modules=targets,
+                            total_steps=total_steps, init_r=a.init_r, tinit=a.tinit, tfinal=a.tfinal,
+                            delta_t=a.delta_t, orth_reg_weight=a.orth_reg_weight, extra=a.extra)
+        log.model_report(targets, *trainable_parameters(model))
+        model = prepare_sharding(accelerator, model, t.batch_size, quant_storage)
+        optimizer = build_optimizer(model, t.optimizer, t.lr, t.weight_decay)
+        scheduler = build_scheduler(optimizer, t.scheduler, total_steps, t.warmup_ratio)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        runner = StepRunner(model, optimizer, scheduler, accelerator, loss_fn=loss_fn, max_grad_norm=t.max_grad_norm)
+        drift = None
+        if drift_prompts and not launch.shards_parameters:  # the base's distributions, under disable_adapter, once
+            asked = [as_messages(p, d.system_prompt) for p in drift_prompts]
+            drift = Drift(accelerator.unwrap_model(model), tokenizer, asked, drift_replies,
+                          autocast=accelerator.autocast)
+        if d.packing:  # before any step: packed rows must not see each other
+            with accelerator.autocast():
+                share = check_packing(model, train_rows)
+            if share is not None:
+                log.print(f"packing check: packed rows stay apart (logit difference {share:.1%} of rows that mix)")
 
-    # memory: the longest batch, forward and backward, before step 1
-    if t.memory_probe:
-        worst = longest_batch(train_rows, batch_size=t.batch_size, pad_id=tokenizer.pad_token_id, packing=d.packing)
-        check_memory(runner, worst, log=log, budget_gib=t.memory_budget_gib, batch_size=t.batch_size,
-                     grad_accum=grad_accum, max_length=d.max_length, checkpointing=m.gradient_checkpointing)
+        # memory: the longest batch, forward and backward, before step 1
+        if t.memory_probe:
+            worst = longest_batch(train_rows, batch_size=t.batch_size, pad_id=tokenizer.pad_token_id, packing=d.packing)
+            check_memory(runner, worst, log=log, budget_gib=t.memory_budget_gib, batch_size=t.batch_size,
+                         grad_accum=grad_accum, max_length=d.max_length, checkpointing=m.gradient_checkpointing)
 
-    # resume
-    manifest = build_manifest(to_dict(cfg), tokenizer, model_path, device=accelerator.device,
-                              data_files=[d.train, d.val, d.replay_prompts if d.replay else None])
-    identity = resume_identity(cfg, grad_accum=grad_accum, world_size=accelerator.num_processes, manifest=manifest)
-    checkpoints = Checkpoints(accelerator, cfg.output_dir, identity=identity, config=to_dict(cfg),
-                              keep_last=t.keep_last, manifest=manifest)
-    if launch.shards_parameters or launch.deepspeed:  # each process holds only its share of the state
-        log.print(f"[yellow]no resumable checkpoints under {launch.shards_parameters or 'DeepSpeed'}; "
-                  "the best adapter is still saved whole")
-        checkpoints = None
-    state = None
-    resume_from = find_resume(checkpoints, t.resume, warn=log.print) if checkpoints else None
-    if resume_from is not None:
-        state = LoopState.from_dict(checkpoints.restore(resume_from, runner, force=t.force_resume,
-                                                        tokenizer=tokenizer, base=model_path))
-        log.resume(runner.step, state.epoch)
-        log.print(f"resumed from {resume_from}: step {runner.step}, epoch {state.epoch}")
+        # the output folder: only now, with every check passed, a previous run's files are replaced
+        start_run(accelerator, cfg.output_dir, to_dict(cfg), fresh=overwrite or not t.resume)
+        start_trackers(accelerator, to_dict(cfg), run_name=log.output_dir.name)
 
-    # train
-    sample = sampler(runner, tokenizer, log, prompts=cfg.eval.prompts, rows=val_rows or train_rows,
-                     n=cfg.eval.num_samples, system=d.system_prompt, max_new_tokens=cfg.eval.max_new_tokens,
-                     general=(drift_prompts[0], drift_replies[0]) if drift_prompts else None,
-                     sharded_by=launch.shards_parameters)
-    try:
-        with stop_on_signals(accelerator):
-            summary = fit(runner, train_dl, val_dl, log,
-                          save_best=lambda: save_adapter(accelerator, model, tokenizer, log.output_dir / "best",
-                                                         manifest=manifest),
-                          checkpoints=checkpoints, epochs=t.epochs, grad_accum=grad_accum,
-                          stopper=EarlyStopping(t.patience, t.mode, t.monitor), eval_every=t.eval_every,
-                          save_every=t.save_every, skip_nonfinite=t.skip_nonfinite, state=state, sample=sample,
-                          drift=drift, max_drift=t.max_drift)
-    except NonFiniteError as e:
-        rows = ", ".join(train_rows[i]["where"] for i in sorted(set(e.sample_ids)))
-        raise NonFiniteError(f"{e}; the step's rows: {rows}", e.sample_ids) from None
-    except Interrupted as e:
-        raise Interrupted(f"{e}; checkpoint {checkpoints and checkpoints.latest()}; continue with the same "
-                          "command and train.resume=auto") from None
-    log.summary(summary)
-    accelerator.on_main_process(plot_run)(log.output_dir)
-    accelerator.end_training()
-    return summary
+        # resume
+        manifest = build_manifest(to_dict(cfg), tokenizer, model_path, device=accelerator.device,
+                                  data_files=[d.train, d.val, d.replay_prompts if d.replay else None])
+        identity = resume_identity(cfg, grad_accum=grad_accum, world_size=accelerator.num_processes, manifest=manifest)
+        checkpoints = Checkpoints(accelerator, cfg.output_dir, identity=identity, config=to_dict(cfg),
+                                  keep_last=t.keep_last, manifest=manifest)
+        if launch.shards_parameters or launch.deepspeed:  # each process holds only its share of the state
+            log.print(f"[yellow]no resumable checkpoints under {launch.shards_parameters or 'DeepSpeed'}; "
+                      "the best adapter is still saved whole")
+            checkpoints = None
+        state = None
+        resume_from = find_resume(checkpoints, t.resume, warn=log.print) if checkpoints else None
+        if resume_from is not None:
+            state = LoopState.from_dict(checkpoints.restore(resume_from, runner, force=t.force_resume,
+                                                            tokenizer=tokenizer, base=model_path))
+            log.resume(runner.step, state.epoch)
+            log.print(f"resumed from {resume_from}: step {runner.step}, epoch {state.epoch}")
+
+        # train
+        sample = sampler(runner, tokenizer, log, prompts=cfg.eval.prompts, rows=val_rows or train_rows,
+                         n=cfg.eval.num_samples, system=d.system_prompt, max_new_tokens=cfg.eval.max_new_tokens,
+                         general=(drift_prompts[0], drift_replies[0]) if drift_prompts else None,
+                         sharded_by=launch.shards_parameters)
+        try:
+            with stop_on_signals(accelerator):
+                summary = fit(runner, train_dl, val_dl, log,
+                              save_best=lambda: save_adapter(accelerator, model, tokenizer, log.output_dir / "best",
+                                                             manifest=manifest),
+                              checkpoints=checkpoints, epochs=t.epochs, grad_accum=grad_accum,
+                              stopper=EarlyStopping(t.patience, t.mode, t.monitor), eval_every=t.eval_every,
+                              save_every=t.save_every, skip_nonfinite=t.skip_nonfinite, state=state, sample=sample,
+                              drift=drift, max_drift=t.max_drift)
+        except NonFiniteError as e:
+            rows = ", ".join(train_rows[i]["where"] for i in sorted(set(e.sample_ids)))
+            raise NonFiniteError(f"{e}; the step's rows: {rows}", e.sample_ids) from None
+        except Interrupted as e:
+            raise Interrupted(f"{e}; checkpoint {checkpoints and checkpoints.latest()}; continue with the same "
+                              "command and train.resume=auto") from None
+        log.summary(summary)
+        accelerator.on_main_process(plot_run)(log.output_dir)
+        accelerator.end_training()
+        return summary
 
 
 def build_accelerator(cfg: Config, trackers: list[str]) -> tuple[Accelerator, torch.dtype]:

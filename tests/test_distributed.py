@@ -32,7 +32,7 @@ from qlora_loop.model import load_base_model
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 OUTPUTS = {"best", "checkpoints", "steps.jsonl", "history.jsonl", "samples.jsonl", "summary.json", "curves.png",
-           "config.yaml"}
+           "config.yaml", ".qlora_loop-run"}
 TRAIN_ROWS, VAL_ROWS = 8, 4  # 2 ranks x batch 2 = 1 process x batch 4: no rank is padded with repeated rows
 
 

@@ -65,7 +65,7 @@ def test_only_the_adapter_is_written_and_as_safetensors(tiny_run):
     assert len(manifest["chat_template_hash"]) == 16
     assert all((p / "manifest.json").is_file() for p in (out / "checkpoints").glob("step-*"))
     assert {p.name for p in out.iterdir()} == {"best", "checkpoints", "steps.jsonl", "history.jsonl", "summary.json",
-                                               "samples.jsonl", "curves.png", "config.yaml"}
+                                               "samples.jsonl", "curves.png", "config.yaml", ".qlora_loop-run"}
     assert {p.suffix for p in out.rglob("*") if p.is_file()} <= {".safetensors", ".json", ".jsonl", ".yaml", ".jinja",
                                                                    ".md", ".png", ""}  # no pickle anywhere
     tensors = load_file(best / "adapter_model.safetensors")
@@ -186,7 +186,7 @@ def test_accelerate_launch_entry_point(tmp_path):
     (["model.name_or_path=/no/such/model"], "model.name_or_path='/no/such/model': cannot load a tokenizer"),
 ])
 def test_bad_input_is_one_clear_line_and_exit_2(args, says, tmp_path):
-    proc = run_script(sys.executable, "scripts/train.py", *TINY, *args, f"output_dir={tmp_path}",
+    proc = run_script(sys.executable, "scripts/train.py", *TINY, *args, f"output_dir={tmp_path / 'out'}",
                       env={"XDG_CACHE_HOME": str(tmp_path)})
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == f"error: {says}" or says in proc.stderr
