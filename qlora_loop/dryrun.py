@@ -48,8 +48,8 @@ def dry_run(name_or_path: str, adapter: dict, batch_size: int, max_length: int, 
             packing: bool = False) -> DryRun:
     """`adapter`: add_adapter's keyword arguments (kind, r, alpha, dropout, target_modules, init_r,
     tinit, tfinal, delta_t, orth_reg_weight, extra). `logits_chunk`: None for a loss that computes
-    all logits at once (step.causal_lm_loss), N for one that computes them N tokens at a time
-    (step.chunked_lm_loss), "auto" for the loss scripts/train.py picks (step.default_loss).
+    all logits at once (loss.causal_lm_loss), N for one that computes them N tokens at a time
+    (loss.chunked_lm_loss), "auto" for the loss a run picks (loss.default_loss).
     `packing`: the batch is one packed row (data.packing). Reads config.json only."""
     try:
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, revision=revision)

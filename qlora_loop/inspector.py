@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None, console: Console | None = None) -> dict:
     console = console or Console(highlight=False)
     cfg = load_config(args.config, args.overrides)
     d = cfg.data
-    tokenizer = load_tokenizer(resolve_model_path(cfg.model.name_or_path),
+    tokenizer = load_tokenizer(resolve_model_path(cfg.model.name_or_path, gguf_file=cfg.model.gguf_file),
                                trust_remote_code=cfg.model.trust_remote_code,
                                revision=cfg.model.revision, chat_template=d.chat_template)
     train, val, stats = build_datasets(tokenizer, d.train, d.val, val_split=d.val_split, max_length=d.max_length,

@@ -36,9 +36,11 @@ class RunLog:
         self.accelerator, self.output_dir, self.log_every = accelerator, Path(output_dir), log_every
         self.console = Console()
         self.progress: Progress | None = None
-        self.table = Table(title="epochs")
-        for column in ("epoch", "train_loss", "val_loss", "drift", "lr", "grad_norm", "tok/s", "loss tok/s", "pad %",
-                       "seconds"):
+        # Short headers, so that the table fits an 80-column terminal; history.jsonl has the full names.
+        self.table = Table(title="epochs", pad_edge=False,
+                           caption="train, val: loss per trained token; drift: KL(base || adapted) per token; "
+                                   "tgt/s: trained tokens/s")
+        for column in ("ep", "train", "val", "drift", "lr", "gnorm", "tok/s", "tgt/s", "pad%", "sec"):
             self.table.add_column(column, justify="right")
 
     @main_process
@@ -106,10 +108,10 @@ class RunLog:
         self.progress.stop()
         val = "-" if row["val_loss"] is None else f"{row['val_loss']:.4f}"
         drift = "-" if row.get("drift") is None else f"{row['drift']:.4f}"
-        self.table.add_row(str(row["epoch"]), f"{row['train_loss']:.4f}", val, drift, f"{row['lr']:.2e}",
-                           f"{row['grad_norm']:.3f}", f"{row['tokens_per_second']:,.0f}",
+        self.table.add_row(str(row["epoch"]), f"{row['train_loss']:.4f}", val, drift, f"{row['lr']:.1e}",
+                           f"{row['grad_norm']:.2f}", f"{row['tokens_per_second']:,.0f}",
                            f"{row['loss_tokens_per_second']:,.0f}", f"{100 * row['padding_share']:.1f}",
-                           f"{row['seconds']:.1f}")
+                           f"{row['seconds']:.0f}")
         self.console.print(self.table)
         self._append("history.jsonl", {k: row[k] for k in HISTORY_COLUMNS})
         if self.accelerator.trackers:
