@@ -220,6 +220,8 @@ def validate(cfg: Config) -> None:
         if cfg.adapter.init_r is not None and cfg.adapter.init_r < cfg.adapter.r:
             raise ConfigError(f"adapter.init_r={cfg.adapter.init_r} is below adapter.r={cfg.adapter.r}: AdaLoRA "
                               "only shrinks ranks; set adapter.init_r >= adapter.r or leave it unset (1.5 x r)")
+    if not 0 <= cfg.train.seed < 2**32:
+        raise ConfigError(f"train.seed={cfg.train.seed} must be in [0, 2**32), as numpy's and torch's seeds are")
     for key in ["data.replay_max_new_tokens", "eval.drift_max_new_tokens"]:
         if not _get(cfg, key) > 0:
             raise ConfigError(f"{key}={_get(cfg, key)!r} must be > 0")
@@ -337,6 +339,12 @@ def _set(cfg: Config, key: str, value: Any, where: str) -> None:
 
 def _coerce(value: Any, hint: Any, key: str, where: str) -> Any:
     options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    if isinstance(value, bool) and bool not in options and str in options:
+        # YAML 1.1 reads no/yes/on/off as booleans; a key that takes strings meant the word
+        if not value and "no" in CHOICES.get(key, ()):
+            return "no"
+        raise ConfigError(f"{where}: {key} takes a string, and YAML read this value as {value}; quote it, "
+                          f"e.g. {key}: \"{'on' if value else 'off'}\"")
     for option in options:
         if option is type(None) and value is None:
             return None

@@ -172,7 +172,12 @@ def read_prompt_lines(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise InferenceError(f"--prompts {path}: no such file; give a text file with one prompt per line")
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[:e.start].count(b"\n") + 1
+        raise InferenceError(f"--prompts {path}:{line}: not UTF-8 text; save the file as UTF-8") from None
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     if not lines:
         raise InferenceError(f"--prompts {path}: no prompts in it; write one per line")
     return lines

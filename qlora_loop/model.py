@@ -22,15 +22,22 @@ class ModelError(ValueError):
 def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, revision: str | None = None,
                    chat_template: str | None = None):
     """The tokenizer, with a chat template (the config's wins) and a pad token (EOS if it has none)."""
+    if name_or_path.startswith(("/", "./", "../", "~")) and not Path(name_or_path).expanduser().is_dir():
+        raise ModelError(f"model.name_or_path={name_or_path!r}: no such folder; give a model folder "
+                         "(with config.json) or a hub id such as Qwen/Qwen2.5-7B-Instruct")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code,
                                                   revision=revision)
     except (OSError, ValueError) as e:
         raise ModelError(f"model.name_or_path={name_or_path!r}: cannot load a tokenizer "
                          f"({str(e).splitlines()[0]}); give a local folder or a hub id you can reach") from None
+    if chat_template is not None and chat_template.endswith(".jinja"):
+        if not Path(chat_template).is_file():
+            raise ModelError(f"data.chat_template={chat_template}: no such file; give a .jinja file, or the "
+                             "template itself as a string")
+        chat_template = Path(chat_template).read_text(encoding="utf-8")
     if chat_template is not None:
-        tokenizer.chat_template = (Path(chat_template).read_text(encoding="utf-8")
-                                   if chat_template.endswith(".jinja") else chat_template)
+        tokenizer.chat_template = chat_template
     if not (tokenizer.chat_template or "").strip():
         raise ModelError(f"the tokenizer of {name_or_path} has no chat template; set data.chat_template "
                          "to a Jinja template string or a .jinja file")
@@ -81,7 +88,7 @@ def load_base_model(name_or_path: str, device: torch.device, compute_dtype: torc
             name_or_path, quantization_config=quantization, device_map=device_map,
             dtype=quant_storage if sharded else compute_dtype, trust_remote_code=trust_remote_code,
             revision=revision, attn_implementation=attn_implementation)
-    except OSError as e:
+    except (OSError, ValueError) as e:  # no config.json or weights; a config transformers cannot read
         raise ModelError(f"model.name_or_path={name_or_path!r}: cannot load the model "
                          f"({str(e).splitlines()[0]})") from None
     model.config.use_cache = False  # the KV cache is useless while training and costs memory

@@ -214,3 +214,12 @@ def test_an_adapter_whose_manifest_records_another_template_is_warned(chat_main,
         warnings.simplefilter("always")
         chat_main(["--adapter", str(best), "--prompt", "Who are you?", "--max-new-tokens", "4"])
     assert not [w for w in caught if "the adapter in" in str(w.message)]
+
+
+def test_a_prompts_file_that_is_not_utf8_names_its_line(tmp_path):
+    from qlora_loop.inference import read_prompt_lines
+
+    path = tmp_path / "prompts.txt"
+    path.write_bytes("Who are you?\n".encode() + b"\xff\xfe not utf-8\n")
+    with pytest.raises(InferenceError, match=r"prompts.txt:2: not UTF-8 text; save the file as UTF-8"):
+        read_prompt_lines(path)

@@ -254,3 +254,18 @@ def test_override_value_that_is_not_yaml_names_the_override_and_how_to_quote():
                                           r"quote it"):
         load_config(None, ["eval.prompts=[Who are you?]"])
     assert load_config(None, ['eval.prompts=["Who are you?"]']).eval.prompts == ["Who are you?"]
+
+
+def test_yaml_booleans_read_as_the_word_a_string_key_expects_or_ask_for_quotes(tmp_path):
+    assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"  # YAML reads `no` as false
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  mixed_precision: no\n", encoding="utf-8")
+    assert load_config(path).train.mixed_precision == "no"
+    with pytest.raises(ConfigError, match=r"override 'model.compute_dtype=on': model.compute_dtype takes a string, "
+                                          r"and YAML read this value as True; quote it"):
+        load_config(None, ["model.compute_dtype=on"])
+
+
+def test_a_seed_numpy_and_torch_cannot_take_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"train.seed=-1 must be in \[0, 2\*\*32\)"):
+        load_config(None, ["train.seed=-1"])

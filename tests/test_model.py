@@ -64,7 +64,7 @@ def test_bad_adapter_options_name_the_key(tiny_qwen2):
 
 
 def test_missing_model_and_template_errors(tmp_path, tiny_qwen2):
-    with pytest.raises(ModelError, match="model.name_or_path=.*cannot load a tokenizer"):
+    with pytest.raises(ModelError, match="model.name_or_path=.*nowhere.: no such folder"):
         load_tokenizer(str(tmp_path / "nowhere"))
     bare = build_tiny_model(tmp_path / "bare", chat_template="")  # a tokenizer with no template
     with pytest.raises(ModelError, match="no chat template; set data.chat_template"):
@@ -249,3 +249,17 @@ def test_packing_check_passes_native_models_and_refuses_one_whose_rows_would_mix
     with pytest.raises(ModelError, match=r"data.packing=true: this model's forward cannot be given packed rows .*"
                                          r"position_ids"):
         check_packing(TakesNoPositions(model), train)
+
+
+def test_a_missing_folder_a_folder_without_config_and_a_missing_template_file_are_model_errors(tmp_path, tiny_qwen2):
+    import shutil
+
+    with pytest.raises(ModelError, match=r"model.name_or_path='/no/such/model': no such folder"):
+        load_tokenizer("/no/such/model")
+    with pytest.raises(ModelError, match=r"data.chat_template=missing.jinja: no such file"):
+        load_tokenizer(str(tiny_qwen2), chat_template="missing.jinja")
+    bare = tmp_path / "no-config"
+    shutil.copytree(tiny_qwen2, bare)
+    (bare / "config.json").unlink()
+    with pytest.raises(ModelError, match=r"model.name_or_path='.*no-config': cannot load the model"):
+        load_base_model(str(bare), torch.device("cpu"))

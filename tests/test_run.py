@@ -183,7 +183,7 @@ def test_accelerate_launch_entry_point(tmp_path):
     (["--config", "no/such.yaml"], "config file no/such.yaml does not exist"),
     (["train.lrr=1"], "unknown config key 'train.lrr'; did you mean train.lr?"),
     (["data.train=missing.jsonl"], "missing.jsonl: data file does not exist"),
-    (["model.name_or_path=/no/such/model"], "model.name_or_path='/no/such/model': cannot load a tokenizer"),
+    (["model.name_or_path=/no/such/model"], "model.name_or_path='/no/such/model': no such folder"),
 ])
 def test_bad_input_is_one_clear_line_and_exit_2(args, says, tmp_path):
     proc = run_script(sys.executable, "scripts/train.py", *TINY, *args, f"output_dir={tmp_path / 'out'}",
