@@ -44,8 +44,8 @@ class RunLog:
             self.table.add_column(column, justify="right")
 
     @main_process
-    def print(self, *args) -> None:
-        self.console.print(*args)
+    def print(self, *args, **kwargs) -> None:
+        self.console.print(*args, **kwargs)
 
     @main_process
     def data_report(self, stats: dict) -> None:
@@ -139,6 +139,9 @@ class RunLog:
         for key, value in summary.items():
             table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
         self.console.print(table)
+        where = self.output_dir.resolve()
+        best = f"the adapter in {where / 'best'}; " if (self.output_dir / "best").is_dir() else ""
+        self.console.print(f"{best}logs, curves.png and summary.json in {where}", soft_wrap=True)
 
     def _append(self, name: str, row: dict) -> None:
         with open(self.output_dir / name, "a", encoding="utf-8") as f:

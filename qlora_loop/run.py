@@ -125,6 +125,7 @@ def train(cfg: Config, *, overwrite: bool = False, loss_fn=None) -> dict:
         # the output folder: only now, with every check passed, a previous run's files are replaced
         start_run(accelerator, cfg.output_dir, to_dict(cfg), fresh=overwrite or not t.resume)
         start_trackers(accelerator, to_dict(cfg), run_name=log.output_dir.name)
+        log.print(f"writing the run to {log.output_dir.resolve()}", soft_wrap=True)
 
         # resume
         manifest = build_manifest(to_dict(cfg), tokenizer, model_path, device=accelerator.device,

@@ -191,3 +191,11 @@ def test_bad_input_is_one_clear_line_and_exit_2(args, says, tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == f"error: {says}" or says in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_the_run_says_where_it_writes_at_start_and_end(train_main, tmp_path, capsys):
+    out = tmp_path / "out"
+    train_main([f"output_dir={out}", "train.epochs=1", "train.patience=0", "eval.num_samples=0"])
+    printed = capsys.readouterr().out
+    assert f"writing the run to {out.resolve()}" in printed
+    assert f"the adapter in {out.resolve() / 'best'}; logs, curves.png and summary.json in {out.resolve()}" in printed
