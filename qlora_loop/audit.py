@@ -19,7 +19,7 @@ import random
 import unicodedata
 
 from qlora_loop.data import IGNORE, collate
-from qlora_loop.rows import Conversation, DataError, Rejects, load_conversations
+from qlora_loop.rows import Conversation, DataError
 
 
 class LabelMaskError(DataError):
@@ -45,13 +45,6 @@ def audit_label_masks(tokenizer, examples: list[dict], conversations: list[Conve
     for where, problem in _audit_collate([examples[i] for i in chosen], tokenizer.pad_token_id, collate_fn):
         problems.append(f"{where}: {problem}")
     return problems
-
-
-def audit_file(tokenizer, examples: list[dict], train_file: str, *, system_prompt: str | None, sample: int,
-               max_length: int) -> list[str]:
-    """audit_label_masks on examples built from `train_file`, its rows read again to compare against."""
-    conversations = load_conversations(train_file, system_prompt, Rejects(strict=False))
-    return audit_label_masks(tokenizer, examples, conversations, sample=sample, max_length=max_length)
 
 
 def check_label_masks(tokenizer, examples: list[dict], *, sample: int, max_length: int) -> int:

@@ -10,7 +10,7 @@ import argparse
 from rich.console import Console
 from rich.text import Text
 
-from qlora_loop.audit import audit_file, trained_runs
+from qlora_loop.audit import audit_label_masks, trained_runs
 from qlora_loop.config import load_config
 from qlora_loop.data import build_dataloaders, build_datasets
 from qlora_loop.model import load_tokenizer
@@ -48,8 +48,8 @@ def main(argv: list[str] | None = None, console: Console | None = None) -> dict:
         console.print(line, soft_wrap=True)
 
     audited = min(args.audit_rows, len(train))
-    problems = audit_file(tokenizer, train, d.train, system_prompt=d.system_prompt, sample=audited,
-                          max_length=d.max_length)
+    problems = audit_label_masks(tokenizer, train, [e["messages"] for e in train], sample=audited,
+                                 max_length=d.max_length)
     numbers["audit_problems"] = problems
     if problems:
         console.print(f"[bold red]label-mask audit: {len(problems)} problem(s) in {audited} of {len(train)} train rows:",
