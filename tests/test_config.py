@@ -258,9 +258,7 @@ def test_override_value_that_is_not_yaml_names_the_override_and_how_to_quote():
 
 def test_yaml_booleans_read_as_the_word_a_string_key_expects_or_ask_for_quotes(tmp_path):
     assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"  # YAML reads `no` as false
-    path = tmp_path / "c.yaml"
-    path.write_text("train:\n  mixed_precision: no\n", encoding="utf-8")
-    assert load_config(path).train.mixed_precision == "no"
+    assert load_config(write(tmp_path, "train:\n  mixed_precision: no\n")).train.mixed_precision == "no"
     with pytest.raises(ConfigError, match=r"override 'model.compute_dtype=on': model.compute_dtype takes a string, "
                                           r"and YAML read this value as True; quote it"):
         load_config(None, ["model.compute_dtype=on"])
