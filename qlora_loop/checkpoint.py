@@ -23,6 +23,7 @@ import torch
 from accelerate.utils import DistributedType
 from safetensors.torch import load_file, save_file
 
+from qlora_loop.disk import WRITE_ERRORS, describe
 from qlora_loop.manifest import FILE as MANIFEST
 from qlora_loop.manifest import check_manifest, text_hash, write_manifest
 from qlora_loop.model import adalora_of
@@ -62,9 +63,9 @@ def save_adapter(accelerator, model, tokenizer, directory: str | Path, *, manife
             if directory.exists():
                 os.replace(directory, old)
             os.replace(tmp, directory)
-        except OSError as e:
+        except WRITE_ERRORS as e:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise CheckpointError(f"cannot write the best adapter to {directory}: {e.strerror or e}; "
+            raise CheckpointError(f"cannot write the best adapter to {directory}: {describe(e, directory)}; "
                                   "the previous best adapter is untouched") from None
         shutil.rmtree(old, ignore_errors=True)
 
@@ -166,11 +167,11 @@ class Checkpoints:
             write_shared()
             accelerator.wait_for_everyone()
             publish()
-        except OSError as e:
+        except WRITE_ERRORS as e:
             shutil.rmtree(tmp, ignore_errors=True)
             (final / MARKER).unlink(missing_ok=True)  # a save that failed never counts, even past the rename
-            raise CheckpointError(f"cannot write checkpoint {final}: {e.strerror or e}; the previous checkpoint "
-                                  f"({self.latest() or 'none'}) and the best adapter are untouched") from None
+            raise CheckpointError(f"cannot write checkpoint {final}: {describe(e, self.dir)}; the previous "
+                                  f"checkpoint ({self.latest() or 'none'}) and the best adapter are untouched") from None
         accelerator.wait_for_everyone()
         return final
 

@@ -2,8 +2,8 @@
 can cause, never a traceback; with `quiet`, the libraries' loading bars and deprecation notices
 are kept off the terminal (chat's conversation, merge's report).
 
-Exit status: 0 done; 2 bad config, data, model, checkpoint, launch, flag or folder, or a batch that
-does not fit in memory; 3 non-finite loss; 75 stopped by SIGTERM/SIGINT after writing a checkpoint."""
+Exit status: 0 done; 2 bad config, data, model, checkpoint, launch, flag or folder, a full or
+read-only disk, or a batch that does not fit in memory; 3 non-finite loss; 75 stopped by SIGTERM/SIGINT after writing a checkpoint."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 
 from qlora_loop.checkpoint import CheckpointError  # noqa: E402
 from qlora_loop.config import ConfigError  # noqa: E402
+from qlora_loop.disk import WRITE_ERRORS, DiskError, as_disk_error, is_disk_error  # noqa: E402
 from qlora_loop.distributed import LaunchError  # noqa: E402
 from qlora_loop.fit import Interrupted, NonFiniteError  # noqa: E402
 from qlora_loop.inference import InferenceError  # noqa: E402
@@ -28,7 +29,7 @@ from qlora_loop.model import ModelError  # noqa: E402
 from qlora_loop.rows import DataError  # noqa: E402
 
 USER_ERRORS = (ConfigError, DataError, ModelError, CheckpointError, LaunchError, OutOfMemory, InferenceError,
-               FileNotFoundError)
+               DiskError, FileNotFoundError)
 
 
 @contextlib.contextmanager
@@ -43,6 +44,11 @@ def as_script(*, quiet: bool = False):
         yield
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except WRITE_ERRORS as e:  # a full or read-only disk anywhere a run writes (logs, curves, the summary)
+        if not is_disk_error(e):
+            raise
+        print(f"error: {as_disk_error(e)}", file=sys.stderr)
         sys.exit(2)
     except NonFiniteError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from pathlib import Path
 
 from rich.console import Console
@@ -14,6 +15,7 @@ from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from qlora_loop.disk import as_disk_error
 from qlora_loop.memory import GIB, peak_memory_bytes
 from qlora_loop.trackers import epoch_metrics, log_samples, step_metrics
 
@@ -89,7 +91,7 @@ class RunLog:
                            ("samples.jsonl", lambda row: row["epoch"] < epoch)):
             path = self.output_dir / name
             if path.exists():
-                rows = [line for line in path.read_text(encoding="utf-8").splitlines() if keep(json.loads(line))]
+                rows = [line for line in path.read_text(encoding="utf-8").splitlines() if keep(_row(line))]
                 path.write_text("".join(line + "\n" for line in rows), encoding="utf-8")
 
     @main_process
@@ -134,7 +136,11 @@ class RunLog:
 
     @main_process
     def summary(self, summary: dict) -> None:
-        (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        path = self.output_dir / "summary.json"
+        try:
+            path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        except OSError as e:
+            raise as_disk_error(e, path) from None
         table = Table(title="summary", show_header=False)
         for key, value in summary.items():
             table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
@@ -144,5 +150,16 @@ class RunLog:
         self.console.print(f"{best}logs, curves.png and summary.json in {where}", soft_wrap=True)
 
     def _append(self, name: str, row: dict) -> None:
-        with open(self.output_dir / name, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        try:
+            with open(self.output_dir / name, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        except OSError as e:  # a full disk: the line may be cut short; resume drops such a line
+            raise as_disk_error(e, self.output_dir / name) from None
+
+
+def _row(line: str) -> dict:
+    """A log line; one cut short by a crash or a full disk reads as a row nothing keeps."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return {"step": math.inf, "epoch": math.inf}

@@ -17,6 +17,7 @@ from qlora_loop.builtin import resolve_model_path
 from qlora_loop.checkpoint import Checkpoints, find_resume, resume_identity, save_adapter
 from qlora_loop.config import Config, ConfigError, to_dict
 from qlora_loop.data import build_dataloaders, build_datasets, steps_per_epoch
+from qlora_loop.disk import check_free_space
 from qlora_loop.distributed import LaunchError, check_engine_taken, check_launch, describe_launch, prepare_sharding
 from qlora_loop.drift import Drift
 from qlora_loop.dryrun import dry_run_config, report
@@ -122,7 +123,9 @@ def train(cfg: Config, *, overwrite: bool = False, loss_fn=None) -> dict:
             check_memory(runner, worst, log=log, budget_gib=t.memory_budget_gib, batch_size=t.batch_size,
                          grad_accum=grad_accum, max_length=d.max_length, checkpointing=m.gradient_checkpointing)
 
-        # the output folder: only now, with every check passed, a previous run's files are replaced
+        # the output folder: only now, with every check passed (room for the checkpoints included; the
+        # adapter and its AdamW moments are float32), a previous run's files are replaced
+        check_free_space(cfg.output_dir, adapter_bytes=4 * trainable_parameters(model)[0], keep_last=t.keep_last)
         start_run(accelerator, cfg.output_dir, to_dict(cfg), fresh=overwrite or not t.resume)
         start_trackers(accelerator, to_dict(cfg), run_name=log.output_dir.name)
         log.print(f"writing the run to {log.output_dir.resolve()}", soft_wrap=True)

@@ -18,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from qlora_loop.config import ConfigError
+from qlora_loop.disk import WRITE_ERRORS, DiskError, as_disk_error, is_disk_error
 from qlora_loop.trackers import tensorboard_dir
 
 MARK = ".qlora_loop-run"
@@ -52,7 +53,8 @@ def check_output_dir(output_dir: str | Path, *, resume: str | None, overwrite: b
 @contextlib.contextmanager
 def hold(accelerator, output_dir: str | Path):
     """The folder's lock, held by the main process for the duration (released on any exit); a live
-    holder is an error naming its pid, a dead one's lock is taken over. Marks the folder as a run's."""
+    holder is an error naming its pid, a dead one's lock is taken over. Marks the folder as a run's;
+    a folder it created is removed again if the run fails before writing anything into it."""
     path = Path(output_dir) / LOCK
 
     @accelerator.on_main_process
@@ -68,22 +70,37 @@ def hold(accelerator, output_dir: str | Path):
                                       "it to end, or choose another folder with output_dir=...") from None
                 path.unlink(missing_ok=True)  # left by a run that was killed: take it over
                 continue
-            with os.fdopen(fd, "w") as f:
-                f.write(str(os.getpid()))
-            (path.parent / MARK).write_text(json.dumps({"written_by": "qlora_loop"}) + "\n", encoding="utf-8")
+            try:
+                with os.fdopen(fd, "w") as f:
+                    f.write(str(os.getpid()))
+                (path.parent / MARK).write_text(json.dumps({"written_by": "qlora_loop"}) + "\n", encoding="utf-8")
+            except OSError:
+                path.unlink(missing_ok=True)
+                raise
             return
 
     @accelerator.on_main_process
-    def release():
+    def release(failed: bool):
         if _holder(path) == os.getpid():
             path.unlink(missing_ok=True)
+        if failed and created:  # a run that stopped before writing anything leaves no folder behind
+            with contextlib.suppress(OSError):
+                if {p.name for p in path.parent.iterdir()} <= {MARK}:
+                    (path.parent / MARK).unlink(missing_ok=True)
+                    path.parent.rmdir()
 
-    take()
-    accelerator.wait_for_everyone()
+    created, failed = not path.parent.exists(), True
     try:
+        take()
+        accelerator.wait_for_everyone()
         yield
+        failed = False
+    except WRITE_ERRORS as e:  # a full or read-only disk, here or anywhere in the run: the path and the fix
+        if not is_disk_error(e) or isinstance(e, DiskError):
+            raise
+        raise as_disk_error(e, path.parent) from None
     finally:
-        release()
+        release(failed)
 
 
 def start_run(accelerator, output_dir: str | Path, config: dict, *, fresh: bool) -> None:

@@ -16,6 +16,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 from conftest import ROOT, peft_model
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from qlora_loop.checkpoint import CheckpointError, Checkpoints, save_adapter
@@ -120,6 +121,23 @@ def test_disk_full_at_any_stage_of_a_save_keeps_the_previous_checkpoint(runner, 
     monkeypatch.setattr(os, "fsync", real_fsync)
     assert checkpoints.save(runner, {"epoch": 1}) == checkpoints.latest() == tmp_path / "checkpoints" / "step-000002"
     assert not first.exists()  # keep_last=1 prunes only once the new one is complete
+
+
+def test_a_full_disk_as_safetensors_reports_it_is_one_error_and_leaves_no_temp(runner, monkeypatch, tmp_path):
+    checkpoints = Checkpoints(runner.accelerator, tmp_path, identity={}, config={})
+    runner([runner.batch])
+    first = checkpoints.save(runner, {"epoch": 1})
+    runner([runner.batch])
+
+    def full(tensors, path):  # what safetensors raises on a full disk: its own error, not an OSError
+        Path(path).write_bytes(b"partial")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr("qlora_loop.checkpoint.save_file", full)
+    with pytest.raises(CheckpointError, match=r"cannot write checkpoint .*step-000002: No space left on device "
+                                              r"\([\d.]+ \w+ free there\); the previous checkpoint .*step-000001"):
+        checkpoints.save(runner, {"epoch": 1})
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [first.name]
 
 
 def test_disk_full_while_saving_the_best_adapter_keeps_the_old_one(runner, qwen2_tokenizer, monkeypatch, tmp_path):

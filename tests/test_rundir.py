@@ -3,15 +3,20 @@ has passed every check, and two runs never write into one folder at once."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
 
+from qlora_loop.cli import as_script
 from qlora_loop.config import ConfigError
+from qlora_loop.disk import DiskError, check_free_space
 from qlora_loop.rows import DataError
 from qlora_loop.rundir import LOCK, MARK
 
@@ -54,3 +59,78 @@ def test_a_live_run_holds_its_folder_and_a_killed_runs_lock_is_taken_over(train_
     (out / LOCK).write_text(gone.stdout.strip())  # a holder that has ended, as after kill -9
     summary = train_main([f"output_dir={out}", *QUICK])
     assert summary["steps"] > 0 and not (out / LOCK).exists()
+
+
+# --- a full or read-only disk ---------------------------------------------------------------------
+
+def test_a_folder_the_run_created_is_removed_when_the_run_stops_before_writing(train_main, tmp_path):
+    out = tmp_path / "new"
+    with pytest.raises(DataError, match="missing.jsonl"):
+        train_main([f"output_dir={out}", "data.train=missing.jsonl", *QUICK])
+    assert not out.exists()
+
+
+def test_a_read_only_output_dir_is_one_error_naming_it(train_main, tmp_path, monkeypatch):
+    out = tmp_path / "ro"
+    real_open = os.open
+
+    def read_only(path, *args, **kwargs):  # the kernel's answer on a read-only mount
+        if str(path).startswith(str(out)):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only)
+    with pytest.raises(DiskError, match=rf"^cannot write {out / LOCK}: Read-only file system; free some space, "
+                                        r"or choose a writable folder with output_dir=\.\.\.$"):
+        train_main([f"output_dir={out}", *QUICK])
+    assert not out.exists()  # the folder it made for the run is gone again
+
+
+def test_a_disk_too_small_for_the_checkpoints_is_refused_before_training(tmp_path):
+    with pytest.raises(ConfigError, match=r"output_dir=.* has [\d.]+ \w+ free; this run writes about [\d.]+ \w+ "
+                                          r"\(3 checkpoint\(s\) of .* at train\.keep_last=2"):
+        check_free_space(tmp_path, adapter_bytes=2**60, keep_last=2)
+    check_free_space(tmp_path, adapter_bytes=1000, keep_last=2)  # a small adapter fits
+
+
+def test_disk_full_while_logging_stops_with_one_line_and_resume_continues(train_main, tmp_path, monkeypatch):
+    out, lines = tmp_path / "run", [0]
+    real_open = open
+
+    def full_after_4_steps(path, mode="r", *args, **kwargs):
+        f = real_open(path, mode, *args, **kwargs)
+        if Path(path).name == "steps.jsonl" and "a" in mode:
+            lines[0] += 1
+            if lines[0] > 4:  # a torn line, as a full disk leaves it
+                f.write('{"step": 5, "ep')
+                f.close()
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return f
+
+    settings = [f"output_dir={out}", "train.epochs=2", "train.save_every=2", "eval.num_samples=0"]
+    monkeypatch.setattr("qlora_loop.log.open", full_after_4_steps, raising=False)
+    with pytest.raises(DiskError, match=rf"^cannot write {out / 'steps.jsonl'}: No space left on device \(.* free "
+                                        r"there\); free some space"):
+        train_main(settings)
+    assert not list(out.rglob("*.tmp")) and not (out / LOCK).exists()
+    monkeypatch.undo()
+    summary = train_main([*settings, "train.resume=auto"])
+    steps = [json.loads(line)["step"] for line in (out / "steps.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, summary["steps"] + 1))  # the torn line dropped, the steps after step 4 redone
+
+
+@pytest.mark.parametrize("error, says", [
+    (OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/data/run/curves.png"),
+     r"cannot write /data/run/curves\.png: No space left on device \(.* free there\)"),
+    (OSError(errno.EROFS, os.strerror(errno.EROFS), "/data/run"), r"cannot write /data/run: Read-only file system;"),
+])
+def test_a_script_turns_a_disk_error_anywhere_into_one_line_and_exit_2(error, says, capsys):
+    with pytest.raises(SystemExit) as exited, as_script():
+        raise error
+    assert exited.value.code == 2
+    assert re.fullmatch(f"error: {says}.*\n", capsys.readouterr().err)
+
+
+def test_a_script_lets_other_os_errors_through():
+    with pytest.raises(ConnectionResetError), as_script():
+        raise ConnectionResetError(errno.ECONNRESET, "reset")
