@@ -45,11 +45,10 @@ def check_out_dir(out: str | Path, force: bool, adapter_dir: str | Path) -> None
         raise InferenceError(f"--out {out} is not empty; pass --force to replace it, or choose another folder")
 
 
-def merge_adapter(adapter_dir: str | Path, out: str | Path, base: str | None = None, *,
-                  trust_remote_code: bool | None = None, dtype: torch.dtype = torch.bfloat16) -> str:
-    """Write base + adapter as one plain transformers model (safetensors, tokenizer, generation
-    config) to `out`; returns the base it used. Runs on the CPU: it needs the bf16 model in RAM."""
-    adapter_dir, out = Path(adapter_dir), Path(out)
+def merged_model(adapter_dir: str | Path, base: str | None = None, *, trust_remote_code: bool | None = None,
+                 dtype: torch.dtype = torch.bfloat16):
+    """(base + adapter as one plain transformers model, the adapter's tokenizer, the base found).
+    Runs on the CPU: it needs the bf16 model in RAM."""
     found = locate_base(adapter_dir, base, trust_remote_code)
     tokenizer = load_inference_tokenizer(adapter_dir, found)
     model = AutoModelForCausalLM.from_pretrained(found.name, dtype=dtype, device_map={"": "cpu"},
@@ -63,7 +62,15 @@ def merge_adapter(adapter_dir: str | Path, out: str | Path, base: str | None = N
     merged.generation_config.eos_token_id = stop_token_ids(merged, tokenizer)
     merged.generation_config.pad_token_id = tokenizer.pad_token_id
     merged.config.use_cache = True
+    return merged, tokenizer, found
 
+
+def merge_adapter(adapter_dir: str | Path, out: str | Path, base: str | None = None, *,
+                  trust_remote_code: bool | None = None, dtype: torch.dtype = torch.bfloat16) -> str:
+    """Write base + adapter as one plain transformers model (safetensors, tokenizer, generation
+    config) to `out`; returns the base it used."""
+    out = Path(out)
+    merged, tokenizer, found = merged_model(adapter_dir, base, trust_remote_code=trust_remote_code, dtype=dtype)
     # Written beside `out` and renamed in place, so an interrupted merge never leaves half a model.
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -136,17 +143,20 @@ def compare(candidate, tokenizer, passes: list[dict], max_new_tokens: int) -> li
     return rows
 
 
-def fidelity_report(adapter_dir: str | Path, merged_dir: str | Path, prompts: list[list[dict]], *,
+def fidelity_report(adapter_dir: str | Path, merged_dir: str | Path | None, prompts: list[list[dict]], *,
                     references: list[str | None], base: str | None = None, max_new_tokens: int = 64,
-                    max_kl: float = 0.05) -> dict:
+                    max_kl: float = 0.05, load_candidate=None) -> dict:
     """4-bit base + adapter (the reference: what was trained and evaluated) against the merged
-    folder loaded with plain transformers. One model in memory at a time."""
+    folder loaded with plain transformers, or the model `load_candidate()` returns (export's GGUF).
+    One model in memory at a time."""
     reference, tokenizer = load_for_inference(adapter_dir, base)
     passes = reference_pass(reference, tokenizer, prompts, max_new_tokens)
     del reference
     _free_memory()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    candidate = AutoModelForCausalLM.from_pretrained(merged_dir, device_map={"": device}).eval()
+    candidate = load_candidate() if load_candidate is not None else \
+        AutoModelForCausalLM.from_pretrained(merged_dir, device_map={"": device})
+    candidate.eval()
     rows = compare(candidate, tokenizer, passes, max_new_tokens)
     del candidate
     _free_memory()
@@ -166,8 +176,9 @@ def summarise(rows: list[dict], max_kl: float) -> dict:
             "ok": mean_kl <= max_kl, "rows": rows}
 
 
-def report_table(report: dict) -> Table:
-    table = Table(title="merge fidelity: 4-bit base + adapter vs merged bf16 (KL in nats)")
+def report_table(report: dict, *,
+                 title: str = "merge fidelity: 4-bit base + adapter vs merged bf16 (KL in nats)") -> Table:
+    table = Table(title=title)
     for column in ("prompt", "tokens", "mean KL", "max KL", "top-1 agree", "greedy same"):
         table.add_column(column, justify="left" if column == "prompt" else "right")
     for r in report["rows"]:
@@ -181,8 +192,8 @@ def report_table(report: dict) -> Table:
     return table
 
 
-def write_report(report: dict, out: str | Path, **context) -> Path:
-    path = Path(out) / "merge_report.json"
+def write_report(report: dict, out: str | Path, *, file_name: str = "merge_report.json", **context) -> Path:
+    path = Path(out) / file_name
     clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in report.items()}
     path.write_text(json.dumps({**context, **clean}, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return path
