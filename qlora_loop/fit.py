@@ -7,9 +7,14 @@ LoopState, saved in every checkpoint, so a resumed run continues from exactly th
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import math
+import os
+import select
 import signal
+import stat
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -278,15 +283,59 @@ def _skip_nonfinite(state: LoopState, result, runner, log, limit: int, checkpoin
 def stop_on_signals(accelerator):
     """While training: the first SIGTERM/SIGINT sets Accelerate's trigger, so every rank finishes the
     current step, writes a checkpoint and stops (fit checks the trigger after each step). A second
-    one gets the default action: the process ends at once. The previous handlers come back on exit."""
-    def handler(signum, frame):
+    one gets the default action: the process ends at once. The previous handlers come back on exit.
+
+    Under a launcher (accelerate launch, torchrun) the launcher's death comes as SIGHUP and stops the
+    run the same way: a launcher that is killed, or one that exits on SIGTERM without passing it on
+    (accelerate before 1.16), never leaves a trainer running on its own. The kernel may send it more
+    than once (once per thread of the dying launcher), so repeats are harmless. Run directly (`nohup
+    python scripts/train.py &`), a trainer outlives its shell as any program does."""
+    def stop(signum, frame):
         accelerator.set_trigger()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, signal.SIG_DFL)
 
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    def orphaned(signum, frame):
+        _detach_dead_pipes()  # the launcher read our stdout/stderr; printing must not fail before the checkpoint
+        accelerator.set_trigger()
+
+    handlers = {signal.SIGTERM: stop, signal.SIGINT: stop}
+    launched = any(k in os.environ for k in LAUNCHER_ENV)
+    if launched:
+        handlers[signal.SIGHUP] = orphaned
+    previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
+    if launched:
+        parent = os.getppid()
+        _parent_death_signal(signal.SIGHUP)
+        if os.getppid() != parent:  # it died before the request took effect
+            orphaned(signal.SIGHUP, None)
     try:
         yield
     finally:
+        if launched:
+            _parent_death_signal(0)
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+# set in the training process by accelerate launch's single-process path and by torchrun
+LAUNCHER_ENV = ("ACCELERATE_USE_CPU", "TORCHELASTIC_RUN_ID")
+
+
+def _parent_death_signal(sig: int) -> None:
+    """Linux's PR_SET_PDEATHSIG: the kernel sends `sig` when the parent ends (0 turns it off). Elsewhere a no-op."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(sig), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+
+
+def _detach_dead_pipes() -> None:
+    """Point stdout/stderr at /dev/null where they are pipes with no reader left (poll says POLLERR),
+    so that a broken pipe cannot end the process before its checkpoint is written."""
+    for fd in (1, 2):
+        with contextlib.suppress(OSError):
+            if stat.S_ISFIFO(os.fstat(fd).st_mode):
+                poller = select.poll()
+                poller.register(fd, select.POLLOUT)
+                if any(events & select.POLLERR for _, events in poller.poll(0)):
+                    os.dup2(os.open(os.devnull, os.O_WRONLY), fd)

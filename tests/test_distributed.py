@@ -319,6 +319,8 @@ def test_an_fsdp_launch_on_a_machine_without_a_gpu_is_one_clear_line(tmp_path, o
                            f"output_dir={tmp_path / 'out'}"], cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env=env)
     assert done.returncode != 0  # torchrun reports the ranks' exit status 2 with a traceback of its own
-    assert done.stderr.count("error: Accelerate cannot start this launch: There are currently no available devices") == 2
-    assert "RuntimeError: There are currently no available devices" not in done.stderr  # no rank's raw traceback
+    # accelerate's own reason varies by version ("There are currently no available devices"; 1.16: "FSDP
+    # parameter initialization with `sync_module_states=True` is not supported on cpu."): one line per rank
+    assert done.stderr.count("error: Accelerate cannot start this launch: ") == 2
+    assert "RuntimeError:" not in done.stderr and "ValueError:" not in done.stderr  # no rank's raw traceback
     assert not (tmp_path / "out").exists()

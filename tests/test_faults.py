@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from accelerate import Accelerator
@@ -206,6 +207,32 @@ def test_sigterm_finishes_the_step_writes_a_checkpoint_and_exits_75(tiny_qwen2, 
     assert "Traceback" not in stderr
 
 
+@pytest.mark.parametrize("signal_to_launcher, launcher_status", [(signal.SIGTERM, 143), (signal.SIGKILL, -9)])
+def test_a_signal_to_accelerate_launch_checkpoints_the_trainer_and_leaves_no_orphan(signal_to_launcher, launcher_status,
+                                                                                   tiny_qwen2, tmp_path):
+    """SIGTERM: the launcher passes it on (accelerate >= 1.16). SIGKILL, or an older launcher that exits
+    on SIGTERM alone: the trainer gets SIGTERM from the kernel as its launcher dies (stop_on_signals)."""
+    out = tmp_path / "out"
+    launcher = psutil.Popen([sys.executable, "-m", "accelerate.commands.launch", "scripts/train.py",
+                             f"model.name_or_path={tiny_qwen2}", f"output_dir={out}", "train.epochs=100",
+                             "train.batch_size=2"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and launcher.poll() is None:
+        steps = out / "steps.jsonl"
+        if steps.exists() and len(steps.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.2)
+    trainer, = launcher.children()
+    launcher.send_signal(signal_to_launcher)
+    assert launcher.wait(timeout=60) == launcher_status
+    psutil.wait_procs([trainer], timeout=60)
+    assert not trainer.is_running()
+    last = json.loads((out / "steps.jsonl").read_text().splitlines()[-1])["step"]
+    checkpoint = out / "checkpoints" / f"step-{last:06d}"
+    assert json.loads((checkpoint / "COMPLETE").read_text()) == {"step": last}  # the step it was in, checkpointed
+    assert not (out / ".qlora_loop.lock").exists()
+
+
 def test_second_signal_gets_the_default_action():
     accelerator = Accelerator(mixed_precision="no")
     before = signal.getsignal(signal.SIGINT)
@@ -215,3 +242,18 @@ def test_second_signal_gets_the_default_action():
         assert signal.getsignal(signal.SIGINT) == signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
     assert signal.getsignal(signal.SIGINT) == before  # the caller's handlers come back
 
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_under_accelerate_launch_a_bad_input_ends_as_the_readme_says(quiet):
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", *(["--quiet"] if quiet else [])]
+    done = subprocess.run([*launcher, "scripts/train.py", "train.seed=-1"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    lines = done.stderr.strip().splitlines()
+    ours = "error: train.seed=-1 must be in [0, 2**32), as numpy's and torch's seeds are"
+    assert done.returncode == 1 and ours in lines and "Traceback" not in done.stderr.split(ours)[0]
+    if quiet:
+        assert lines[-1] == ours
+    else:
+        assert lines[-1].startswith("subprocess.CalledProcessError: Command ")
+        assert lines[-1].endswith("returned non-zero exit status 2.")
