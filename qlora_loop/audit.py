@@ -6,7 +6,8 @@ masking code; it decodes the trained and untrained runs of each example and chec
 the row's messages:
   - every assistant turn's text lies inside one trained run (it is trained, and wholly);
   - that run ends with a special token (the end-of-turn / EOS the model must learn to stop on);
-  - every system and user text lies inside one untrained run (no prompt token is trained);
+  - every system and user text, and every assistant turn marked "train": false, lies inside one
+    untrained run (no prompt token is trained);
   - a trained label is the token at its position (labels are not shifted twice);
   - collating with padding keeps every trained label, EOS included when pad == EOS (padding
     masked by position, not by token id).
@@ -87,6 +88,8 @@ def _audit_example(tokenizer, example: dict, messages: list[dict], specials: set
         if not text or not _contains(whole, text):
             continue  # cut off by max_length, or not rendered by the template: nothing to judge
         role = message["role"]
+        if role == "assistant" and message.get("train") is False:  # "train": false, or data.train_on=last
+            role = "assistant (\"train\": false)"
         if role == "assistant":
             assistant_turn += 1
             run = next((r for r in runs if r.trained and _contains(r.text, text)), None)

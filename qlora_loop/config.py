@@ -67,9 +67,28 @@ class AdapterConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One data source: an entry of data.train / data.val, given as a path alone or as a mapping."""
+    path: str  # .json / .jsonl / .csv / .parquet / .arrow, a datasets save_to_disk folder, or a hub dataset id
+    weight: float = 1.0  # 2: every row twice per epoch; 0.5: half of the rows, drawn by train.seed
+    format: str | None = None  # alpaca | messages | sharegpt; null = data.format
+    columns: dict | None = None  # our field -> the source's, e.g. {instruction: question}; null = data.columns
+    split: str | None = None  # of a hub dataset or a saved DatasetDict; null = train
+    name: str | None = None  # a hub dataset's configuration
+    revision: str | None = None  # a hub dataset's revision
+    max_rows: int | None = None  # read only the first max_rows rows
+
+
+@dataclass
 class DataConfig:
-    train: str = str(ASSETS / "identity.jsonl")
-    val: str | None = None
+    # One source, a list of sources, or a list of mappings {path, weight, format, columns, split, name,
+    # revision, max_rows} (SourceConfig); the validation split is taken per source, before weighting.
+    train: str | dict | list[str | dict] = str(ASSETS / "identity.jsonl")
+    val: str | dict | list[str | dict] | None = None  # the same forms; weights do not apply to validation
+    format: str = "auto"  # auto: detected per source from its first row | alpaca | messages | sharegpt
+    columns: dict = field(default_factory=dict)  # field names of every source, e.g. {output: answer}
+    train_on: str = "all"  # all: every assistant turn; last: only the last one of each row
+    cache: bool = True  # tokenized rows kept in ~/.cache/qlora_loop/data, keyed by content, for the next start
     val_split: float = 0.1  # fraction of train held out when data.val is not given
     max_length: int = 512
     system_prompt: str | None = None  # added to rows that have no system turn
@@ -158,6 +177,8 @@ CHOICES = {
     "train.mode": ("min", "max"),
     "train.mixed_precision": ("auto", "no", "bf16", "fp16"),
     "data.on_error": ("error", "skip"),
+    "data.format": ("auto", "alpaca", "messages", "sharegpt"),
+    "data.train_on": ("all", "last"),
     "model.quant_storage": (None, "uint8", "bfloat16", "float16", "float32"),
 }
 
@@ -233,6 +254,12 @@ def validate(cfg: Config) -> None:
     if cfg.train.max_drift is not None and not cfg.eval.drift_samples:
         raise ConfigError("train.max_drift needs the drift measured: set eval.drift_samples > 0, or "
                           "train.max_drift=null")
+    if not all(isinstance(a, str) and isinstance(b, str) for a, b in cfg.data.columns.items()):
+        raise ConfigError(f"data.columns={cfg.data.columns!r} must map our field names to the source's, e.g. "
+                          "{output: answer}")
+    source_configs(cfg.data.train, "data.train", columns=cfg.data.columns)
+    if cfg.data.val is not None:
+        source_configs(cfg.data.val, "data.val", columns=cfg.data.columns)
     if not 0 <= cfg.data.max_skip_fraction <= 1:
         raise ConfigError(f"data.max_skip_fraction={cfg.data.max_skip_fraction!r} must be in [0, 1]")
     if cfg.train.monitor == "val_loss" and cfg.data.val is None and cfg.data.val_split == 0:
@@ -241,6 +268,48 @@ def validate(cfg: Config) -> None:
     if isinstance(cfg.adapter.target_modules, str) and cfg.adapter.target_modules != "auto":
         raise ConfigError(f"adapter.target_modules={cfg.adapter.target_modules!r}: use auto or a list of "
                           "module names, e.g. [q_proj, v_proj]")
+
+
+def source_configs(spec: str | dict | list, key: str = "data.train", *, fmt: str = "auto",
+                   columns: dict | None = None) -> list[SourceConfig]:
+    """data.train / data.val as SourceConfigs, checked: a path, a mapping, or a list of either. A
+    source's format and columns default to data.format and data.columns."""
+    entries = spec if isinstance(spec, list) else [spec]
+    if not entries:
+        raise ConfigError(f"{key}=[] names no source; give a path, or a list of paths or mappings")
+    fields = [f.name for f in dataclasses.fields(SourceConfig)]
+    sources = []
+    for k, entry in enumerate(entries):
+        at = f"{key}[{k}]" if isinstance(spec, list) else key
+        if isinstance(entry, str):
+            entry = {"path": entry}
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) or not entry["path"]:
+            raise ConfigError(f"{at}={entry!r}: a source is a path, or a mapping with a path, e.g. "
+                              "{path: data.jsonl, weight: 2}")
+        for name in entry:
+            if name not in fields:
+                close = difflib.get_close_matches(str(name), fields, n=1)
+                raise ConfigError(f"{at}: unknown source key {name!r}; "
+                                  + (f"did you mean {close[0]}?" if close else f"valid: {', '.join(fields)}"))
+        source = SourceConfig(**entry)
+        if isinstance(source.columns or {}, dict):
+            source.columns = {**(columns or {}), **(source.columns or {})}
+        checks = [(isinstance(source.weight, (int, float)) and not isinstance(source.weight, bool)
+                   and source.weight > 0, "weight", "a number > 0"),
+                  (source.format in (None, *CHOICES["data.format"]), "format", "alpaca, messages, sharegpt or auto"),
+                  (isinstance(source.columns, dict) and all(isinstance(a, str) and isinstance(b, str)
+                                                            for a, b in source.columns.items()),
+                   "columns", "a mapping of our field names to the source's, e.g. {output: answer}"),
+                  (source.max_rows is None or (isinstance(source.max_rows, int) and source.max_rows > 0),
+                   "max_rows", "an integer > 0, or null")]
+        checks += [(getattr(source, name) is None or isinstance(getattr(source, name), str), name, "a string")
+                   for name in ("split", "name", "revision")]
+        for ok, name, what in checks:
+            if not ok:
+                raise ConfigError(f"{at}.{name}={getattr(source, name)!r} must be {what}")
+        source.weight, source.format = float(source.weight), source.format or fmt
+        sources.append(source)
+    return sources
 
 
 def to_dict(cfg: Config) -> dict:
@@ -356,7 +425,8 @@ def _coerce(value: Any, hint: Any, key: str, where: str) -> Any:
             return value
         if option in (str, bool, dict) and isinstance(value, option):
             return value
-        if typing.get_origin(option) is list and isinstance(value, list) and all(isinstance(v, str) for v in value):
+        if typing.get_origin(option) is list and isinstance(value, list) and all(
+                isinstance(v, typing.get_args(option)[0]) for v in value):  # list[str]; data.train's list[str | dict]
             return value
     expected = " or ".join(_type_name(o) for o in options)
     raise ConfigError(f"{where}: {key} must be {expected}, got {value!r} ({type(value).__name__})")
@@ -374,7 +444,7 @@ def _type_name(t: Any) -> str:
     if t is type(None):
         return "null"
     if typing.get_origin(t) is list:
-        return "a list of strings"
+        return "a list of strings" if typing.get_args(t) == (str,) else "a list of paths or mappings"
     return {str: "a string", int: "an integer", float: "a number", bool: "true/false", dict: "a mapping"}[t]
 
 

@@ -1,22 +1,28 @@
-"""Chat messages -> token ids with a label mask -> padded batches (reading files: rows.py).
+"""Chat messages -> token ids with a label mask -> padded batches (reading sources: rows.py, sources.py).
 
 Every assistant turn, plus the end-of-turn token the chat template closes it with, is trained;
-every other token has label -100.
+every other token has label -100. A turn marked "train": false (or, with data.train_on=last, every
+turn but the last) stays in the prompt.
 """
 
 from __future__ import annotations
 
 import math
-import random
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import jinja2
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from qlora_loop.rows import Conversation, DataError, Rejects, load_conversations
+from qlora_loop.cache import Prepared, entry_key, load_entry, save_entry, tokenizer_fingerprint
+from qlora_loop.config import SourceConfig, source_configs
+from qlora_loop.rows import Conversation, DataError, Rejects, turns_to_train
+from qlora_loop.sources import check_rejects, conversations_of, load_source, open_source, split_validation, weigh
 
 IGNORE = -100
+load_conversations = load_source  # one source's rows as Conversations (rows.load_conversations)
+BATCH = 256  # rows per call of a fast tokenizer (it encodes a batch on all cores)
 
 
 @dataclass
@@ -24,17 +30,20 @@ class DataStats:
     rows: int = 0  # rows read, bad ones included
     truncated: int = 0
     dropped: int = 0  # rows skipped under data.on_error=skip
-    examples: int = 0
+    examples: int = 0  # after weighting: the rows one epoch trains on
     target_tokens: int = 0
     dropped_by_kind: dict = field(default_factory=dict)
     dropped_where: list[str] = field(default_factory=list)
+    # one per source: {"source", "weight", "rows", "dropped", "examples", "target_tokens", "cached"}
+    sources: list[dict] = field(default_factory=list)
 
 
 # --- messages -> tokens and labels --------------------------------------------------------------
 
 def render_with_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-    """The chat-template text and the character spans to train: each assistant turn up to and
-    including the last special token the template closes it with (e.g. `<|im_end|>`, `</s>`).
+    """The chat-template text and the character spans to train: each assistant turn (but those
+    marked "train": false) up to and including the last special token the template closes it with
+    (e.g. `<|im_end|>`, `</s>`).
 
     A turn's span is found by rendering the conversation up to that turn twice, with and without
     the turn, so it holds for any template that renders earlier turns the same way each time. A
@@ -42,13 +51,14 @@ def render_with_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[
     still learns to stop.
     """
     def render(msgs, generation_prompt=False):
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
+        plain = [{"role": m["role"], "content": m["content"]} for m in msgs]
+        return tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=generation_prompt)
 
     full = render(messages)
     specials = sorted({t for t in tokenizer.all_special_tokens if t}, key=len, reverse=True)
     pieces, spans, cursor = [], [], 0
     for i, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or message.get("train") is False:
             continue
         before, through = render(messages[:i], True), render(messages[: i + 1])
         if not (full.startswith(through) and through.startswith(before)):
@@ -72,20 +82,41 @@ def render_with_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[
     return "".join(pieces), spans
 
 
+def max_chars(tokenizer, max_length: int) -> int:
+    """Characters of one message that max_length tokens can reach. No token decodes to more
+    characters than its vocabulary entry has (byte-level entries: one character per byte; <0xAB>
+    byte-fallback entries: six for one), so max_length tokens cover at most max_length x the longest
+    entry (81 for SmolLM2, whose longest entries are runs of spaces and dashes); twice that leaves room
+    for the word the cut splits. A message is cut there before rendering, so a 50 MB row costs what a
+    row of that length does, and keeps the tokens it would have kept."""
+    longest = getattr(tokenizer, "_qlora_longest_token", None)
+    if longest is None:
+        longest = max(map(len, tokenizer.get_vocab()), default=1)
+        tokenizer._qlora_longest_token = longest  # get_vocab() copies the vocabulary: once per tokenizer
+    return 2 * max_length * longest
+
+
+def cut_messages(messages: list[dict], limit: int) -> list[dict]:
+    return [m if len(m["content"]) <= limit else {**m, "content": m["content"][:limit]} for m in messages]
+
+
 def tokenize_conversation(tokenizer, messages: list[dict], max_length: int) -> tuple[list[int], list[int], bool]:
     """(input_ids, labels, truncated). Labels copy the ids of trained tokens, -100 elsewhere."""
-    text, spans = render_with_spans(tokenizer, messages)
+    text, spans = render_with_spans(tokenizer, cut_messages(messages, max_chars(tokenizer, max_length)))
     if not tokenizer.is_fast:  # slow (Python) tokenizers, e.g. Baichuan2's, give no offsets
         ids, labels = tokenize_by_pieces(tokenizer, text, spans)
         return ids[:max_length], labels[:max_length], len(ids) > max_length
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = encoded["input_ids"]
+    return _masked(encoded["input_ids"], encoded["offset_mapping"], spans, max_length)
+
+
+def _masked(ids: list[int], offsets, spans, max_length: int) -> tuple[list[int], list[int], bool]:
     # A token that starts before a span but runs into it is trained too: a prompt ending in a space
     # ("assistant: ") merges that space into the answer's first token ("Ġhel"), which must be learned.
+    kept = ids[:max_length]
     labels = [tok if any(s <= begin < e or begin < s < end for s, e in spans) else IGNORE
-              for tok, (begin, end) in zip(ids, encoded["offset_mapping"])]
-    truncated = len(ids) > max_length
-    return ids[:max_length], labels[:max_length], truncated
+              for tok, (begin, end) in zip(kept, offsets)]
+    return kept, labels, len(ids) > max_length
 
 
 def tokenize_by_pieces(tokenizer, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
@@ -100,6 +131,38 @@ def tokenize_by_pieces(tokenizer, text: str, spans: list[tuple[int, int]]) -> tu
     return ids, labels
 
 
+def tokenize_rows(tokenizer, conversations: list[Conversation], max_length: int) -> list:
+    """One result per conversation, in order: {input_ids, labels, truncated}, or the DataError it is
+    dropped for. A fast tokenizer encodes the rendered rows BATCH at a time."""
+    limit = max_chars(tokenizer, max_length)
+    results, rendered = [None] * len(conversations), []
+    for k, conversation in enumerate(conversations):
+        try:
+            rendered.append((k, *render_with_spans(tokenizer, cut_messages(conversation.messages, limit))))
+        except jinja2.TemplateError as e:  # e.g. "Conversation roles must alternate user/assistant/..."
+            results[k] = DataError(f"{conversation.where}: the chat template rejects this conversation: {e}",
+                                   "template_error")
+        except DataError as e:
+            results[k] = DataError(f"{conversation.where}: {e}", e.kind)
+    for start in range(0, len(rendered), BATCH):
+        chunk = rendered[start:start + BATCH]
+        if tokenizer.is_fast:
+            encoded = tokenizer([text for _, text, _ in chunk], add_special_tokens=False, return_offsets_mapping=True)
+            masked = [_masked(ids, offsets, spans, max_length) for ids, offsets, (_, _, spans)
+                      in zip(encoded["input_ids"], encoded["offset_mapping"], chunk)]
+        else:  # slow (Python) tokenizers, e.g. Baichuan2's, give no offsets
+            masked = [(ids[:max_length], labels[:max_length], len(ids) > max_length)
+                      for ids, labels in (tokenize_by_pieces(tokenizer, text, spans) for _, text, spans in chunk)]
+        for (k, _, _), (ids, labels, truncated) in zip(chunk, masked):
+            if not any(label != IGNORE for label in labels[1:]):  # position 0 is never predicted
+                results[k] = DataError(f"{conversations[k].where}: the prompt fills all data.max_length={max_length} "
+                                       "tokens, leaving no answer token to train; raise data.max_length, or drop such "
+                                       "rows with data.on_error=skip", "too_long")
+            else:
+                results[k] = {"input_ids": ids, "labels": labels, "truncated": truncated}
+    return results
+
+
 def build_examples(tokenizer, conversations: list[Conversation], max_length: int,
                    rejects: Rejects | None = None) -> tuple[list[dict], DataStats]:
     """Tokenized examples; a row the template rejects, or whose prompt fills max_length, goes to
@@ -107,80 +170,126 @@ def build_examples(tokenizer, conversations: list[Conversation], max_length: int
     rejects = rejects or Rejects()
     rows = len(conversations) + rejects.count
     stats, examples = DataStats(), []
-    for conversation in conversations:
-        try:
-            ids, labels, truncated = _tokenize_row(tokenizer, conversation, max_length)
-        except DataError as e:
-            rejects.reject(e)
+    for conversation, result in zip(conversations, tokenize_rows(tokenizer, conversations, max_length)):
+        if isinstance(result, DataError):
+            rejects.reject(result)
             continue
-        stats.truncated += truncated
-        stats.target_tokens += sum(label != IGNORE for label in labels[1:])
-        examples.append({"input_ids": ids, "labels": labels, "index": len(examples), "where": conversation.where,
-                         "messages": conversation.messages})
-    stats.rows, stats.examples, stats.dropped = rows, len(examples), rejects.count
+        examples.append(_example(result, conversation, len(examples)))
+    _count(stats, examples)
+    stats.rows, stats.dropped = rows, rejects.count
     stats.dropped_by_kind, stats.dropped_where = dict(rejects.by_kind), list(rejects.where)
     return examples, stats
 
 
-def _tokenize_row(tokenizer, conversation: Conversation, max_length: int):
-    where = conversation.where
-    try:
-        ids, labels, truncated = tokenize_conversation(tokenizer, conversation.messages, max_length)
-    except jinja2.TemplateError as e:  # e.g. "Conversation roles must alternate user/assistant/..."
-        raise DataError(f"{where}: the chat template rejects this conversation: {e}", "template_error") from None
-    except DataError as e:
-        raise DataError(f"{where}: {e}", e.kind) from None
-    if not any(label != IGNORE for label in labels[1:]):  # position 0 is never predicted
-        raise DataError(f"{where}: the prompt fills all data.max_length={max_length} tokens, leaving no answer "
-                        "token to train; raise data.max_length, or drop such rows with data.on_error=skip",
-                        "too_long")
-    return ids, labels, truncated
+def _example(result: dict, conversation: Conversation, index: int) -> dict:
+    return {"input_ids": result["input_ids"], "labels": result["labels"], "index": index,
+            "where": conversation.where, "messages": conversation.messages, "truncated": result["truncated"]}
 
 
-def split_validation(rows: list, val_split: float, seed: int, where: str = "data.train") -> tuple[list, list]:
-    """(train rows, held-out rows): a seeded random `val_split` share held out, both in file order.
-    The one place the split is made, so chat and merge find the very rows a run validated on."""
-    if val_split <= 0:
-        return rows, []
-    order = list(range(len(rows)))
-    random.Random(seed).shuffle(order)
-    n_val = max(1, round(len(rows) * val_split))
-    if n_val >= len(rows):
-        raise DataError(f"{where}: {len(rows)} rows cannot be split with data.val_split={val_split}; "
-                        "add rows, lower data.val_split, or give data.val")
-    return [rows[i] for i in sorted(order[n_val:])], [rows[i] for i in sorted(order[:n_val])]
+def _count(stats: DataStats, examples: list[dict]) -> None:
+    stats.examples = len(examples)
+    stats.truncated = sum(e["truncated"] for e in examples)
+    stats.target_tokens = sum(sum(label != IGNORE for label in e["labels"][1:]) for e in examples)
 
 
-def build_datasets(tokenizer, train: str, val: str | None = None, *, val_split: float, max_length: int,
+# --- sources -> prepared rows (cached) ----------------------------------------------------------
+
+def prepare_source(tokenizer, source: SourceConfig, *, max_length: int, system_prompt: str | None, train_on: str,
+                   strict: bool, cache: Path | None = None) -> Prepared:
+    """One source read and tokenized, from the cache at `cache` when it holds this very preparation.
+    Strict: the first bad row is raised (the cache never holds a half-built entry)."""
+    opened = open_source(source)
+    key = entry_key(opened.fingerprint, label=opened.label,  # the label: rows are named by it
+                    tokenizer_hash=tokenizer_fingerprint(tokenizer), max_length=max_length,
+                    system_prompt=system_prompt, train_on=train_on, format=source.format, columns=source.columns,
+                    max_rows=source.max_rows)
+    prepared = load_entry(cache, key)[0] if cache is not None else None  # a corrupt entry is rebuilt
+    if prepared is None:
+        rejects = Rejects(strict)
+        conversations = [Conversation(c.where, turns_to_train(c.messages, train_on))
+                         for c in conversations_of(opened, system_prompt=system_prompt, rejects=rejects)]
+        prepared = Prepared(opened.label, conversations, [], list(rejects.errors))
+        prepared.results = tokenize_rows(tokenizer, conversations, max_length)
+        if strict:
+            _raise_first(prepared)
+        if cache is not None:
+            save_entry(cache, key, prepared)
+    if strict:
+        _raise_first(prepared)
+    return prepared
+
+
+def _raise_first(prepared: Prepared) -> None:
+    for error in prepared.read_rejects + [r for r in prepared.results if isinstance(r, DataError)]:
+        raise error
+
+
+def build_datasets(tokenizer, train, val=None, *, val_split: float, max_length: int,
                    system_prompt: str | None = None, seed: int = 0, on_error: str = "error",
-                   max_skip_fraction: float = 0.1, replay: list[Conversation] = ()):
+                   max_skip_fraction: float = 0.1, replay: list[Conversation] = (), fmt: str = "auto",
+                   columns: dict | None = None, train_on: str = "all", cache: Path | None = None):
     """(train examples, val examples or [], {"train": DataStats, "val": DataStats[, "replay": DataStats]}).
-    on_error: "error" stops at the first bad row; "skip" drops bad rows, counting them by kind, and
-    stops only when more than max_skip_fraction of a file's rows would be dropped. `replay` rows
-    (replay.replay_conversations) are trained beside the file's, never held out; one of them that
-    does not fit data.max_length is skipped and counted."""
-    train_rejects, val_rejects = Rejects(on_error == "error"), Rejects(on_error == "error")
-    conversations = load_conversations(train, system_prompt, train_rejects)
-    if val is not None:
-        held_out = load_conversations(val, system_prompt, val_rejects)
-    else:
-        conversations, held_out = split_validation(conversations, val_split, seed, train)
-    train_examples, train_stats = build_examples(tokenizer, conversations, max_length, train_rejects)
-    val_examples, val_stats = build_examples(tokenizer, held_out, max_length, val_rejects)
-    for path, stats in ((train, train_stats), (val or train, val_stats)):
-        if stats.rows and stats.dropped / stats.rows > max_skip_fraction:
-            kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(stats.dropped_by_kind.items()))
-            raise DataError(f"{path}: {stats.dropped} of {stats.rows} rows would be skipped ({kinds}), more than "
-                            f"data.max_skip_fraction={max_skip_fraction}; first: {stats.dropped_where[0]}")
+    train / val: one source or a mixture (config.source_configs). Without val, each source's
+    val_split share is held out (by `seed`) before its rows are weighted. on_error: "error" stops at
+    the first bad row; "skip" drops bad rows, counting them by kind, and stops only when more than
+    max_skip_fraction of a source's rows would be dropped. `replay` rows (replay.replay_conversations)
+    are trained beside the sources', never held out; one of them that does not fit data.max_length is
+    skipped and counted. `cache`: a folder for the tokenized cache (cache_root()); None = none."""
+    def prepare(source):
+        return prepare_source(tokenizer, source, max_length=max_length, system_prompt=system_prompt,
+                              train_on=train_on, strict=on_error == "error", cache=cache)
+
+    splits = {"train": ([], DataStats()), "val": ([], DataStats())}
+    for source in source_configs(train, "data.train", fmt=fmt, columns=columns):
+        prepared = check_rejects(prepare(source), max_skip_fraction)
+        rows = list(range(len(prepared.conversations)))
+        kept, held = (rows, []) if val is not None else split_validation(rows, val_split, seed, prepared.label)
+        _add(splits["train"], prepared, kept, weight=source.weight, seed=seed, reading=True)
+        _add(splits["val"], prepared, held, weight=1.0, seed=seed, reading=False)
+    for source in source_configs(val, "data.val", fmt=fmt, columns=columns) if val is not None else []:
+        prepared = check_rejects(prepare(source), max_skip_fraction)
+        _add(splits["val"], prepared, list(range(len(prepared.conversations))), weight=1.0, seed=seed, reading=True)
+    (train_examples, train_stats), (val_examples, val_stats) = splits["train"], splits["val"]
     if not train_examples:
-        raise DataError(f"{train}: no usable rows left")
-    if held_out and not val_examples:
-        raise DataError(f"{val or train}: no usable validation rows left")
+        raise DataError(f"{_names(train)}: no usable rows left")
+    if val_stats.rows and not val_examples:
+        raise DataError(f"{_names(val if val is not None else train)}: no usable validation rows left")
     stats = {"train": train_stats, "val": val_stats}
     if replay:
         replayed, stats["replay"] = build_examples(tokenizer, list(replay), max_length, Rejects(strict=False))
         train_examples += [{**e, "index": len(train_examples) + e["index"]} for e in replayed]
     return train_examples, val_examples, stats
+
+
+def _names(spec) -> str:
+    return ", ".join(s.path for s in source_configs(spec))
+
+
+def _add(split: tuple[list[dict], DataStats], prepared: Prepared, rows: list[int], *, weight: float, seed: int,
+         reading: bool) -> None:
+    """Add the prepared source's `rows` (indices), weighted, to a split; `reading` counts the rows
+    that reading dropped there (once per source)."""
+    examples, stats = split
+    bad = (prepared.read_rejects if reading else []) + [prepared.results[i] for i in rows
+                                                        if isinstance(prepared.results[i], DataError)]
+    kept = [_example(prepared.results[i], prepared.conversations[i], 0) for i in rows
+            if isinstance(prepared.results[i], dict)]
+    weighted = weigh(kept, weight, seed)
+    added = DataStats()
+    _count(added, weighted)
+    examples += [{**e, "index": len(examples) + k} for k, e in enumerate(weighted)]
+    read = len(prepared.read_rejects) if reading else 0
+    stats.rows += len(rows) + read
+    stats.dropped += len(bad)
+    stats.examples, stats.truncated = stats.examples + added.examples, stats.truncated + added.truncated
+    stats.target_tokens += added.target_tokens
+    for error in bad:
+        stats.dropped_by_kind[error.kind] = stats.dropped_by_kind.get(error.kind, 0) + 1
+        stats.dropped_where.append(str(error))
+    if rows or reading:
+        stats.sources.append({"source": prepared.label, "weight": weight, "rows": len(rows) + read, "dropped": len(bad),
+                              "examples": added.examples, "target_tokens": added.target_tokens,
+                              "cached": prepared.from_cache})
 
 
 # --- batches ------------------------------------------------------------------------------------

@@ -17,12 +17,11 @@ import yaml
 from transformers import AutoConfig
 
 from qlora_loop.builtin import resolve_model_path
-from qlora_loop.config import DataConfig, TrainConfig
-from qlora_loop.data import split_validation
+from qlora_loop.config import TrainConfig
 from qlora_loop.generate import held_out_prompts
 from qlora_loop.manifest import check_manifest
 from qlora_loop.model import ModelError, load_base_model, load_tokenizer, resolve_compute_dtype
-from qlora_loop.rows import Rejects, load_conversations
+from qlora_loop.sources import held_out_conversations
 
 
 class InferenceError(ValueError):
@@ -192,14 +191,6 @@ def validation_prompts(run: dict, n: int) -> tuple[list[list[dict]], list[str], 
     data, seed = run.get("data"), run.get("train", {}).get("seed", TrainConfig.seed)
     if not data:
         return None
-    path, val_split = data.get("val") or data["train"], data.get("val_split", DataConfig.val_split)
-    rejects = Rejects(strict=data.get("on_error", DataConfig.on_error) == "error")  # bad rows dropped as in training
-    rows = load_conversations(path, data.get("system_prompt"), rejects)
-    if data.get("val"):
-        source = path
-    elif val_split > 0:
-        rows, source = split_validation(rows, val_split, seed, path)[1], f"{path} (validation rows)"
-    else:
-        source = f"{path} (training rows: the run held none out)"
+    rows, source = held_out_conversations(data, seed)
     prompts, references = held_out_prompts([{"messages": row.messages} for row in rows], n)
     return prompts, references, source

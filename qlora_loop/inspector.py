@@ -11,10 +11,12 @@ from rich.console import Console
 from rich.text import Text
 
 from qlora_loop.audit import audit_label_masks, trained_runs
+from qlora_loop.cache import cache_root
 from qlora_loop.config import load_config
 from qlora_loop.data import build_dataloaders, build_datasets
 from qlora_loop.model import load_tokenizer
 from qlora_loop.builtin import resolve_model_path
+from qlora_loop.sources import source_lines
 
 TRAINED = "bold black on green3"
 PROMPT = "grey50"
@@ -35,7 +37,8 @@ def main(argv: list[str] | None = None, console: Console | None = None) -> dict:
                                revision=cfg.model.revision, chat_template=d.chat_template)
     train, val, stats = build_datasets(tokenizer, d.train, d.val, val_split=d.val_split, max_length=d.max_length,
                                        system_prompt=d.system_prompt, seed=cfg.train.seed, on_error=d.on_error,
-                                       max_skip_fraction=d.max_skip_fraction)
+                                       max_skip_fraction=d.max_skip_fraction, fmt=d.format, columns=d.columns,
+                                       train_on=d.train_on, cache=cache_root() if d.cache else None)
 
     for example in train[: args.n]:
         console.rule(f"[bold]{example['where']}[/]  {len(example['input_ids'])} tokens")
@@ -44,7 +47,7 @@ def main(argv: list[str] | None = None, console: Console | None = None) -> dict:
     numbers = statistics(train, val, stats, batch_size=cfg.train.batch_size, pad_id=tokenizer.pad_token_id,
                          seed=cfg.train.seed, group_by_length=d.group_by_length, packing=d.packing)
     for line in format_statistics(numbers, stats, batch_size=cfg.train.batch_size, max_length=d.max_length,
-                                  packing=d.packing):
+                                  packing=d.packing) + source_lines(stats):
         console.print(line, soft_wrap=True)
 
     audited = min(args.audit_rows, len(train))

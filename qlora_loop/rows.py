@@ -1,10 +1,14 @@
-"""Data files -> (line, row) pairs -> chat messages, every fault named by file:line and field.
+"""Rows -> chat messages, every fault named by its row (file:line, or the row index of a columnar
+source) and field; JSON and JSONL files read here, the other sources in sources.py.
 
-Two row formats, detected per file from its first row:
+Three row formats, detected per source from its first row, or given with data.format:
   alpaca    {"instruction", "input"?, "output", "system"?, "history"?: [[q, a], ...]}
-  messages  {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
-Strict by default: the first bad row is an error. With data.on_error=skip a bad row is dropped and
-counted by kind (Rejects), and the caller stops a run that would drop too many.
+  messages  {"messages": [{"role": "system"|"user"|"assistant", "content": str, "train"?: bool}, ...]}
+  sharegpt  {"conversations": [{"from": "human"|"gpt"|"system"|..., "value": str, "train"?: bool}], "system"?}
+data.columns renames a source's fields to these ({instruction: question}). A message with
+"train": false is in the prompt, not trained. Strict by default: the first bad row is an error.
+With data.on_error=skip a bad row is dropped and counted by kind (Rejects), and the caller stops a
+run that would drop too many.
 """
 
 from __future__ import annotations
@@ -36,16 +40,23 @@ class Rejects:
     strict: bool = True
     by_kind: Counter = field(default_factory=Counter)
     where: list[str] = field(default_factory=list)
+    errors: list[DataError] = field(default_factory=list)
 
     def reject(self, error: DataError) -> None:
         if self.strict:
             raise error
         self.by_kind[error.kind] += 1
         self.where.append(str(error))
+        self.errors.append(error)
 
     @property
     def count(self) -> int:
         return sum(self.by_kind.values())
+
+    def summary(self, shown: int = 3) -> str:
+        """'2 invalid_json, 1 too_long; first: a.jsonl:2: ...; a.jsonl:5: ...'"""
+        kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(self.by_kind.items()))
+        return f"{kinds}; first: " + "; ".join(self.where[:shown])
 
 
 # --- reading ------------------------------------------------------------------------------------
@@ -131,25 +142,33 @@ def _skip_space(text: str, i: int) -> int:
 
 # --- rows -> messages ---------------------------------------------------------------------------
 
-def load_conversations(path: str | Path, system_prompt: str | None = None,
-                       rejects: Rejects | None = None) -> list[Conversation]:
+FORMATS = ("alpaca", "messages", "sharegpt")
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
+                  "chatgpt": "assistant", "system": "system"}
+
+
+def load_conversations(path, system_prompt: str | None = None, rejects: Rejects | None = None) -> list[Conversation]:
+    """Every row of one source (a path, or a config.SourceConfig) as Conversations."""
+    from qlora_loop.sources import load_source  # sources imports this module; reading any kind of source is there
+    return load_source(path, system_prompt=system_prompt, rejects=rejects)
+
+
+def to_conversations(rows: list[tuple[str, object]], *, fmt: str = "auto", columns: dict | None = None,
+                     system_prompt: str | None = None, rejects: Rejects | None = None,
+                     source: str = "data") -> list[Conversation]:
+    """(where, row) pairs -> Conversations; a bad row goes to `rejects` (an error in strict mode).
+    fmt "auto" detects the format from the first row that is an object."""
     rejects = rejects or Rejects()
-    rows = read_rows(path, rejects)
-    first = next(((line, row) for line, row in rows if isinstance(row, dict)), rows[0] if rows else None)
-    fmt = None
-    if first is not None and isinstance(first[1], dict):
-        fmt = "messages" if "messages" in first[1] else "alpaca" if "instruction" in first[1] else None
-        if fmt is None:
-            raise DataError(f"{path}:{first[0]}: unknown row format with keys {sorted(first[1])}; expected "
-                            "'messages' (role/content list) or alpaca 'instruction'/'input'/'output'", "format")
-    convert = _from_messages if fmt == "messages" else _from_alpaca
+    renamed = [(where, _rename(row, columns)) for where, row in rows]
+    if fmt == "auto":
+        fmt = detect_format(renamed, columns)
+    convert = {"alpaca": _from_alpaca, "messages": _from_messages, "sharegpt": _from_sharegpt}[fmt]
     conversations = []
-    for line, row in rows:
-        where = f"{path}:{line}"
+    for where, row in renamed:
         try:
             if not isinstance(row, dict):
                 raise DataError(f"{where}: a row must be a JSON object, got {type(row).__name__}", "wrong_type")
-            messages = convert(row, where)
+            messages = _checked(convert(row, where), where)
         except DataError as e:
             rejects.reject(e)
             continue
@@ -157,6 +176,39 @@ def load_conversations(path: str | Path, system_prompt: str | None = None,
             messages = [{"role": "system", "content": system_prompt}] + messages
         conversations.append(Conversation(where, messages))
     return conversations
+
+
+def detect_format(rows: list[tuple[str, object]], columns: dict | None = None) -> str:
+    """The format of the first row that is an object (alpaca when there is none: every row is then
+    reported as not an object)."""
+    first = next(((where, row) for where, row in rows if isinstance(row, dict)), None)
+    if first is None:
+        return "alpaca"
+    where, row = first
+    for key, fmt in (("messages", "messages"), ("conversations", "sharegpt"), ("instruction", "alpaca")):
+        if key in row:
+            return fmt
+    renamed = f" (after data.columns {columns})" if columns else ""
+    raise DataError(f"{where}: unknown row format with keys {sorted(row)}{renamed}; expected 'messages' "
+                    "(role/content list), ShareGPT 'conversations' (from/value list) or alpaca "
+                    "'instruction'/'input'/'output'; map other field names with data.columns, e.g. "
+                    "{instruction: question, output: answer}", "format")
+
+
+def turns_to_train(messages: list[dict], train_on: str) -> list[dict]:
+    """data.train_on=last: every assistant turn but the last trained one gets "train": false."""
+    trained = [i for i, m in enumerate(messages) if m["role"] == "assistant" and m.get("train") is not False]
+    if train_on != "last" or len(trained) < 2:
+        return messages
+    return [{**m, "train": False} if i in trained[:-1] else m for i, m in enumerate(messages)]
+
+
+def _rename(row, columns: dict | None):
+    if not columns or not isinstance(row, dict):
+        return row
+    theirs = set(columns.values())
+    kept = {k: v for k, v in row.items() if k not in theirs}
+    return {**kept, **{ours: row[t] for ours, t in columns.items() if t in row}}
 
 
 def _field(row: dict, name: str, kind: type, where: str, required: bool = True):
@@ -177,6 +229,23 @@ def _answer(text: str, where: str, name: str) -> str:
     return text
 
 
+def _checked(messages: list[dict], where: str) -> list[dict]:
+    """A conversation trains only if it ends with an assistant turn and one of its turns is trained."""
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{where}: the row has no assistant turn, so nothing would be trained", "no_assistant")
+    if messages[-1]["role"] != "assistant":
+        raise DataError(f"{where}: the conversation ends with a {messages[-1]['role']} turn that nothing answers; "
+                        "end it with the assistant's reply, or drop that last turn", "unanswered")
+    if all(m.get("train") is False for m in messages if m["role"] == "assistant"):
+        raise DataError(f"{where}: every assistant turn has \"train\": false, so nothing would be trained",
+                        "no_trained_turn")
+    return messages
+
+
+def _message(role: str, content: str, train) -> dict:
+    return {"role": role, "content": content, **({"train": False} if train is False else {})}
+
+
 def _from_alpaca(row: dict, where: str) -> list[dict]:
     instruction = _field(row, "instruction", str, where)
     extra = _field(row, "input", str, where, required=False)
@@ -185,28 +254,49 @@ def _from_alpaca(row: dict, where: str) -> list[dict]:
     history = _field(row, "history", list, where, required=False) or []
     messages = [{"role": "system", "content": system}] if system else []
     for k, pair in enumerate(history):
-        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
             raise DataError(f"{where}: field 'history'[{k}] must be a [question, answer] pair of strings",
                             "wrong_type")
+        _answer(pair[1], where, f"'history'[{k}][1]")
         messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
     prompt = f"{instruction}\n{extra}" if extra else instruction
     return messages + [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
 
 
 def _from_messages(row: dict, where: str) -> list[dict]:
-    messages = _field(row, "messages", list, where)
-    for k, message in enumerate(messages):
+    messages = []
+    for k, message in enumerate(_field(row, "messages", list, where)):
         if not isinstance(message, dict):
             raise DataError(f"{where}: field 'messages'[{k}] must be an object with 'role' and 'content'",
                             "wrong_type")
         role = _field(message, "role", str, f"{where}: messages[{k}]")
         content = _field(message, "content", str, f"{where}: messages[{k}]")
+        train = _field(message, "train", bool, f"{where}: messages[{k}]", required=False)
         if role not in ("system", "user", "assistant"):
             raise DataError(f"{where}: messages[{k}].role is {role!r}; expected system, user or assistant",
                             "bad_role")
         if role == "assistant":
             _answer(content, where, f"messages[{k}].content")
-    if not any(m["role"] == "assistant" for m in messages):
-        raise DataError(f"{where}: field 'messages' has no assistant turn, so nothing would be trained",
-                        "no_assistant")
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
+        messages.append(_message(role, content, train))
+    return messages
+
+
+def _from_sharegpt(row: dict, where: str) -> list[dict]:
+    system = _field(row, "system", str, where, required=False)
+    messages = [{"role": "system", "content": system}] if system else []
+    for k, turn in enumerate(_field(row, "conversations", list, where)):
+        if not isinstance(turn, dict):
+            raise DataError(f"{where}: field 'conversations'[{k}] must be an object with 'from' and 'value'",
+                            "wrong_type")
+        speaker = _field(turn, "from", str, f"{where}: conversations[{k}]")
+        value = _field(turn, "value", str, f"{where}: conversations[{k}]")
+        train = _field(turn, "train", bool, f"{where}: conversations[{k}]", required=False)
+        role = SHAREGPT_ROLES.get(speaker.lower())
+        if role is None:
+            raise DataError(f"{where}: conversations[{k}].from is {speaker!r}, a turn that cannot be trained here "
+                            "(function calls and tool results are not supported); expected human/user, "
+                            "gpt/assistant/model or system; drop such rows", "bad_role")
+        if role == "assistant":
+            _answer(value, where, f"conversations[{k}].value")
+        messages.append(_message(role, value, train))
+    return messages

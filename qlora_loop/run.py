@@ -16,6 +16,7 @@ from qlora_loop.audit import check_label_masks
 from qlora_loop.builtin import resolve_model_path
 from qlora_loop.checkpoint import Checkpoints, find_resume, resume_identity, save_adapter
 from qlora_loop.config import Config, ConfigError, to_dict
+from qlora_loop.cache import cache_root
 from qlora_loop.data import build_dataloaders, build_datasets, steps_per_epoch
 from qlora_loop.disk import check_free_space
 from qlora_loop.distributed import LaunchError, check_engine_taken, check_launch, describe_launch, prepare_sharding
@@ -32,6 +33,7 @@ from qlora_loop.optim import build_optimizer, build_scheduler
 from qlora_loop.plot import plot_run
 from qlora_loop.replay import base_replies, choose, read_prompts, replay_conversations
 from qlora_loop.rundir import check_output_dir, hold, start_run
+from qlora_loop.sources import local_files, source_lines
 from qlora_loop.step import StepRunner
 from qlora_loop.trackers import check_trackers, start_trackers
 
@@ -83,8 +85,12 @@ def train(cfg: Config, *, overwrite: bool = False, loss_fn=None) -> dict:
                                                      seed=t.seed, on_error=d.on_error,
                                                      max_skip_fraction=d.max_skip_fraction,
                                                      replay=replay_conversations(replay_prompts, replay_replies,
-                                                                                 d.system_prompt))
+                                                                                 d.system_prompt),
+                                                     fmt=d.format, columns=d.columns, train_on=d.train_on,
+                                                     cache=cache_root() if d.cache else None)
         log.data_report(stats)
+        for line in source_lines(stats):
+            log.print(line, soft_wrap=True)
         audited = check_label_masks(tokenizer, train_rows, sample=d.audit_rows, max_length=d.max_length)
         log.print(f"label-mask audit: {audited} rows checked, no problem found" if audited else
                   "[yellow]label-mask audit off (data.audit_rows=0)")
@@ -132,7 +138,8 @@ def train(cfg: Config, *, overwrite: bool = False, loss_fn=None) -> dict:
 
         # resume
         manifest = build_manifest(to_dict(cfg), tokenizer, model_path, device=accelerator.device,
-                                  data_files=[d.train, d.val, d.replay_prompts if d.replay else None])
+                                  data_files=[*local_files(d.train), *local_files(d.val),
+                                              d.replay_prompts if d.replay else None])
         identity = resume_identity(cfg, grad_accum=grad_accum, world_size=accelerator.num_processes, manifest=manifest)
         checkpoints = Checkpoints(accelerator, cfg.output_dir, identity=identity, config=to_dict(cfg),
                                   keep_last=t.keep_last, manifest=manifest)
