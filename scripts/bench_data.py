@@ -28,7 +28,8 @@ def generate(path: Path, rows: int, seed: int = 0) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for i in range(rows):
             history = [[text(5, 20), text(10, 60)] for _ in range(rng.randint(0, 2))]
-            f.write(json.dumps({"instruction": f"{i}: {text(5, 40)}", "output": text(10, 200), "history": history}) + "\n")
+            row = {"instruction": f"{i}: {text(5, 40)}", "output": text(10, 200), "history": history}
+            f.write(json.dumps(row) + "\n")
 
 
 def main() -> None:
@@ -48,9 +49,10 @@ def main() -> None:
     start = time.perf_counter()
     train, val, _ = build_datasets(tokenizer, str(data), val_split=0.1, max_length=512)
     seconds = time.perf_counter() - start
-    print(f"first preparation, in-process, no cache: {args.rows} rows in {seconds:.1f} s = {args.rows / seconds:.0f} rows/s")
-    command = [sys.executable, str(ROOT / "scripts" / "inspect_data.py"), "--n", "0", f"model.name_or_path={args.model}",
-               f"data.train={data}"]
+    print(f"first preparation, in-process, no cache: {args.rows} rows in {seconds:.1f} s "
+          f"= {args.rows / seconds:.0f} rows/s")
+    command = [sys.executable, str(ROOT / "scripts" / "inspect_data.py"), "--n", "0",
+               f"model.name_or_path={args.model}", f"data.train={data}"]
     times = []
     for label in ("first start (tokenizes, writes the cache)", "second start (reads the cache)"):
         start = time.perf_counter()
