@@ -14,12 +14,13 @@ from pathlib import Path
 
 import torch
 import yaml
+from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig
 
 from qlora_loop.builtin import resolve_model_path
 from qlora_loop.config import TrainConfig
 from qlora_loop.generate import held_out_prompts
-from qlora_loop.manifest import check_manifest
+from qlora_loop.manifest import check_manifest, read_manifest
 from qlora_loop.model import ModelError, load_base_model, load_tokenizer, resolve_compute_dtype
 from qlora_loop.sources import held_out_conversations
 
@@ -78,17 +79,34 @@ def base_config(name: str, source: str, *, trust_remote_code: bool = False, revi
 def check_architecture(adapter_dir: Path, recorded: str, base: str, config, *, trust_remote_code: bool = False) -> None:
     """An adapter fits only the architecture it was trained on. Module names (q_proj, ...) and even
     shapes can coincide across architectures, so peft would load it silently; compare model types
-    whenever the recorded base is at hand (a local folder or the hub cache)."""
+    whenever the recorded base is at hand (a local folder or the hub cache), else with the model type
+    the run's manifest recorded."""
     if not recorded or Path(recorded) == Path(base):
         return
     try:
-        trained = AutoConfig.from_pretrained(recorded, trust_remote_code=trust_remote_code, local_files_only=True)
-    except (OSError, ValueError):
-        return  # not at hand: peft's shape checks are all that is left
-    if trained.model_type != config.model_type:
-        raise InferenceError(f"the adapter in {adapter_dir} was trained on a {trained.model_type} model ({recorded}), "
+        model_type = AutoConfig.from_pretrained(recorded, trust_remote_code=trust_remote_code,
+                                                local_files_only=True).model_type
+    except (OSError, ValueError):  # gone, or never local: what the manifest recorded of it
+        model_type = (read_manifest(adapter_dir) or {}).get("base", {}).get("model_type")
+    if model_type and model_type != config.model_type:
+        raise InferenceError(f"the adapter in {adapter_dir} was trained on a {model_type} model ({recorded}), "
                              f"but the base {base} is a {config.model_type} model; pass --base with a "
-                             f"{trained.model_type} model, ideally the one it was trained on")
+                             f"{model_type} model, ideally the one it was trained on")
+
+
+def check_adapter_weights(adapter_dir: str | Path) -> None:
+    """Read the adapter's safetensors header before any model is loaded: a file cut short (a copy
+    that stopped, a full disk) or not safetensors at all is one line, not peft's traceback."""
+    path = Path(adapter_dir) / "adapter_model.safetensors"
+    if not path.is_file():
+        raise InferenceError(f"{adapter_dir} has no adapter_model.safetensors; give an adapter folder written by "
+                             "qlora_loop (OUTPUT_DIR/best) or by peft's save_pretrained")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except (SafetensorError, OSError) as e:
+        raise InferenceError(f"{path} is damaged ({str(e).splitlines()[0]}): it was cut short or is not a "
+                             "safetensors file; copy the adapter folder again from where it was trained") from None
 
 
 @dataclass
@@ -107,6 +125,7 @@ def locate_base(adapter_dir: str | Path | None, base: str | None = None,
     """Every check that needs no weights: the adapter folder, the base's config, the architecture."""
     if adapter_dir is not None:
         read_adapter_config(adapter_dir)  # fails early on a missing or wrong folder
+        check_adapter_weights(adapter_dir)
     model_cfg = run_config(adapter_dir).get("model", {})
     name, source = resolve_base(adapter_dir, base)
     found = Base(name, source,

@@ -223,3 +223,26 @@ def test_a_prompts_file_that_is_not_utf8_names_its_line(tmp_path):
     path.write_bytes("Who are you?\n".encode() + b"\xff\xfe not utf-8\n")
     with pytest.raises(InferenceError, match=r"prompts.txt:2: not UTF-8 text; save the file as UTF-8"):
         read_prompt_lines(path)
+
+
+def test_adapter_for_another_architecture_when_its_base_is_gone(chat_main, best, tiny_llama, tmp_path):
+    moved = tmp_path / "best"  # the recorded base no longer exists: the manifest's model type still speaks
+    shutil.copytree(best, moved)
+    config = json.loads((moved / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(tmp_path / "deleted-base")
+    (moved / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(InferenceError, match=r"trained on a qwen2 model \(.*deleted-base\), but the base .* "
+                                             r"is a llama model; pass --base with a qwen2 model"):
+        chat_main(["--adapter", str(moved), "--base", str(tiny_llama), "--prompt", "hi"])
+
+
+@pytest.mark.parametrize("damage", ["cut short", "not safetensors"])
+def test_a_damaged_adapter_file_is_one_line_before_any_model_loads(chat_main, best, tmp_path, damage):
+    moved = tmp_path / "best"
+    shutil.copytree(best, moved)
+    weights = moved / "adapter_model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2] if damage == "cut short" else b"PK\x03\x04 a zip, say")
+    with pytest.raises(InferenceError, match=rf"^{weights} is damaged \(.*\): it was cut short or is not a "
+                                             r"safetensors file; copy the adapter folder again"):
+        chat_main(["--adapter", str(moved), "--prompt", "hi"])

@@ -197,6 +197,16 @@ def test_missing_adapter_is_an_error_before_any_work(merge_main, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_cut_short_adapter_file_is_an_error_before_any_work(best, merge_main, tmp_path):
+    moved = tmp_path / "best"
+    shutil.copytree(best, moved)
+    weights = moved / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(InferenceError, match=rf"^{weights} is damaged"):
+        merge_main(["--adapter", str(moved), "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
 def test_adalora_adapter_merges(tiny_qwen2, qwen2_tokenizer, tmp_path):
     from accelerate import Accelerator
     accelerator = Accelerator(mixed_precision="no")
