@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -194,11 +195,12 @@ ALIASES = {
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """Defaults <- YAML file <- `key.path=value` overrides, checked key by key, then validated."""
-    cfg = Config()
+    cfg, in_file = Config(), {}  # in_file: key -> "file:line" of the keys the file set (and no override did)
     if path is not None:
         data, lines = _read_yaml(Path(path))
         for key, value in _flatten(data):
-            _set(cfg, key, value, where=f"{path}:{lines.get(key, '?')}")
+            in_file[key] = f"{path}:{lines.get(key, '?')}"
+            _set(cfg, key, value, where=in_file[key])
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
@@ -209,7 +211,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             raise ConfigError(f"override {item!r}: the value is not valid YAML ({getattr(e, 'problem', e)}); quote "
                               f"it, e.g. '{key}=\"...\"' or '{key}=[\"a b\", c]'") from None
         _set(cfg, key.strip(), value, where=f"override {item!r}")
-    validate(cfg)
+        in_file.pop(key.strip(), None)
+    try:
+        validate(cfg)
+    except ConfigError as e:  # a value from the file: say where it is
+        named = sorted((str(e).find(key), key) for key in in_file if re.search(rf"\b{re.escape(key)}\b", str(e)))
+        if named:
+            raise ConfigError(f"{in_file[named[0][1]]}: {e}") from None
+        raise
     return cfg
 
 

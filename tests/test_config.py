@@ -4,6 +4,7 @@ set and the fix; and every shipped config under configs/ loads and builds on a t
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import bitsandbytes as bnb
@@ -267,3 +268,14 @@ def test_yaml_booleans_read_as_the_word_a_string_key_expects_or_ask_for_quotes(t
 def test_a_seed_numpy_and_torch_cannot_take_is_a_config_error():
     with pytest.raises(ConfigError, match=r"train.seed=-1 must be in \[0, 2\*\*32\)"):
         load_config(None, ["train.seed=-1"])
+
+
+def test_a_value_from_the_file_that_fails_validation_names_its_file_line(tmp_path):
+    path = write(tmp_path, "train:\n  lr: 1.0e-3\n  seed: -1\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}:3: train\.seed=-1 must be in \[0, 2\*\*32\)"):
+        load_config(path)
+    path = write(tmp_path, "train:\n  monitor: val_loss\ndata:\n  val_split: 0\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}:2: train\.monitor=val_loss needs validation"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"^train\.seed=-2 must be"):  # an override names itself
+        load_config(path, ["train.seed=-2", "data.val_split=0.1"])
