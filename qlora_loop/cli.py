@@ -32,9 +32,19 @@ USER_ERRORS = (ConfigError, DataError, ModelError, CheckpointError, LaunchError,
                DiskError, FileNotFoundError)
 
 
+# Library notices that ask nothing of a user: the libraries' deprecations of each other's APIs (peft and
+# transformers on gradient checkpointing, ...), and bitsandbytes' note that paged optimizers page only on
+# a GPU (the README says so). Warnings about the user's model, data or settings still show.
+LIBRARIES = r"(transformers|peft|accelerate|bitsandbytes|torch|safetensors|datasets)(\.|$)"
+NOTICES = [dict(category=FutureWarning, module=LIBRARIES), dict(category=DeprecationWarning, module=LIBRARIES),
+           dict(message="Paged optimizers are not supported on CPU", category=UserWarning)]
+
+
 @contextlib.contextmanager
 def as_script(*, quiet: bool = False):
     """Run a script's main: each error a user can cause becomes one line on stderr and its exit status."""
+    for notice in NOTICES:
+        warnings.filterwarnings("ignore", **notice)
     if quiet:
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()

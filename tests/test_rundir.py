@@ -6,7 +6,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from qlora_loop.cli import as_script
 from qlora_loop.config import ConfigError
 from qlora_loop.disk import DiskError, check_free_space
 from qlora_loop.rows import DataError
@@ -118,19 +116,3 @@ def test_disk_full_while_logging_stops_with_one_line_and_resume_continues(train_
     steps = [json.loads(line)["step"] for line in (out / "steps.jsonl").read_text().splitlines()]
     assert steps == list(range(1, summary["steps"] + 1))  # the torn line dropped, the steps after step 4 redone
 
-
-@pytest.mark.parametrize("error, says", [
-    (OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/data/run/curves.png"),
-     r"cannot write /data/run/curves\.png: No space left on device \(.* free there\)"),
-    (OSError(errno.EROFS, os.strerror(errno.EROFS), "/data/run"), r"cannot write /data/run: Read-only file system;"),
-])
-def test_a_script_turns_a_disk_error_anywhere_into_one_line_and_exit_2(error, says, capsys):
-    with pytest.raises(SystemExit) as exited, as_script():
-        raise error
-    assert exited.value.code == 2
-    assert re.fullmatch(f"error: {says}.*\n", capsys.readouterr().err)
-
-
-def test_a_script_lets_other_os_errors_through():
-    with pytest.raises(ConnectionResetError), as_script():
-        raise ConnectionResetError(errno.ECONNRESET, "reset")
