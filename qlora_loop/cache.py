@@ -6,8 +6,8 @@ share because KEY hashes the content): index.json (the source's reading rejects 
 rows.jsonl (each row's where, messages and drop reason, if any) and tokens.safetensors (the kept
 rows' input_ids and labels end to end, with offsets). No pickle. KEY hashes the source's content
 and name (rows are named by it) and everything that shapes its rows: format options, system prompt,
-train_on, max_length, the tokenizer (vocabulary, chat template, special tokens) and the library
-versions. An entry is
+train_on, max_length, the tokenizer (vocabulary, chat template, special tokens), the library
+versions and the code that prepares rows (code_hash). An entry is
 written into a temporary folder and renamed into place; one that does not check out against its
 index is rebuilt, never trusted. Weights and the validation split are applied after reading, so
 changing them or the seed reuses the entry. Delete the folder to reclaim the space.
@@ -28,7 +28,16 @@ from safetensors.numpy import load_file, save_file
 
 from qlora_loop.rows import Conversation, DataError
 
-FORMAT = 1  # bump when the reading or masking code changes what an entry holds
+FORMAT = 1  # the layout of an entry's files
+
+
+def code_hash() -> str:
+    """The code that turns a source into rows and masks: a change to it is a new key, so no entry made
+    by other code is ever read back (no version to remember to bump)."""
+    digest = hashlib.sha256()
+    for name in ("rows.py", "sources.py", "data.py", "cache.py"):
+        digest.update((Path(__file__).parent / name).read_bytes())
+    return digest.hexdigest()[:16]
 
 
 @dataclass
@@ -58,7 +67,8 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def entry_key(fingerprint: str, *, tokenizer_hash: str, **options) -> str:
-    described = json.dumps({"format": FORMAT, "source": fingerprint, "tokenizer": tokenizer_hash, **options},
+    described = json.dumps({"format": FORMAT, "code": code_hash(), "source": fingerprint, "tokenizer": tokenizer_hash,
+                            **options},
                            sort_keys=True, default=str)
     return hashlib.sha256(described.encode()).hexdigest()[:24]
 
