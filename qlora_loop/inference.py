@@ -201,15 +201,15 @@ def read_prompt_lines(path: str | Path) -> list[str]:
     return lines
 
 
-def validation_prompts(run: dict, n: int) -> tuple[list[list[dict]], list[str], str] | None:
+def validation_prompts(run: dict, n: int, tokenizer=None) -> tuple[list[list[dict]], list[str], str] | None:
     """(prompts, reference answers, where from) for the first n validation rows of a run with distinct
     prompts, given its resolved config as a dict (OUTPUT_DIR/config.yaml, or config.to_dict(cfg));
     None if it names no data. Each row is cut before its first assistant turn, which becomes the
     reference. The rows are read and split as data.build_datasets reads and splits them, so they are
-    the rows the run held out."""
+    the rows the run held out; with the run's `tokenizer`, from the run's tokenized cache."""
     data, seed = run.get("data"), run.get("train", {}).get("seed", TrainConfig.seed)
     if not data:
         return None
-    rows, source = held_out_conversations(data, seed)
+    rows, source = held_out_conversations(data, seed, tokenizer)
     prompts, references = held_out_prompts([{"messages": row.messages} for row in rows], n)
     return prompts, references, source

@@ -29,6 +29,7 @@ from qlora_loop.generate import as_messages, encode_chat, generate_ids, stop_tok
 from qlora_loop.inference import (InferenceError, attach_adapter, load_for_inference, load_inference_tokenizer,
                                   locate_base, read_adapter_config, read_prompt_lines, run_config,
                                   validation_prompts)
+from qlora_loop.model import load_tokenizer
 
 # Questions for an adapter whose run (config.yaml, data) is not at hand and no --prompts were given.
 FALLBACK_PROMPTS = ["Who are you?", "What can you do?", "Explain what a language model is in one sentence."]
@@ -88,14 +89,19 @@ def report_prompts(adapter_dir: str | Path, prompts_file: str | None = None, *, 
                    system: str | None = None) -> tuple[list[list[dict]], list[str | None], str]:
     """(conversations to reply to, reference answers or None, where they came from).
     --prompts FILE: one question per line. Otherwise the first n validation rows of the run that
-    wrote the adapter (OUTPUT_DIR/config.yaml), asked up to their first assistant turn."""
+    wrote the adapter (OUTPUT_DIR/config.yaml), asked up to their first assistant turn, from the
+    run's tokenized cache when it is there."""
     run = run_config(adapter_dir)
     system = system if system is not None else run.get("data", {}).get("system_prompt")
     if prompts_file is not None:
         lines = read_prompt_lines(prompts_file)
         return [as_messages(q, system) for q in lines], [None] * len(lines), str(prompts_file)
+    tokenizer = None  # the run's, saved with the adapter: the key to its tokenized cache
+    if (Path(adapter_dir) / "tokenizer_config.json").is_file():
+        tokenizer = load_tokenizer(str(adapter_dir), trust_remote_code=run.get("model", {}).get("trust_remote_code",
+                                                                                              False))
     try:
-        found = validation_prompts(run, n)
+        found = validation_prompts(run, n, tokenizer)
     except DataError as e:  # e.g. a relative data path, read from another folder than the run's
         raise InferenceError(f"the run's validation rows cannot be read ({e}); pass --prompts FILE") from None
     if found is None:

@@ -233,24 +233,38 @@ def weigh(rows: list, weight: float, seed: int) -> list:
     return rows * whole + [rows[i] for i in drawn]
 
 
-def held_out_conversations(data: dict, seed: int) -> tuple[list[Conversation], str]:
+def held_out_conversations(data: dict, seed: int, tokenizer=None) -> tuple[list[Conversation], str]:
     """The validation rows of a run, from its config's data section as a dict (run config.yaml):
     data.val's rows, or each source's held-out share, read and split as data.build_datasets does.
+    With the run's `tokenizer` and data.cache on, each source comes from the tokenized cache the run
+    wrote (read and tokenized again only if it is gone), and rows the run dropped stay out.
     Returns (rows, where they come from)."""
-    rejects_strict = data.get("on_error", DataConfig.on_error) == "error"  # bad rows dropped as in training
+    from qlora_loop.cache import cache_root
+    from qlora_loop.data import prepare_source  # data imports this module
+
+    strict = data.get("on_error", DataConfig.on_error) == "error"  # bad rows dropped as in training
     val_split = data.get("val_split", DataConfig.val_split)
     fmt, columns = data.get("format", DataConfig.format), data.get("columns") or {}
     spec = data.get("val") or data["train"]
     rows, labels = [], []
     for source in source_configs(spec, fmt=fmt, columns=columns):
-        opened = open_source(source)
-        conversations = conversations_of(opened, system_prompt=data.get("system_prompt"),
-                                         rejects=Rejects(strict=rejects_strict))
-        labels.append(opened.label)
-        if data.get("val") or val_split <= 0:
-            rows += conversations
+        if tokenizer is not None and data.get("cache", DataConfig.cache):
+            prepared = prepare_source(tokenizer, source, max_length=data.get("max_length", DataConfig.max_length),
+                                      system_prompt=data.get("system_prompt"),
+                                      train_on=data.get("train_on", DataConfig.train_on), strict=False,
+                                      cache=cache_root())
+            label, kept = prepared.label, [isinstance(r, dict) for r in prepared.results]
+            conversations = prepared.conversations
         else:
-            rows += split_validation(conversations, val_split, seed, opened.label)[1]
+            opened = open_source(source)
+            label, conversations = opened.label, conversations_of(opened, system_prompt=data.get("system_prompt"),
+                                                                  rejects=Rejects(strict=strict))
+            kept = [True] * len(conversations)
+        labels.append(label)
+        chosen = list(range(len(conversations)))
+        if not (data.get("val") or val_split <= 0):
+            chosen = split_validation(chosen, val_split, seed, label)[1]
+        rows += [conversations[i] for i in chosen if kept[i]]
     what = ", ".join(labels)
     if data.get("val"):
         return rows, what

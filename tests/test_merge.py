@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import qlora_loop.merge
+from qlora_loop.cache import cache_root
 from qlora_loop.checkpoint import save_adapter
 from qlora_loop.config import ASSETS
 from qlora_loop.data import IGNORE, build_datasets, collate
@@ -22,6 +23,7 @@ from qlora_loop.inference import InferenceError, load_for_inference, validation_
 from qlora_loop.merge import fidelity_report, merge_adapter, report_prompts
 from qlora_loop.model import load_tokenizer
 from qlora_loop.optim import build_optimizer, build_scheduler
+from qlora_loop.sources import held_out_conversations
 from qlora_loop.step import StepRunner
 
 ANSWER = "I am Loopy, a small assistant fine-tuned with qlora_loop."
@@ -151,6 +153,25 @@ def test_validation_prompts_skip_bad_rows_as_training_does(qwen2_tokenizer, tmp_
                                on_error="skip")
     assert len(val) == 5 and source == f"{path} (validation rows)"
     first_turns_match(qwen2_tokenizer, prompts, references, val)
+
+
+def test_validation_prompts_with_the_runs_tokenizer_come_from_its_cache_without_the_rows_it_dropped(
+        qwen2_tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    lines = (ASSETS / "self_cognition.jsonl").read_text(encoding="utf-8").splitlines()[:20]
+    long = json.dumps({"messages": [{"role": "user", "content": "why " * 400}, {"role": "assistant", "content": "ok"}]})
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join([long] * 4 + lines) + "\n", encoding="utf-8")  # too long for max_length 128: dropped
+    data = {"train": str(path), "val_split": 0.5, "on_error": "skip", "max_length": 128, "max_skip_fraction": 0.5}
+    _, val, _ = build_datasets(qwen2_tokenizer, str(path), None, val_split=0.5, max_length=128, seed=3,
+                               on_error="skip", max_skip_fraction=0.5, cache=cache_root())
+    assert list((tmp_path / "cache" / "qlora_loop" / "data").iterdir())  # the run wrote its cache entry
+    rows, _ = held_out_conversations(data, 3, qwen2_tokenizer)
+    assert [row.where for row in rows] == [e["where"] for e in val]  # the very rows the run validated on
+    unkeyed, _ = held_out_conversations(data, 3)  # no tokenizer: read again, without the drops it cannot know
+    assert len(unkeyed) > len(rows) and any("why why" in row.messages[0]["content"] for row in unkeyed)
+    prompts, _, _ = validation_prompts({"data": data, "train": {"seed": 3}}, n=100, tokenizer=qwen2_tokenizer)
+    assert prompts and not any("why why" in p[-1]["content"] for p in prompts)
 
 
 def test_a_corrupted_adapter_gives_a_large_kl(merged, best, tmp_path):
