@@ -116,12 +116,18 @@ def test_adapter_for_another_architecture(chat_main, best, tiny_llama):
         chat_main(["--adapter", str(best), "--base", str(tiny_llama), "--prompt", "hi"])
 
 
-def test_base_that_is_gone(chat_main, best, tmp_path):
+def with_base_gone(best: Path, tmp_path: Path) -> Path:
+    """A copy of the adapter whose recorded base no longer exists."""
     moved = tmp_path / "best"
     shutil.copytree(best, moved)
     config = json.loads((moved / "adapter_config.json").read_text())
     config["base_model_name_or_path"] = str(tmp_path / "deleted-base")
     (moved / "adapter_config.json").write_text(json.dumps(config))
+    return moved
+
+
+def test_base_that_is_gone(chat_main, best, tmp_path):
+    moved = with_base_gone(best, tmp_path)
     with pytest.raises(InferenceError, match=r"deleted-base \(recorded in .*adapter_config.json\): no such folder; "
                                              r"pass --base"):
         chat_main(["--adapter", str(moved), "--prompt", "hi"])
@@ -226,11 +232,7 @@ def test_a_prompts_file_that_is_not_utf8_names_its_line(tmp_path):
 
 
 def test_adapter_for_another_architecture_when_its_base_is_gone(chat_main, best, tiny_llama, tmp_path):
-    moved = tmp_path / "best"  # the recorded base no longer exists: the manifest's model type still speaks
-    shutil.copytree(best, moved)
-    config = json.loads((moved / "adapter_config.json").read_text())
-    config["base_model_name_or_path"] = str(tmp_path / "deleted-base")
-    (moved / "adapter_config.json").write_text(json.dumps(config))
+    moved = with_base_gone(best, tmp_path)  # the manifest's model type still speaks
     with pytest.raises(InferenceError, match=r"trained on a qwen2 model \(.*deleted-base\), but the base .* "
                                              r"is a llama model; pass --base with a qwen2 model"):
         chat_main(["--adapter", str(moved), "--base", str(tiny_llama), "--prompt", "hi"])

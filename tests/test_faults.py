@@ -186,17 +186,22 @@ def test_checkpoints_hold_no_pickle_only_safetensors_and_json(runner, tmp_path):
 
 # --- signals ------------------------------------------------------------------------------------
 
+def wait_for_steps(proc, out: Path, n: int, timeout: float = 240) -> None:
+    """Until the run in `out` has logged n steps (or its process ended)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        steps = out / "steps.jsonl"
+        if steps.exists() and len(steps.read_text().splitlines()) >= n:
+            return
+        time.sleep(0.2)
+
+
 def test_sigterm_finishes_the_step_writes_a_checkpoint_and_exits_75(tiny_qwen2, tmp_path):
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "scripts/train.py", f"model.name_or_path={tiny_qwen2}",
                              f"output_dir={out}", "train.epochs=100", "train.batch_size=2"],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        steps = out / "steps.jsonl"
-        if steps.exists() and len(steps.read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.2)
+    wait_for_steps(proc, out, 3)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 75, stderr[-2000:]
@@ -211,17 +216,12 @@ def test_sigterm_finishes_the_step_writes_a_checkpoint_and_exits_75(tiny_qwen2, 
 def test_a_signal_to_accelerate_launch_checkpoints_the_trainer_and_leaves_no_orphan(signal_to_launcher, launcher_status,
                                                                                    tiny_qwen2, tmp_path):
     """SIGTERM: the launcher passes it on (accelerate >= 1.16). SIGKILL, or an older launcher that exits
-    on SIGTERM alone: the trainer gets SIGTERM from the kernel as its launcher dies (stop_on_signals)."""
+    on SIGTERM alone: the trainer gets SIGHUP from the kernel as its launcher dies (stop_on_signals)."""
     out = tmp_path / "out"
     launcher = psutil.Popen([sys.executable, "-m", "accelerate.commands.launch", "scripts/train.py",
                              f"model.name_or_path={tiny_qwen2}", f"output_dir={out}", "train.epochs=100",
                              "train.batch_size=2"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline and launcher.poll() is None:
-        steps = out / "steps.jsonl"
-        if steps.exists() and len(steps.read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.2)
+    wait_for_steps(launcher, out, 3)
     trainer, = launcher.children()
     launcher.send_signal(signal_to_launcher)
     assert launcher.wait(timeout=60) == launcher_status
