@@ -39,7 +39,9 @@ class ModelConfig:
     revision: str | None = None
     # auto: bfloat16 where the device supports it, else float16 (with a warning about overflow).
     compute_dtype: str = "auto"
-    gradient_checkpointing: bool = True
+    # auto: off when the memory probe (train.memory_probe) shows the longest batch fits train.memory_budget_gib
+    # without it (faster: no recomputed forward), on otherwise; true / false force it.
+    gradient_checkpointing: bool | str = "auto"
     attn_implementation: str | None = None
     # The dtype the packed 4-bit weights are stored in; null = bitsandbytes' uint8. FSDP and DeepSpeed
     # ZeRO-3 shard only floating-point tensors: set bfloat16 there (configs/accelerate/fsdp-qlora.yaml).
@@ -258,6 +260,9 @@ def validate(cfg: Config) -> None:
     for key in ["train.global_batch_size", "train.memory_budget_gib"]:
         if _get(cfg, key) is not None and not _get(cfg, key) > 0:
             raise ConfigError(f"{key}={_get(cfg, key)!r} must be > 0, or null")
+    if cfg.model.gradient_checkpointing not in (True, False, "auto"):
+        raise ConfigError(f"model.gradient_checkpointing={cfg.model.gradient_checkpointing!r} must be true, false "
+                          "or auto")
     if cfg.train.max_drift is not None and not cfg.train.max_drift >= 0:
         raise ConfigError(f"train.max_drift={cfg.train.max_drift!r} must be >= 0, or null")
     if cfg.train.max_drift is not None and not cfg.eval.drift_samples:

@@ -8,6 +8,7 @@ set (VmHWM), which Linux lets a process reset (/proc/self/clear_refs), so a prob
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import resource
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 import torch
 
 from qlora_loop.data import collate, collate_packed
+from qlora_loop.model import set_gradient_checkpointing
 
 GIB = 1024 ** 3
 
@@ -114,14 +116,49 @@ def advice(probe: Probe, *, batch_size: int, grad_accum: int, max_length: int, c
 
 
 def check_memory(runner, batch: dict, *, log, budget_gib: float | None, batch_size: int, grad_accum: int,
-                 max_length: int, checkpointing: bool) -> Probe:
-    """Probe the heaviest micro-step and report it; every rank stops if any rank would run out of memory."""
+                 max_length: int, checkpointing: bool | str) -> Probe:
+    """Probe the heaviest micro-step and report it; every rank stops if any rank would run out of memory.
+    checkpointing="auto" (the model comes without it): kept off if the probe fits on every rank, else
+    turned on and the batch probed again; only a batch that does not fit without it costs a second probe."""
     accelerator = runner.accelerator
     batch = {k: v.to(accelerator.device) for k, v in batch.items()}
     probe = probe_memory(runner.model, batch, runner.loss_fn, accelerator, budget_gib=budget_gib)
     log.memory_report(probe)
     misfits = accelerator.reduce(torch.tensor(int(not probe.fits), device=accelerator.device), "sum")
+    if checkpointing == "auto":
+        checkpointing = bool(misfits)
+        log.print(f"gradient checkpointing {'on' if checkpointing else 'off'} (model.gradient_checkpointing=auto): "
+                  f"{why(probe, fits=not misfits)}")
+        if checkpointing:
+            set_gradient_checkpointing(accelerator.unwrap_model(runner.model), True)
+            release_freed_memory(accelerator.device)
+            probe = probe_memory(runner.model, batch, runner.loss_fn, accelerator, budget_gib=budget_gib)
+            log.memory_report(probe)
+            misfits = accelerator.reduce(torch.tensor(int(not probe.fits), device=accelerator.device), "sum")
     if misfits:
         raise OutOfMemory(advice(probe, batch_size=batch_size, grad_accum=grad_accum, max_length=max_length,
                                  checkpointing=checkpointing))
     return probe
+
+
+def why(probe: Probe, *, fits: bool) -> str:
+    """Why gradient_checkpointing=auto chose what it did, from the probe without checkpointing."""
+    if fits:
+        limit = "no limit known on a CPU (set train.memory_budget_gib to give one)" if probe.budget_bytes is None \
+            else f"within the {probe.budget_bytes / GIB:.2f} GiB budget"
+        return f"the longest batch fits without it, peak {probe.peak_bytes / GIB:.2f} GiB, {limit}"
+    if not probe.fits:
+        need = "runs out of memory" if probe.out_of_memory else f"needs {probe.peak_bytes / GIB:.2f} GiB of a " \
+            f"{probe.budget_bytes / GIB:.2f} GiB budget"
+        return f"without it the longest batch {need}"
+    return "without it the longest batch does not fit on another process"
+
+
+def release_freed_memory(device: torch.device) -> None:
+    """Hand freed memory back (CUDA's cache; glibc's heap on a CPU), so that the next probe's peak
+    starts from what is in use rather than from what the last probe left allocated."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        return
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: the next peak may then read high
+        ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -107,8 +107,18 @@ def load_base_model(name_or_path: str, device: torch.device, compute_dtype: torc
     # Sharded (quant_storage a float dtype): nothing is up-cast, as FSDP flattens a wrapped unit only
     # if all its parameters share one dtype.
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        set_gradient_checkpointing(model, True)
     return model
+
+
+def set_gradient_checkpointing(model, on: bool) -> None:
+    """Non-reentrant activation checkpointing on or off; `model` may be the base or the PeftModel
+    around it (unwrapped). Dropout masks are the same when a layer is recomputed (the RNG state is
+    restored), so losses and gradients do not depend on it."""
+    if on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
 
 
 def embedding_parameters(model) -> list[torch.nn.Parameter]:

@@ -28,7 +28,7 @@ from qlora_loop.log import RunLog
 from qlora_loop.manifest import build_manifest
 from qlora_loop.memory import check_memory, longest_batch
 from qlora_loop.model import (add_adapter, check_packing, find_linear4bit_targets, load_base_model, load_tokenizer,
-                              resolve_compute_dtype, trainable_parameters)
+                              resolve_compute_dtype, set_gradient_checkpointing, trainable_parameters)
 from qlora_loop.optim import build_optimizer, build_scheduler
 from qlora_loop.plot import plot_run
 from qlora_loop.replay import base_replies, choose, read_prompts, replay_conversations
@@ -63,7 +63,9 @@ def train(cfg: Config, *, overwrite: bool = False, loss_fn=None) -> dict:
         tokenizer = load_tokenizer(model_path, trust_remote_code=m.trust_remote_code, revision=m.revision,
                                    chat_template=d.chat_template)
         quant_storage = getattr(torch, m.quant_storage) if m.quant_storage else None
-        model = load_base_model(model_path, accelerator.device, dtype, gradient_checkpointing=m.gradient_checkpointing,
+        # gradient_checkpointing=auto: loaded without it; the memory probe turns it on if the batch needs it
+        model = load_base_model(model_path, accelerator.device, dtype,
+                                gradient_checkpointing=m.gradient_checkpointing is True,
                                 trust_remote_code=m.trust_remote_code, revision=m.revision,
                                 attn_implementation=m.attn_implementation, quant_storage=quant_storage,
                                 autocast=accelerator.mixed_precision != "no")
@@ -123,11 +125,15 @@ def train(cfg: Config, *, overwrite: bool = False, loss_fn=None) -> dict:
             if share is not None:
                 log.print(f"packing check: packed rows stay apart (logit difference {share:.1%} of rows that mix)")
 
-        # memory: the longest batch, forward and backward, before step 1
+        # memory: the longest batch, forward and backward, before step 1; it decides gradient_checkpointing=auto
         if t.memory_probe:
             worst = longest_batch(train_rows, batch_size=t.batch_size, pad_id=tokenizer.pad_token_id, packing=d.packing)
             check_memory(runner, worst, log=log, budget_gib=t.memory_budget_gib, batch_size=t.batch_size,
                          grad_accum=grad_accum, max_length=d.max_length, checkpointing=m.gradient_checkpointing)
+        elif m.gradient_checkpointing == "auto":  # nothing shows the batch fits without it
+            set_gradient_checkpointing(accelerator.unwrap_model(model), True)
+            log.print("gradient checkpointing on (model.gradient_checkpointing=auto): train.memory_probe=false, so "
+                      "nothing shows the longest batch fits without it")
 
         # the output folder: only now, with every check passed (room for the checkpoints included; the
         # adapter and its AdamW moments are float32), a previous run's files are replaced
