@@ -159,7 +159,8 @@ func main() {
     var outs []string
     for _, c := range cases {
         var b strings.Builder
-        if err := template.Must(template.New("t").Parse(c.Template)).Execute(&b, map[string]any{"Messages": c.Messages}); err != nil { panic(err) }
+        t := template.Must(template.New("t").Parse(c.Template))
+        if err := t.Execute(&b, map[string]any{"Messages": c.Messages}); err != nil { panic(err) }
         outs = append(outs, b.String())
     }
     json.NewEncoder(os.Stdout).Encode(outs)
