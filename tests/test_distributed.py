@@ -320,7 +320,8 @@ def test_an_fsdp_launch_on_a_machine_without_a_gpu_is_one_clear_line(tmp_path, o
                           env=env)
     assert done.returncode != 0  # torchrun reports the ranks' exit status 2 with a traceback of its own
     # accelerate's own reason varies by version ("There are currently no available devices"; 1.16: "FSDP
-    # parameter initialization with `sync_module_states=True` is not supported on cpu."): one line per rank
-    assert done.stderr.count("error: Accelerate cannot start this launch: ") == 2
+    # parameter initialization with `sync_module_states=True` is not supported on cpu."). One line from each
+    # rank that gets to report: torchrun stops the other rank as soon as one fails, sometimes before it prints
+    assert 1 <= done.stderr.count("error: Accelerate cannot start this launch: ") <= 2
     assert "RuntimeError:" not in done.stderr and "ValueError:" not in done.stderr  # no rank's raw traceback
     assert not (tmp_path / "out").exists()
