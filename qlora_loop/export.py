@@ -41,8 +41,8 @@ from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKEN
 from qlora_loop.generate import stop_token_ids
 from qlora_loop.inference import (InferenceError, load_inference_tokenizer, locate_base, read_adapter_config,
                                   run_config)
-from qlora_loop.merge import (check_out_dir, fidelity_report, merged_model, report_prompts, report_table,
-                              write_report)
+from qlora_loop.merge import (add_report_args, check_out_dir, check_report_args, fidelity_report, merged_model,
+                              report_prompts, report_table, write_report)
 from qlora_loop.ollama import PROBES, jinja_prompt, modelfile, ollama_messages, translate_template
 
 Q = gguf.GGMLQuantizationType
@@ -295,23 +295,8 @@ def parse_args(argv: list[str] | None):
                                                      "(must be empty, or --force)")
     parser.add_argument("--type", default="f16", choices=list(TYPES), help="tensor type of the weights")
     parser.add_argument("--name", help="file name stem (default: the run's folder name)")
-    parser.add_argument("--base", help="base model (hub id or folder); default: the one the adapter records")
-    parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
-    parser.add_argument("--prompts", metavar="FILE", help="report on these prompts (one per line) instead of "
-                                                          "the run's validation rows")
-    parser.add_argument("--num-prompts", type=int, default=8, help="validation rows to report on")
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="length of the greedy replies compared")
-    parser.add_argument("--max-kl", type=float, default=0.05,
-                        help="warn when the mean KL (nats per token) of the GGUF vs 4-bit + adapter exceeds this")
-    parser.add_argument("--trust-remote-code", action="store_true", default=None,
-                        help="allow the base's own modeling code (default: as the run was configured)")
-    args = parser.parse_args(argv)
-    for flag in ("num_prompts", "max_new_tokens"):
-        if not getattr(args, flag) > 0:
-            parser.error(f"--{flag.replace('_', '-')} must be > 0")
-    if not args.max_kl >= 0:
-        parser.error("--max-kl must be >= 0")
-    return args
+    add_report_args(parser, candidate="the GGUF")
+    return check_report_args(parser, parser.parse_args(argv))
 
 
 def default_name(adapter_dir: str | Path) -> str:

@@ -213,10 +213,9 @@ def _free_memory() -> None:
 
 # --- the command line (scripts/merge.py) -------------------------------------------------------
 
-def parse_args(argv: list[str] | None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--adapter", required=True, help="adapter folder a run wrote, e.g. OUTPUT_DIR/best")
-    parser.add_argument("--out", required=True, help="folder for the merged model (must be empty, or --force)")
+def add_report_args(parser: argparse.ArgumentParser, *, candidate: str) -> None:
+    """The flags merge and export share: the base, --force, and the fidelity report's prompts and
+    limits; `candidate` names what the report compares with 4-bit base + adapter."""
     parser.add_argument("--base", help="base model (hub id or folder); default: the one the adapter records")
     parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
     parser.add_argument("--prompts", metavar="FILE", help="report on these prompts (one per line) instead of "
@@ -224,16 +223,26 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--num-prompts", type=int, default=8, help="validation rows to report on")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="length of the greedy replies compared")
     parser.add_argument("--max-kl", type=float, default=0.05,
-                        help="warn when the mean KL (nats per token) of merged vs 4-bit + adapter exceeds this")
+                        help=f"warn when the mean KL (nats per token) of {candidate} vs 4-bit + adapter exceeds this")
     parser.add_argument("--trust-remote-code", action="store_true", default=None,
                         help="allow the base's own modeling code (default: as the run was configured)")
-    args = parser.parse_args(argv)
+
+
+def check_report_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
     for flag in ("num_prompts", "max_new_tokens"):
         if not getattr(args, flag) > 0:
             parser.error(f"--{flag.replace('_', '-')} must be > 0")
     if not args.max_kl >= 0:
         parser.error("--max-kl must be >= 0")
     return args
+
+
+def parse_args(argv: list[str] | None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--adapter", required=True, help="adapter folder a run wrote, e.g. OUTPUT_DIR/best")
+    parser.add_argument("--out", required=True, help="folder for the merged model (must be empty, or --force)")
+    add_report_args(parser, candidate="merged")
+    return check_report_args(parser, parser.parse_args(argv))
 
 
 def main(argv: list[str] | None = None) -> dict:
