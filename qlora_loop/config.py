@@ -55,6 +55,9 @@ class AdapterConfig:
     r: int = 16
     alpha: float = 32.0
     dropout: float = 0.05
+    # On a CPU: one A matmul and one dropout mask per input that projections share (q/k/v, gate/up),
+    # qlora_loop.fused_lora; false = peft's forward, each projection its own mask.
+    shared_inputs: bool = True
     # "auto" = every bnb.nn.Linear4bit except lm_head; or an explicit list of module-name suffixes.
     target_modules: str | list[str] = "auto"
     # AdaLoRA only. init_r: starting rank (default 1.5 x r). tinit / tfinal: fractions of the total

@@ -13,7 +13,7 @@ from peft.tuners.adalora import AdaLoraModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from qlora_loop.data import collate_packed, model_inputs
-from qlora_loop.dropout import use_gap_dropout
+from qlora_loop.fused_lora import share_lora_inputs
 
 
 class ModelError(ValueError):
@@ -164,11 +164,12 @@ def find_linear4bit_targets(model, layer: type = bnb.nn.Linear4bit) -> list[str]
 def add_adapter(model, kind: str = "lora", *, r: int = 16, alpha: float = 32.0, dropout: float = 0.05,
                 target_modules: str | list[str] = "auto", total_steps: int | None = None,
                 init_r: int | None = None, tinit: float = 0.1, tfinal: float = 0.2, delta_t: int = 1,
-                orth_reg_weight: float = 0.5, extra: dict | None = None, gap_dropout: bool = True) -> PeftModel:
+                orth_reg_weight: float = 0.5, extra: dict | None = None, shared_inputs: bool = True) -> PeftModel:
     """Wrap the prepared base in a LoRA or AdaLoRA adapter. AdaLoRA needs `total_steps` (optimizer
     steps of the whole run) to schedule its rank budget; tinit/tfinal are fractions of it.
-    gap_dropout: LoRA dropout masks drawn by gaps on a CPU (qlora_loop.dropout): the same distribution
-    as peft's nn.Dropout for a fraction of its random draws; False keeps peft's."""
+    shared_inputs: on a CPU, the LoRA layers that read the same input (q/k/v, gate/up) share one A
+    matmul and one dropout mask of that input (qlora_loop.fused_lora), with fewer copies than peft's
+    forward; False keeps peft's, each layer with its own mask."""
     targets = find_linear4bit_targets(model) if target_modules == "auto" else list(target_modules)
     common = dict(lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM",
                   **(extra or {}))
@@ -199,8 +200,8 @@ def add_adapter(model, kind: str = "lora", *, r: int = 16, alpha: float = 32.0, 
     for name, param in model.named_parameters():
         if ".ranknum." in name:
             param.requires_grad_(False)
-    if gap_dropout:
-        use_gap_dropout(model)
+    if shared_inputs and kind == "lora":
+        share_lora_inputs(model)
     return model
 
 

@@ -107,7 +107,8 @@ def train(cfg: Config, *, overwrite: bool = False, loss_fn=None) -> dict:
         targets = find_linear4bit_targets(model) if a.target_modules == "auto" else a.target_modules
         model = add_adapter(model, a.kind, r=a.r, alpha=a.alpha, dropout=a.dropout, target_modules=targets,
                             total_steps=total_steps, init_r=a.init_r, tinit=a.tinit, tfinal=a.tfinal,
-                            delta_t=a.delta_t, orth_reg_weight=a.orth_reg_weight, extra=a.extra)
+                            delta_t=a.delta_t, orth_reg_weight=a.orth_reg_weight, extra=a.extra,
+                            shared_inputs=a.shared_inputs)
         log.model_report(targets, *trainable_parameters(model))
         model = prepare_sharding(accelerator, model, t.batch_size, quant_storage)
         optimizer = build_optimizer(model, t.optimizer, t.lr, t.weight_decay)

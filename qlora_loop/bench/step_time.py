@@ -1,11 +1,13 @@
-# OMP_WAIT_POLICY=PASSIVE python -m qlora_loop.bench.step_time --steps 8 --batch-size 4 --tokens 64
+# OMP_WAIT_POLICY=PASSIVE python -m qlora_loop.bench.step_time --steps 6 --batch-size 8 --tokens 128
 """Seconds per optimizer step of our StepRunner on a real model, for each way of running the step
-(LoRA dropout drawn by peft's nn.Dropout or by gaps; activation checkpointing on or off), interleaved
-step by step so that a load from other processes falls on every variant alike. The median is reported."""
+(peft's LoRA forward or ours with shared inputs, qlora_loop.fused_lora; activation checkpointing on or
+off; dropout or none; the 4-bit matmuls in bfloat16 or float32; bfloat16 autocast or none), interleaved step by step so that a load from other
+processes falls on every variant alike. The median and the fastest step are reported."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
@@ -19,22 +21,29 @@ from qlora_loop.model import add_adapter, load_base_model, set_gradient_checkpoi
 from qlora_loop.optim import build_optimizer, build_scheduler
 from qlora_loop.step import StepRunner
 
-VARIANTS = {  # name: (gap_dropout, gradient_checkpointing)
-    "peft dropout, checkpointing": (False, True),
-    "peft dropout": (False, False),
-    "gap dropout": (True, False),
-    "no dropout": (False, False),  # the bound: what dropout costs at all
+# name: how its StepRunner is built. shared: qlora_loop.fused_lora (else peft's LoRA forward); base:
+# the 4-bit matmuls' compute dtype (bfloat16 is what model.compute_dtype=auto gives on a CPU); autocast:
+# bfloat16 autocast around the step (then the shared path gives way to peft's, which casts).
+VARIANTS = {
+    "peft + checkpointing": dict(shared=False, checkpointing=True),
+    "peft": dict(shared=False),
+    "shared inputs": dict(shared=True),  # the default on a CPU
+    "shared inputs, float32 base": dict(shared=True, base=torch.float32),
+    "peft + bf16 autocast": dict(shared=False, autocast=True),
+    "peft without dropout": dict(shared=False, dropout=False),
+    "shared inputs without dropout": dict(shared=True, dropout=False),
 }
 
 
-def runner_for(path: str, *, gap_dropout: bool, checkpointing: bool, dropout: float, r: int) -> StepRunner:
-    model = load_base_model(path, torch.device("cpu"), gradient_checkpointing=False)
-    model = add_adapter(model, "lora", r=r, alpha=2 * r, dropout=dropout, gap_dropout=gap_dropout)
+def runner_for(path: str, accelerator: Accelerator, *, shared: bool, checkpointing: bool = False, dropout: bool = True,
+               autocast: bool = False, base: torch.dtype = torch.bfloat16, p: float, r: int) -> StepRunner:
+    model = load_base_model(path, torch.device("cpu"), base, gradient_checkpointing=False, autocast=autocast)
+    model = add_adapter(model, "lora", r=r, alpha=2 * r, dropout=p if dropout else 0.0, shared_inputs=shared)
     set_gradient_checkpointing(model, checkpointing)
     model.train()
     optimizer = build_optimizer(model, "paged_adamw_32bit", 1e-4)
-    return StepRunner(model, optimizer, build_scheduler(optimizer, "constant", 10 ** 6, 0.0),
-                      Accelerator(mixed_precision="no", cpu=True), loss_fn=default_loss(model))
+    return StepRunner(model, optimizer, build_scheduler(optimizer, "constant", 10 ** 6, 0.0), accelerator,
+                      loss_fn=default_loss(model))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -45,24 +54,29 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--dropout", type=float, default=0.05)
     parser.add_argument("--r", type=int, default=16)
+    parser.add_argument("--variants", help=f"names separated by ';' (default: all of {'; '.join(VARIANTS)})")
     args = parser.parse_args(argv)
     path = resolve_model_path(args.model)
-    runners = {name: runner_for(path, gap_dropout=gap, checkpointing=ckpt, r=args.r,
-                                dropout=0.0 if name == "no dropout" else args.dropout)
-               for name, (gap, ckpt) in VARIANTS.items()}
-    vocab = runners["gap dropout"].model.get_input_embeddings().num_embeddings
+    accelerator = Accelerator(mixed_precision="no", cpu=True)  # the bf16 variant's autocast is entered below
+    names = args.variants.split(";") if args.variants else list(VARIANTS)
+    runners = {name: runner_for(path, accelerator, p=args.dropout, r=args.r, **VARIANTS[name]) for name in names}
+    vocab = next(iter(runners.values())).model.get_input_embeddings().num_embeddings
     ids = torch.randint(0, vocab, (args.batch_size, args.tokens), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
     seconds = {name: [] for name in runners}
     for step in range(args.steps + 1):  # step 0 warms up
         for name, runner in runners.items():
+            autocast = torch.autocast("cpu", dtype=torch.bfloat16) if VARIANTS[name].get("autocast") \
+                else contextlib.nullcontext()
             start = time.perf_counter()
-            runner([batch])
+            with autocast:
+                runner([batch])
             if step:
                 seconds[name].append(time.perf_counter() - start)
     tokens = args.batch_size * args.tokens
     medians = {name: statistics.median(s) for name, s in seconds.items()}
-    result = {name: {"median_step_s": round(m, 3), "tokens_per_s": round(tokens / m, 1)} for name, m in medians.items()}
+    result = {name: {"median_step_s": round(m, 3), "tokens_per_s": round(tokens / m, 1),
+                     "fastest_step_s": round(min(seconds[name]), 3)} for name, m in medians.items()}
     print(json.dumps({"args": vars(args), "threads": torch.get_num_threads(), "result": result}, indent=1))
     return result
 
