@@ -28,7 +28,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     d = Settings()  # the defaults live there
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", help="a local model folder (4-bit loadable by from_pretrained)")
+    src.add_argument("--model", help="a local model folder (4-bit loadable by from_pretrained) or builtin:NAME")
     src.add_argument("--tiny", action="store_true", help="a tiny Qwen2-shaped model built on the fly (the default)")
     p.add_argument("--vocab", type=int, help="vocab_size of the tiny model (e.g. 152064); the tokenizer stays small")
     p.add_argument("--hidden", type=int, default=d.hidden, help="tiny model hidden size")
@@ -46,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     p.add_argument("--r", type=int, default=d.r)
     p.add_argument("--alpha", type=float, default=d.alpha)
     p.add_argument("--dropout", type=float, default=d.dropout)
-    p.add_argument("--repeats", type=int, default=d.repeats, help="runs per peer, alternating peers")
+    p.add_argument("--repeats", type=int, help="runs per peer, alternating peers (default 3; --real: 1)")
     p.add_argument("--peers",
                    help=f"comma-separated, from {','.join(PEERS)} (default: {DEFAULT_PEERS}; --quick: ours,hf)")
     p.add_argument("--seed", type=int, default=d.seed, help="training seed: adapter init, data order, dropout")
@@ -59,6 +59,9 @@ def parse_args(argv: list[str] | None = None) -> Settings:
                    help="kill a run that takes longer (it is reported as failed; the other runs go on)")
     p.add_argument("--quick", action="store_true",
                    help="a few steps of ours and hf on a tiny set (well under a minute)")
+    p.add_argument("--real", action="store_true",
+                   help="the real-shape case: builtin SmolLM2-135M-Instruct (or --model), batch 8, lengths "
+                        "varying ~20x, 1 epoch, against hf, hf_grouped and torchkeras")
     p.add_argument("--gpu-7b", action="store_true",
                    help="Qwen2.5-7B-shaped random model on a CUDA GPU; sets seq 2048, r 16, batch 1, 1 epoch")
     p.add_argument("--peak-tflops", type=float, default=d.peak_tflops,

@@ -18,9 +18,12 @@ from conftest import ROOT, peft_model
 from torch.utils.data import DataLoader
 from transformers import Qwen2Config
 
-from qlora_loop.bench.bounds import QWEN25_7B, gpu_bounds
+from qlora_loop.bench.bounds import QWEN25_7B, gpu_bounds, model_flops_per_token
+from qlora_loop.bench.inputs import generate_chat_set
 from qlora_loop.bench.measure import heldout_loss
-from qlora_loop.bench.settings import LORA_TARGETS, BenchError, Settings
+from qlora_loop.bench.peak import matmul_gflops
+from qlora_loop.bench.report import flop_shares, targets
+from qlora_loop.bench.settings import LORA_TARGETS, REAL_MODEL, BenchError, Settings
 from qlora_loop.data import build_datasets, collate
 from qlora_loop.dryrun import activation_bytes, dry_run
 from qlora_loop.loss import count_targets, default_loss
@@ -67,6 +70,15 @@ def test_quick_bench_reports_every_field_for_ours_and_hf(tmp_path, tiny_qwen2):
     assert peers["ours"]["target_tokens"] == sum(r["target_tokens"] for r in rows)
     names = {t["target"] for t in report["targets"]}
     assert {"loss-bearing tokens/s >= 1.5x hf", "padding share <= 5% (ours)"} <= names
+    # the machine's measured matmul peak, and each peer's share of it, from its own tokens/s
+    peaks = report["machine"]["matmul_peak_gflops"]
+    assert set(peaks) == {"float32", "bfloat16"} and all(v > 0 for v in peaks.values())
+    flops = report["flops"]
+    assert flops["model_flops_per_token"] == report["settings"]["model_flops_per_token"] > 0
+    for name in ("ours", "hf"):
+        gflops = peers[name]["tokens_per_second"] * flops["model_flops_per_token"] / 1e9
+        assert flops["per_peer"][name]["gflops"] == pytest.approx(gflops)
+        assert flops["per_peer"][name]["share_of_peak"]["float32"] == pytest.approx(gflops / peaks["float32"])
 
 
 def test_a_failed_run_is_recorded_and_the_others_still_report(tmp_path, tiny_qwen2):
@@ -163,6 +175,41 @@ def test_quick_and_gpu_7b_presets():
     assert Settings().resolved().generate == 256 and Settings(data="rows.jsonl").resolved().generate is None
     with pytest.raises(BenchError, match="--peers ours,trl: unknown trl; choose from ours, hf"):
         Settings(peers="ours,trl").peer_list()
+
+
+def test_real_preset_is_smollm2_at_batch_8_one_epoch_against_every_peer():
+    real = Settings(real=True).resolved()
+    assert (real.model, real.batch_size, real.seq, real.epochs, real.repeats, real.generate) == \
+        (REAL_MODEL, 8, 384, 1, 1, 72)
+    assert real.peer_list() == ["ours", "hf", "hf_grouped", "torchkeras"]
+    assert Settings(real=True, repeats=2, model="/m").resolved().repeats == 2
+    assert Settings().resolved().repeats == 3
+
+
+def test_real_targets_read_the_whole_loop_tokens_per_second():
+    ratios = {"hf": {"loop_tokens_per_second": 2.5, "final_train_loss": 1.0, "eval_loss": 1.0},
+              "hf_grouped": {"loop_tokens_per_second": 1.2, "final_train_loss": 1.0, "eval_loss": 1.0}}
+    met = {t["target"]: t["met"] for t in targets({"ours": {"padding_share": 0.01}}, ratios, vocab=49152, real=True)}
+    assert met["whole-loop tokens/s >= 2.0x hf"] is True and met["whole-loop tokens/s >= 1.3x hf_grouped"] is False
+    assert not any(name.startswith("loss-bearing") for name in met)
+
+
+def test_model_flops_per_token_counts_six_times_the_projections_and_the_head():
+    smollm2 = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                   num_key_value_heads=3, head_dim=64, vocab_size=49152)
+    layer = 2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536  # q, o; k, v (3 heads of 64); gate, up, down
+    assert model_flops_per_token(smollm2) == 6 * (30 * layer + 49152 * 576)  # 807 M
+    shares = flop_shares({"ours": {"tokens_per_second": 100.0}}, flops_per_token=10 ** 9,
+                         peaks={"float32": 200.0, "bfloat16": 800.0})
+    assert shares["per_peer"]["ours"] == {"gflops": 100.0, "share_of_peak": {"float32": 0.5, "bfloat16": 0.125}}
+    assert flop_shares({}, flops_per_token=None, peaks={}) == {}
+    assert 0 < matmul_gflops(torch.device("cpu"), torch.float32, size=128, seconds=0.05) < 1e5
+
+
+def test_generated_rows_can_start_with_a_system_turn(qwen2_tokenizer):
+    rows = generate_chat_set(6, qwen2_tokenizer, max_tokens=200, seed=0, system="")
+    assert all(r["messages"][0] == {"role": "system", "content": ""} for r in rows)
+    assert [m["role"] for m in rows[0]["messages"]] == ["system", "user", "assistant"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only guard")

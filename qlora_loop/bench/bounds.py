@@ -24,12 +24,33 @@ BF16 = 2
 PAGED_MIN_ELEMENTS = 100_000
 
 
+def widths(shape: dict) -> tuple[int, int, int, int, int, int]:
+    """(hidden, q width, k/v width, intermediate, layers, vocab) of a Llama/Qwen2-shaped config.json."""
+    H = shape["hidden_size"]
+    head = shape.get("head_dim") or H // shape["num_attention_heads"]
+    return (H, shape["num_attention_heads"] * head, shape["num_key_value_heads"] * head, shape["intermediate_size"],
+            shape["num_hidden_layers"], shape["vocab_size"])
+
+
+def linear_parameters(shape: dict) -> int:
+    """Weights of the layers' seven projections: q, o (H x q width), k, v (H x kv), gate, up, down (H x I)."""
+    H, Q, kv, I, L, _ = widths(shape)
+    return L * (2 * H * Q + 2 * H * kv + 3 * H * I)
+
+
+def model_flops_per_token(shape: dict) -> int:
+    """The usual model FLOPs per trained token, 6 x (projection weights + lm_head): 2N forward, 4N backward.
+    A yardstick, not what QLoRA computes: frozen weights need no weight gradient (4N without
+    recomputation), checkpointing adds a forward (6N), the adapter adds a little."""
+    _, _, _, _, _, V = widths(shape)
+    return 6 * (linear_parameters(shape) + V * shape["hidden_size"])
+
+
 def gpu_bounds(shape: dict, *, seq: int, batch: int, r: int, loss_chunk_tokens: int = 1024) -> dict:
     """Memory floor (bytes) and FLOPs per token of QLoRA with r-rank LoRA on all seven projections of
     a Qwen2-shaped model (QWEN25_7B's keys), bf16 compute, paged AdamW 32-bit, gradient checkpointing."""
-    H, I, L, V = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"], shape["vocab_size"]
-    kv = shape["num_key_value_heads"] * H // shape["num_attention_heads"]  # width of k_proj / v_proj
-    linear = L * (2 * H * H + 2 * H * kv + 3 * H * I)  # q,o: HxH; k,v: Hxkv; gate,up,down: HxI
+    H, _, kv, I, L, V = widths(shape)
+    linear = linear_parameters(shape)
     base = linear * NF4_BYTES
     base += (2 * V * H + L * (H + 2 * kv) + (2 * L + 1) * H) * BF16  # embeddings, head, q/k/v biases, norms
     shapes = [(H, H), (H, kv), (H, kv), (H, H), (H, I), (H, I), (I, H)]  # (in, out) of q, k, v, o, gate, up, down

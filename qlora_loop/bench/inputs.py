@@ -87,16 +87,19 @@ def write_random_checkpoint(out: Path, tokenizer_dir: Path, *, shape: dict, devi
     return out
 
 
-def generate_chat_set(n: int, tokenizer, *, max_tokens: int, seed: int, spread: float = 20.0) -> list[dict]:
+def generate_chat_set(n: int, tokenizer, *, max_tokens: int, seed: int, spread: float = 20.0,
+                      system: str | None = None) -> list[dict]:
     """n copy-task conversations ("repeat these words" -> the words), learnable by a tiny model, whose
-    token lengths are log-spaced from max_tokens/spread to max_tokens (both ends present), shuffled."""
+    token lengths are log-spaced from max_tokens/spread to max_tokens (both ends present), shuffled.
+    system: a system turn to start each with; "" keeps a template's default system prompt (SmolLM2's
+    is 16 tokens) from setting the shortest length."""
     words = sorted({w for text in _corpus() for w in re.findall(r"[A-Za-z]{2,}", text)})
     rng = random.Random(seed)
 
     def row(k: int) -> dict:
         said = " ".join(rng.choice(words) for _ in range(k))
-        return {"messages": [{"role": "user", "content": f"Repeat: {said}"},
-                             {"role": "assistant", "content": said}]}
+        return {"messages": [*([] if system is None else [{"role": "system", "content": system}]),
+                             {"role": "user", "content": f"Repeat: {said}"}, {"role": "assistant", "content": said}]}
 
     def length(r: dict) -> int:
         text = tokenizer.apply_chat_template(r["messages"], tokenize=False)
@@ -114,13 +117,14 @@ def generate_chat_set(n: int, tokenizer, *, max_tokens: int, seed: int, spread: 
 
 
 def write_data(workdir: Path, tokenizer, *, data: str | None, generate: int | None, seq: int, val_split: float,
-               seed: int) -> tuple[Path, Path]:
+               seed: int, system: str | None = None) -> tuple[Path, Path]:
     """train.jsonl and val.jsonl in workdir, both as {"messages": [...]} rows: `data`'s rows, or
-    `generate` generated ones up to 95% of `seq` tokens; a seeded `val_split` share held out."""
+    `generate` generated ones up to 95% of `seq` tokens (each starting with `system`, if given); a
+    seeded `val_split` share held out."""
     if data:
         rows = [{"messages": c.messages} for c in load_conversations(data)]
     else:
-        rows = generate_chat_set(generate, tokenizer, max_tokens=int(seq * 0.95), seed=seed)
+        rows = generate_chat_set(generate, tokenizer, max_tokens=int(seq * 0.95), seed=seed, system=system)
     train, val = split_validation(rows, val_split, seed=seed, where=data or "generated set")
     paths = workdir / "train.jsonl", workdir / "val.jsonl"
     for path, part in zip(paths, (train, val)):

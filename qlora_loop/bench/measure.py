@@ -44,5 +44,6 @@ def derived(r: dict) -> dict:
     return {"loss_tokens_per_second": r["target_tokens"] / r["step_seconds"],
             "tokens_per_second": r["tokens"] / r["step_seconds"],
             "loop_loss_tokens_per_second": r["target_tokens"] / r["loop_seconds"],
+            "loop_tokens_per_second": r["tokens"] / r["loop_seconds"],
             "step_seconds_mean": r["step_seconds"] / r["steps"],
             "padding_share": 1 - r["tokens"] / r["positions"]}

@@ -17,14 +17,16 @@ from pathlib import Path
 import torch
 
 import qlora_loop
-from qlora_loop.bench.bounds import QWEN25_7B, gpu_bounds
+from qlora_loop.bench.bounds import QWEN25_7B, gpu_bounds, model_flops_per_token
 from qlora_loop.bench.inputs import build_bench_model, load_examples, write_data, write_random_checkpoint
 from qlora_loop.bench.measure import derived
 from qlora_loop.bench.ours import ours_overrides
+from qlora_loop.bench.peak import measured_peaks
 from qlora_loop.bench.report import build_report
 from qlora_loop.bench.settings import BenchError, Settings
+from qlora_loop.builtin import resolve_model_path
 from qlora_loop.config import ConfigError
-from qlora_loop.model import load_tokenizer
+from qlora_loop.model import ModelError, load_tokenizer
 
 ROOT = Path(qlora_loop.__file__).resolve().parents[1]  # the workers run `python -m qlora_loop.bench.worker` here
 
@@ -44,7 +46,10 @@ def run_bench(settings: Settings, *, command: str) -> dict:
 
     # inputs: the model and the rows, the same for every peer
     if s.model:
-        model, desc = Path(s.model).resolve(), s.model
+        try:
+            model, desc = Path(resolve_model_path(s.model)).resolve(), s.model  # builtin:NAME built on first use
+        except ModelError as e:
+            raise BenchError(f"--model: {e}") from None
     else:
         model = build_bench_model(workdir / f"tiny-h{s.hidden}-l{s.layers}-v{s.vocab or 0}", vocab=s.vocab,
                                   hidden=s.hidden, layers=s.layers, seed=s.data_seed)
@@ -54,7 +59,7 @@ def run_bench(settings: Settings, *, command: str) -> dict:
                                             device=device, seed=s.data_seed)
             desc = "Qwen2.5-7B shape, random weights"
     train_path, val_path = write_data(workdir, load_tokenizer(str(model)), data=s.data, generate=s.generate,
-                                      seq=s.seq, val_split=s.val_split, seed=s.data_seed)
+                                      seq=s.seq, val_split=s.val_split, seed=s.data_seed, system="" if s.real else None)
     spec = {"model": str(model), "train": str(train_path), "val": str(val_path), "seq": s.seq,
             "batch_size": s.batch_size, "epochs": s.epochs, "lr": s.lr, "r": s.r, "alpha": s.alpha,
             "dropout": s.dropout, "seed": s.seed, "device": device, "workdir": str(workdir), "threads": s.threads}
@@ -69,14 +74,18 @@ def run_bench(settings: Settings, *, command: str) -> dict:
     spec_path.write_text(json.dumps(spec, indent=1))
 
     lengths = [len(e["input_ids"]) for e in train]
-    vocab = json.loads((model / "config.json").read_text())["vocab_size"]
+    shape = json.loads((model / "config.json").read_text())
+    vocab = shape["vocab_size"]
     header = {"command": command,
               "machine": {"platform": platform.platform(), "processor": platform.processor(), "device": device,
                           "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
-                          "torch": torch.__version__, "cpu_threads": torch.get_num_threads()},
+                          "torch": torch.__version__, "cpu_threads": torch.get_num_threads(),
+                          # measured here, with the runs' threads; a run's share of it is in the report
+                          "matmul_peak_gflops": measured_peaks(torch.device(device), threads=s.threads)},
               "settings": {**{k: v for k, v in spec.items() if k not in ("ours_overrides", "workdir")},
                            "repeats": s.repeats, "model_desc": desc, "peers": peers, "skipped": skipped,
-                           "ours_overrides": spec["ours_overrides"], "vocab_size": vocab},
+                           "ours_overrides": spec["ours_overrides"], "vocab_size": vocab, "real": s.real,
+                           "model_flops_per_token": flops_per_token(shape)},
               "data": {"train_rows": len(train), "val_rows": len(val), "min_tokens": min(lengths),
                        "max_tokens": max(lengths), "length_ratio": max(lengths) / min(lengths),
                        "mean_tokens": statistics.mean(lengths), "steps_per_run": total}}
@@ -94,6 +103,14 @@ def run_bench(settings: Settings, *, command: str) -> dict:
             report = build_report(runs, failed, header=header, vocab=vocab, bounds=bounds, peak_tflops=s.peak_tflops)
             report_path.write_text(json.dumps(report, indent=1) + "\n")
     return report
+
+
+def flops_per_token(shape: dict) -> int | None:
+    """bounds.model_flops_per_token of a Llama/Qwen2-shaped config.json; None for another shape."""
+    try:
+        return model_flops_per_token(shape)
+    except KeyError:
+        return None
 
 
 def available(peers: list[str]) -> tuple[list[str], dict[str, str]]:

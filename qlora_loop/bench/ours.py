@@ -14,7 +14,7 @@ from qlora_loop.run import train
 
 def ours_overrides(spec: dict, *, warmup_ratio: float, extra: list[str]) -> list[str]:
     """Our run's key.path=value overrides: the spec's settings, length grouping (our default, said
-    outright), no sample replies, replay or drift (HF has none), all epochs (no early stop); then `extra`
+    outright), gradient checkpointing as our default decides (auto: off when the batch fits), no sample replies, replay or drift (HF has none), all epochs (no early stop); then `extra`
     (--ours-set), which wins. Checked by load_config, whose ConfigError names a wrong key."""
     overrides = [f"model.name_or_path={spec['model']}", f"data.train={spec['train']}", f"data.val={spec['val']}",
                  f"data.max_length={spec['seq']}", f"train.batch_size={spec['batch_size']}",
@@ -23,7 +23,7 @@ def ours_overrides(spec: dict, *, warmup_ratio: float, extra: list[str]) -> list
                  "train.max_grad_norm=1.0", "train.grad_accum=1", f"adapter.r={spec['r']}",
                  f"adapter.alpha={spec['alpha']}", f"adapter.dropout={spec['dropout']}",
                  f"adapter.target_modules=[{','.join(LORA_TARGETS)}]", "train.patience=0", "train.log_every=1",
-                 f"train.seed={spec['seed']}", "model.gradient_checkpointing=true", "data.group_by_length=true",
+                 f"train.seed={spec['seed']}", "data.group_by_length=true",
                  "eval.num_samples=0", "eval.drift_samples=0", "data.replay=0", *extra]
     load_config(None, overrides)
     return overrides
