@@ -105,7 +105,8 @@ class SharedInput:
         """`layer`'s dropout(x) @ A^T * scaling; the first layer of the group to see x computes all of them."""
         if self.input is not x or self.version != x._version or id(layer) not in self.pending:
             a = self.adapter
-            p = layer.lora_dropout[a].p if layer.training and isinstance(layer.lora_dropout[a], torch.nn.Dropout) else 0.0
+            drop = layer.lora_dropout[a]  # nn.Dropout, or peft's nn.Identity for dropout 0
+            p = drop.p if layer.training and isinstance(drop, torch.nn.Dropout) else 0.0
             weights = [m.lora_A[a].weight for m in self.layers]
             z = SharedInputLoraA.apply(x, p, tuple(m.scaling[a] for m in self.layers), *weights)
             self.pending = {id(m): z[..., b] for m, b in zip(self.layers, blocks(weights))}

@@ -14,8 +14,9 @@ from qlora_loop.run import train
 
 def ours_overrides(spec: dict, *, warmup_ratio: float, extra: list[str]) -> list[str]:
     """Our run's key.path=value overrides: the spec's settings, length grouping (our default, said
-    outright), gradient checkpointing as our default decides (auto: off when the batch fits), no sample replies, replay or drift (HF has none), all epochs (no early stop); then `extra`
-    (--ours-set), which wins. Checked by load_config, whose ConfigError names a wrong key."""
+    outright), gradient checkpointing as our default decides (auto: off when the batch fits), no sample
+    replies, replay or drift (HF has none), all epochs (no early stop); then `extra` (--ours-set),
+    which wins. Checked by load_config, whose ConfigError names a wrong key."""
     overrides = [f"model.name_or_path={spec['model']}", f"data.train={spec['train']}", f"data.val={spec['val']}",
                  f"data.max_length={spec['seq']}", f"train.batch_size={spec['batch_size']}",
                  f"train.epochs={spec['epochs']}", f"train.lr={spec['lr']}", f"train.warmup_ratio={warmup_ratio}",

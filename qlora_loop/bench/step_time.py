@@ -1,8 +1,9 @@
 # OMP_WAIT_POLICY=PASSIVE python -m qlora_loop.bench.step_time --steps 6 --batch-size 8 --tokens 128
 """Seconds per optimizer step of our StepRunner on a real model, for each way of running the step
 (peft's LoRA forward or ours with shared inputs, qlora_loop.fused_lora; activation checkpointing on or
-off; dropout or none; the 4-bit matmuls in bfloat16 or float32; bfloat16 autocast or none), interleaved step by step so that a load from other
-processes falls on every variant alike. The median and the fastest step are reported."""
+off; dropout or none; the 4-bit matmuls in bfloat16 or float32; bfloat16 autocast or none), interleaved
+step by step so that a load from other processes falls on every variant alike.
+The median and the fastest step are reported."""
 
 from __future__ import annotations
 
