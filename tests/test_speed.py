@@ -150,3 +150,17 @@ def test_adapter_shares_inputs_and_computes_what_peft_computes(tiny_qwen2, batch
     for name in plain_grads:
         assert (ours_grads[name] - plain_grads[name]).norm() < 1e-5 * plain_grads[name].norm(), name  # ~5e-7 here
     assert ours.state_dict().keys() == plain.state_dict().keys()
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_adapter_shared_inputs_key_reaches_the_trained_model(tiny_qwen2, tmp_path, shared):
+    """adapter.shared_inputs=false trains with peft's forward; the default with the shared path."""
+    seen = []
+
+    def loss_fn(model, batch):
+        seen.append(any(isinstance(m, SharedInputLinear4bit) for m in model.modules()))
+        return default_loss(model)(model, batch)
+
+    run_training([f"model.name_or_path={tiny_qwen2}", "train.epochs=1", f"output_dir={tmp_path / 'out'}",
+                  f"adapter.shared_inputs={str(shared).lower()}"], loss_fn=loss_fn)
+    assert seen and set(seen) == {shared}
