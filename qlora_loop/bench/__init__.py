@@ -18,13 +18,15 @@ Measured the same way for every peer:
   eval loss       mean loss per target token on the held-out rows, after training (fit.evaluate)
 
 The modules, in the order a run goes through them:
-  settings     Settings (scripts/bench.py's flags), the --quick and --gpu-7b presets, the peer names
+  settings     Settings (scripts/bench.py's flags), the --quick, --real and --gpu-7b presets, the peer names
   orchestrate  run_bench: inputs -> alternating runs in fresh processes -> the report
   inputs       the model (tiny, or Qwen2.5-7B-shaped with random weights) and the rows
   worker       one peer, once, in its own process
   ours         our peer: qlora_loop.run.train
   tutorial     the HF Trainer + PEFT and torchkeras peers, as their tutorials write them
   measure      counts, losses and rates every peer shares
-  bounds       the --gpu-7b mode's analytic memory floor and FLOP bound
-  report       medians, ratios ours / peer, targets, the table
+  peak         the machine's matmul peak per dtype, measured before the runs
+  bounds       model FLOPs per token; the --gpu-7b mode's analytic memory floor and FLOP bound
+  report       medians, ratios ours / peer, targets, shares of the peak, the table
+  step_time    (apart from the runs) seconds per StepRunner step for each way of running it
 """
