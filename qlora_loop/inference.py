@@ -21,7 +21,8 @@ from qlora_loop.builtin import resolve_model_path
 from qlora_loop.config import TrainConfig
 from qlora_loop.generate import held_out_prompts
 from qlora_loop.manifest import check_manifest, read_manifest
-from qlora_loop.model import ModelError, load_base_model, load_tokenizer, resolve_compute_dtype
+from qlora_loop.cpu import resolve_compute_dtype
+from qlora_loop.model import ModelError, load_base_model, load_tokenizer
 from qlora_loop.sources import held_out_conversations
 
 
@@ -169,7 +170,7 @@ def load_for_inference(adapter_dir: str | Path | None = None, base: str | None =
     tokenizer = load_inference_tokenizer(adapter_dir, found)
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        model = load_base_model(found.name, device, resolve_compute_dtype(found.compute_dtype, device),
+        model = load_base_model(found.name, device, resolve_compute_dtype(found.compute_dtype, device)[0],
                                 gradient_checkpointing=False, trust_remote_code=found.trust_remote_code,
                                 revision=found.revision, attn_implementation=found.attn_implementation)
     except ModelError as e:

@@ -48,16 +48,6 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, revisi
     return tokenizer
 
 
-def resolve_compute_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name != "auto":
-        return getattr(torch, name)
-    if device.type != "cuda" or torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    warnings.warn("this GPU has no bfloat16: computing in float16, which can overflow in long or "
-                  "large-activation runs; watch for non-finite losses", stacklevel=2)
-    return torch.float16
-
-
 def load_base_model(name_or_path: str, device: torch.device, compute_dtype: torch.dtype = torch.bfloat16, *,
                     gradient_checkpointing: bool = True, trust_remote_code: bool = False,
                     revision: str | None = None, attn_implementation: str | None = None,

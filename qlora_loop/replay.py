@@ -17,7 +17,7 @@ from pathlib import Path
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from qlora_loop.builtin import cache_dir
+from qlora_loop.paths import cache_dir
 from qlora_loop.config import ConfigError
 from qlora_loop.generate import as_messages, generate_replies, rng_preserved
 from qlora_loop.manifest import describe_base, text_hash

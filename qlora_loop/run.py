@@ -8,6 +8,8 @@ setup (launch checked before anything is loaded or written), base model, the bas
 
 from __future__ import annotations
 
+import os
+
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
@@ -16,6 +18,7 @@ from qlora_loop.audit import check_label_masks
 from qlora_loop.builtin import resolve_model_path
 from qlora_loop.checkpoint import Checkpoints, find_resume, resume_identity, save_adapter
 from qlora_loop.config import Config, ConfigError, to_dict
+from qlora_loop.cpu import cpu_threads, local_processes, physical_cores, resolve_compute_dtype
 from qlora_loop.cache import cache_root
 from qlora_loop.data import build_dataloaders, build_datasets, steps_per_epoch
 from qlora_loop.disk import check_free_space
@@ -28,7 +31,7 @@ from qlora_loop.log import RunLog
 from qlora_loop.manifest import build_manifest
 from qlora_loop.memory import check_memory, longest_batch
 from qlora_loop.model import (add_adapter, check_packing, find_linear4bit_targets, load_base_model, load_tokenizer,
-                              resolve_compute_dtype, set_gradient_checkpointing, trainable_parameters)
+                              set_gradient_checkpointing, trainable_parameters)
 from qlora_loop.optim import build_optimizer, build_scheduler
 from qlora_loop.plot import plot_run
 from qlora_loop.replay import base_replies, choose, read_prompts, replay_conversations
@@ -47,7 +50,8 @@ def train(cfg: Config, *, overwrite: bool = False, loss_fn=None) -> dict:
     trackers = check_trackers(t.log_with)
 
     # setup: the launch is checked before anything is loaded or written
-    accelerator, dtype = build_accelerator(cfg, trackers)
+    accelerator, dtype, dtype_why = build_accelerator(cfg, trackers)
+    threads_why = use_cpu_threads(accelerator, t.cpu_threads)
     check_engine_taken(accelerator)
     launch = describe_launch(accelerator)
     grad_accum = check_launch(launch, batch_size=t.batch_size, grad_accum=t.grad_accum,
@@ -56,6 +60,9 @@ def train(cfg: Config, *, overwrite: bool = False, loss_fn=None) -> dict:
     set_seed(t.seed)
     with hold(accelerator, cfg.output_dir):  # one run at a time in a folder; marks the folder as a run's
         log = RunLog(accelerator, cfg.output_dir, t.log_every)
+        log.print(f"compute dtype {str(dtype).removeprefix('torch.')} ({dtype_why})", soft_wrap=True)
+        if threads_why:
+            log.print(f"CPU threads {torch.get_num_threads()} per process ({threads_why})", soft_wrap=True)
         with accelerator.main_process_first():  # the first process builds a builtin model, the others reuse it
             model_path = resolve_model_path(m.name_or_path, gguf_file=m.gguf_file)
 
@@ -188,11 +195,11 @@ def train(cfg: Config, *, overwrite: bool = False, loss_fn=None) -> dict:
         return summary
 
 
-def build_accelerator(cfg: Config, trackers: list[str]) -> tuple[Accelerator, torch.dtype]:
-    """The run's Accelerator and compute dtype. train.mixed_precision=auto: autocast on a GPU in the
-    compute dtype; on a CPU it only slows things down."""
+def build_accelerator(cfg: Config, trackers: list[str]) -> tuple[Accelerator, torch.dtype, str]:
+    """The run's Accelerator, compute dtype and why that dtype. train.mixed_precision=auto: autocast on
+    a GPU in the compute dtype; on a CPU it only slows things down."""
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = resolve_compute_dtype(cfg.model.compute_dtype, torch.device(device_type))
+    dtype, why = resolve_compute_dtype(cfg.model.compute_dtype, torch.device(device_type))
     precision = cfg.train.mixed_precision
     if precision == "auto":
         precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no") if device_type == "cuda" else "no"
@@ -202,7 +209,18 @@ def build_accelerator(cfg: Config, trackers: list[str]) -> tuple[Accelerator, to
     except (RuntimeError, ValueError) as e:  # e.g. an FSDP or DeepSpeed launch on a machine without a GPU
         raise LaunchError(f"Accelerate cannot start this launch: {str(e).splitlines()[0]}; check the "
                           "--config_file given to accelerate launch (or `accelerate config`)") from None
-    return accelerator, dtype
+    return accelerator, dtype, why
+
+
+def use_cpu_threads(accelerator: Accelerator, setting: int | str) -> str | None:
+    """On a CPU, set this process's threads by train.cpu_threads (qlora_loop.cpu.cpu_threads) and say
+    why; None on a GPU, where the CPU only feeds it."""
+    if accelerator.device.type != "cpu":
+        return None
+    threads, why = cpu_threads(setting, processes=local_processes(accelerator.num_processes, os.environ),
+                               cores=physical_cores(), env=os.environ)
+    torch.set_num_threads(threads)
+    return why
 
 
 def dry_run(cfg: Config) -> None:

@@ -14,7 +14,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 
 from qlora_loop.config import ASSETS, Config, ConfigError, load_config
 from qlora_loop.data import IGNORE, build_datasets, load_conversations
-from qlora_loop.model import add_adapter, find_linear4bit_targets, load_base_model, load_tokenizer, resolve_compute_dtype
+from qlora_loop.cpu import resolve_compute_dtype
+from qlora_loop.model import add_adapter, find_linear4bit_targets, load_base_model, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -221,7 +222,7 @@ def test_shipped_config_builds_data_and_adapter_on_a_tiny_model(path, request, t
     assert trained.endswith(tokenizer.eos_token), trained
 
     # model: 4-bit base + adapter, built as scripts/train.py builds them
-    dtype = resolve_compute_dtype(cfg.model.compute_dtype, torch.device("cpu"))
+    dtype, _ = resolve_compute_dtype(cfg.model.compute_dtype, torch.device("cpu"))
     torch.manual_seed(0)
     base = load_base_model(cfg.model.name_or_path, torch.device("cpu"), dtype,
                            gradient_checkpointing=cfg.model.gradient_checkpointing,

@@ -14,6 +14,7 @@ from conftest import ROOT
 from transformers import Qwen2Config
 
 from qlora_loop.config import load_config
+from qlora_loop.cpu import resolve_compute_dtype
 from qlora_loop.dryrun import dry_run, dry_run_config, report
 from qlora_loop.model import add_adapter, find_linear4bit_targets, load_base_model, trainable_parameters
 from qlora_loop.loss import chunk_tokens
@@ -90,7 +91,10 @@ def test_dry_run_from_a_config_and_its_report(tiny_qwen2):
     assert lines[2] == f"trainable parameters: {run.trainable:,} of {run.total:,} " \
                        f"({100 * run.trainable / run.total:.3f}%)"
     assert run.trainable == 2 * 4 * (4 * (128 + 128) - (128 - 64) * 2 + 2 * (128 + 384) + (384 + 128))
-    assert "estimated peak GPU memory for batch_size=2 x max_length=128" in lines[3]
+    assert lines[3] == f"compute dtype {run.compute_dtype} ({run.dtype_why})"
+    assert run.compute_dtype == str(resolve_compute_dtype("auto", torch.device("cpu"))[0]).removeprefix("torch.")
+    assert "estimated peak memory on this CPU for batch_size=2 x max_length=128" in lines[4]
+    assert lines[-1].startswith("on a GPU under bfloat16 autocast: ")
 
 
 def test_train_script_dry_run_prints_the_estimate_and_writes_nothing(tiny_qwen2, tmp_path):
@@ -101,5 +105,5 @@ def test_train_script_dry_run_prints_the_estimate_and_writes_nothing(tiny_qwen2,
     lines = done.stdout.splitlines()
     assert lines[0] == f"dry run: {tiny_qwen2} (qwen2), no weights loaded"
     assert lines[1] == "LoRA targets: down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"
-    assert any(line.startswith("estimated peak GPU memory for batch_size=4 x max_length=512: ") for line in lines)
+    assert any(line.startswith("estimated peak memory on this CPU for batch_size=4 x max_length=512: ") for line in lines)
     assert not out.exists()

@@ -9,7 +9,7 @@ from conftest import peft_model
 from peft import LoraConfig
 
 from qlora_loop.model import (ModelError, add_adapter, check_packing, find_linear4bit_targets, load_base_model,
-                              load_tokenizer, resolve_compute_dtype, trainable_parameters)
+                              load_tokenizer, trainable_parameters)
 from qlora_loop.builtin import resolve_model_path
 from qlora_loop.tiny import build_tiny_model
 
@@ -92,11 +92,6 @@ def test_device_map_names_a_gpu_by_index_even_when_accelerate_gives_none(monkeyp
     # one process: Accelerate's device is torch.device("cuda"), index None, which from_pretrained rejects
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
     assert device_index(torch.device("cuda")) == 3
-
-
-def test_compute_dtype():
-    assert resolve_compute_dtype("auto", torch.device("cpu")) == torch.bfloat16
-    assert resolve_compute_dtype("float16", torch.device("cpu")) == torch.float16
 
 
 def test_under_bf16_autocast_weights_and_residual_stream_stay_bf16_and_it_trains(tiny_qwen2, qwen2_tokenizer):

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from conftest import tiny_config
 
+from qlora_loop.cpu import physical_cores
 from qlora_loop.data import build_dataloaders, build_datasets
 from qlora_loop.fit import evaluate
 from qlora_loop.model import load_base_model, load_tokenizer
@@ -170,11 +171,14 @@ def run_script(*args, env=None, timeout=300):
                           env={**os.environ, **(env or {})})
 
 
-def test_accelerate_launch_entry_point(tmp_path):
+def test_accelerate_launch_entry_point_uses_every_core(tmp_path):
+    """The README's command, without --cpu: accelerate launch sets OMP_NUM_THREADS=1, the run uses all cores."""
     accelerate = str(Path(sys.executable).parent / "accelerate")  # the venv's, whether or not it is on PATH
-    proc = run_script(accelerate, "launch", "--num_processes", "1", "--cpu", "scripts/train.py", *TINY,
+    proc = run_script(accelerate, "launch", "--num_processes", "1", "scripts/train.py", *TINY,
                       f"output_dir={tmp_path / 'out'}", "train.epochs=1", env={"XDG_CACHE_HOME": str(tmp_path)})
     assert proc.returncode == 0, proc.stderr[-3000:]
+    cores = physical_cores()
+    assert f"CPU threads {cores} per process (train.cpu_threads=auto: {cores} physical cores / 1 process" in proc.stdout
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["epochs_run"] == 1 and (tmp_path / "out" / "best" / "adapter_model.safetensors").is_file()
 

@@ -26,6 +26,7 @@ from qlora_loop.bench.report import build_report
 from qlora_loop.bench.settings import BenchError, Settings
 from qlora_loop.builtin import resolve_model_path
 from qlora_loop.config import ConfigError
+from qlora_loop.cpu import describe_cpu
 from qlora_loop.model import ModelError, load_tokenizer
 
 ROOT = Path(qlora_loop.__file__).resolve().parents[1]  # the workers run `python -m qlora_loop.bench.worker` here
@@ -78,6 +79,7 @@ def run_bench(settings: Settings, *, command: str) -> dict:
     vocab = shape["vocab_size"]
     header = {"command": command,
               "machine": {"platform": platform.platform(), "processor": platform.processor(), "device": device,
+                          "cpu": describe_cpu(),
                           "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
                           "torch": torch.__version__, "cpu_threads": torch.get_num_threads(),
                           # measured here, with the runs' threads; a run's share of it is in the report

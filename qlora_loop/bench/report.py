@@ -102,6 +102,9 @@ def print_report(report: dict) -> None:
                       style="bold")
     console = Console(width=None if sys.stdout.isatty() else 140)  # a log or pipe gets the whole table
     console.print(table)
+    machine = report["machine"]
+    console.print(f"on {machine.get('cpu', machine['processor'])}, {machine['cpu_threads']} threads"
+                  + (f"; GPU {machine['gpu']}" if machine.get("gpu") else ""))
     for t in report["targets"]:
         strictly = "" if t.get("strictly", True) else " (not strictly: ours is higher)"
         console.print(f"{'[green]met' if t['met'] else '[red]not met'}[/]  {t['target']}: {t['value']:.4g}{strictly}")

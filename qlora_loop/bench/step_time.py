@@ -1,9 +1,9 @@
 # OMP_WAIT_POLICY=PASSIVE python -m qlora_loop.bench.step_time --steps 6 --batch-size 8 --tokens 128
 """Seconds per optimizer step of our StepRunner on a real model, for each way of running the step
 (peft's LoRA forward or ours with shared inputs, qlora_loop.fused_lora; activation checkpointing on or
-off; dropout or none; the 4-bit matmuls in bfloat16 or float32; bfloat16 autocast or none), interleaved
-step by step so that a load from other processes falls on every variant alike.
-The median and the fastest step are reported."""
+off; dropout or none; the 4-bit matmuls in the dtype model.compute_dtype=auto resolves to on this CPU,
+in float32 or in bfloat16; bfloat16 autocast or none), interleaved step by step so that a load from other
+processes falls on every variant alike. The median and the fastest step are reported, with the CPU."""
 
 from __future__ import annotations
 
@@ -17,19 +17,21 @@ import torch
 from accelerate import Accelerator
 
 from qlora_loop.builtin import resolve_model_path
+from qlora_loop.cpu import describe_cpu, resolve_compute_dtype
 from qlora_loop.loss import default_loss
 from qlora_loop.model import add_adapter, load_base_model, set_gradient_checkpointing
 from qlora_loop.optim import build_optimizer, build_scheduler
 from qlora_loop.step import StepRunner
 
 # name: how its StepRunner is built. shared: qlora_loop.fused_lora (else peft's LoRA forward); base:
-# the 4-bit matmuls' compute dtype (bfloat16 is what model.compute_dtype=auto gives on a CPU); autocast:
+# the 4-bit matmuls' compute dtype (None: what model.compute_dtype=auto resolves to here); autocast:
 # bfloat16 autocast around the step (then the shared path gives way to peft's, which casts).
 VARIANTS = {
     "peft + checkpointing": dict(shared=False, checkpointing=True),
     "peft": dict(shared=False),
     "shared inputs": dict(shared=True),  # the default on a CPU
     "shared inputs, float32 base": dict(shared=True, base=torch.float32),
+    "shared inputs, bfloat16 base": dict(shared=True, base=torch.bfloat16),
     "peft + bf16 autocast": dict(shared=False, autocast=True),
     "peft without dropout": dict(shared=False, dropout=False),
     "shared inputs without dropout": dict(shared=True, dropout=False),
@@ -37,7 +39,8 @@ VARIANTS = {
 
 
 def runner_for(path: str, accelerator: Accelerator, *, shared: bool, checkpointing: bool = False, dropout: bool = True,
-               autocast: bool = False, base: torch.dtype = torch.bfloat16, p: float, r: int) -> StepRunner:
+               autocast: bool = False, base: torch.dtype | None = None, p: float, r: int) -> StepRunner:
+    base = base or resolve_compute_dtype("auto", torch.device("cpu"))[0]
     model = load_base_model(path, torch.device("cpu"), base, gradient_checkpointing=False, autocast=autocast)
     model = add_adapter(model, "lora", r=r, alpha=2 * r, dropout=p if dropout else 0.0, shared_inputs=shared)
     set_gradient_checkpointing(model, checkpointing)
@@ -78,7 +81,10 @@ def main(argv: list[str] | None = None) -> dict:
     medians = {name: statistics.median(s) for name, s in seconds.items()}
     result = {name: {"median_step_s": round(m, 3), "tokens_per_s": round(tokens / m, 1),
                      "fastest_step_s": round(min(seconds[name]), 3)} for name, m in medians.items()}
-    print(json.dumps({"args": vars(args), "threads": torch.get_num_threads(), "result": result}, indent=1))
+    dtype, why = resolve_compute_dtype("auto", torch.device("cpu"))
+    print(json.dumps({"args": vars(args), "cpu": describe_cpu(), "threads": torch.get_num_threads(),
+                      "auto_compute_dtype": f"{str(dtype).removeprefix('torch.')} ({why})", "result": result},
+                     indent=1))
     return result
 
 
