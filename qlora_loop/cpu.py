@@ -115,8 +115,10 @@ def check_cpu_bf16(cache: Path | None = None) -> Bf16Check:
     cache = cache or cache_dir() / "cpu.json"
     units = vector_units(cpu_flags())
     if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return Bf16Check(False, f"this CPU has no native bfloat16 ({units}): torch would emulate it, "
-                                "far slower than float32")
+        limit = os.environ.get("ONEDNN_MAX_CPU_ISA")
+        kernels = torch.backends.cpu.get_cpu_capability() + (f", ONEDNN_MAX_CPU_ISA={limit}" if limit else "")
+        return Bf16Check(False, f"torch has no native bfloat16 path on this CPU ({units}; torch's kernels: "
+                                f"{kernels}): it would emulate bfloat16, far slower than float32")
     key = "|".join([cpu_name(), units, torch.__version__, os.environ.get("ONEDNN_MAX_CPU_ISA", ""),
                     os.environ.get("ATEN_CPU_CAPABILITY", "")])
     known = read_json(cache)

@@ -50,8 +50,7 @@ def train(cfg: Config, *, overwrite: bool = False, loss_fn=None) -> dict:
     trackers = check_trackers(t.log_with)
 
     # setup: the launch is checked before anything is loaded or written
-    accelerator, dtype, dtype_why = build_accelerator(cfg, trackers)
-    threads_why = use_cpu_threads(accelerator, t.cpu_threads)
+    accelerator, dtype, dtype_why, threads_why = build_accelerator(cfg, trackers)
     check_engine_taken(accelerator)
     launch = describe_launch(accelerator)
     grad_accum = check_launch(launch, batch_size=t.batch_size, grad_accum=t.grad_accum,
@@ -195,21 +194,25 @@ def train(cfg: Config, *, overwrite: bool = False, loss_fn=None) -> dict:
         return summary
 
 
-def build_accelerator(cfg: Config, trackers: list[str]) -> tuple[Accelerator, torch.dtype, str]:
-    """The run's Accelerator, compute dtype and why that dtype. train.mixed_precision=auto: autocast on
-    a GPU in the compute dtype; on a CPU it only slows things down."""
-    device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype, why = resolve_compute_dtype(cfg.model.compute_dtype, torch.device(device_type))
+def build_accelerator(cfg: Config, trackers: list[str]) -> tuple[Accelerator, torch.dtype, str, str | None]:
+    """The run's Accelerator, compute dtype, why that dtype, and why its CPU threads (None on a GPU).
+    train.mixed_precision=auto: autocast on a GPU in the compute dtype; on a CPU it only slows things
+    down. On a CPU the threads are set first, so that the bfloat16 check times what the run will use."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype, why = resolve_compute_dtype(cfg.model.compute_dtype, device) if device.type == "cuda" else (None, "")
     precision = cfg.train.mixed_precision
     if precision == "auto":
-        precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no") if device_type == "cuda" else "no"
+        precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
     try:
-        accelerator = Accelerator(mixed_precision=precision, cpu=device_type == "cpu", log_with=trackers or None,
+        accelerator = Accelerator(mixed_precision=precision, cpu=device.type == "cpu", log_with=trackers or None,
                                   project_dir=cfg.output_dir)
     except (RuntimeError, ValueError) as e:  # e.g. an FSDP or DeepSpeed launch on a machine without a GPU
         raise LaunchError(f"Accelerate cannot start this launch: {str(e).splitlines()[0]}; check the "
                           "--config_file given to accelerate launch (or `accelerate config`)") from None
-    return accelerator, dtype, why
+    threads_why = use_cpu_threads(accelerator, cfg.train.cpu_threads)
+    if dtype is None:
+        dtype, why = resolve_compute_dtype(cfg.model.compute_dtype, device)
+    return accelerator, dtype, why, threads_why
 
 
 def use_cpu_threads(accelerator: Accelerator, setting: int | str) -> str | None:

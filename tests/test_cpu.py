@@ -17,7 +17,8 @@ from qlora_loop.cpu import (Bf16Check, check_cpu_bf16, cpu_threads, describe_cpu
                             resolve_compute_dtype)
 
 CPU = torch.device("cpu")
-SLOW = Bf16Check(False, "this CPU has no native bfloat16 (AVX2, no AMX): torch would emulate it, far slower than float32")
+SLOW = Bf16Check(False, "torch has no native bfloat16 path on this CPU (AVX2, no AMX; torch's kernels: AVX2): it "
+                        "would emulate bfloat16, far slower than float32")
 FAST = Bf16Check(True, "bfloat16 matmuls ran at least as fast as float32 on this CPU (400 against 180 GFLOP/s)")
 
 
@@ -36,7 +37,7 @@ def test_the_check_on_this_cpu_is_cached_and_read_back(tmp_path):
     cache = tmp_path / "cpu.json"
     first = check_cpu_bf16(cache)
     if not torch.ops.mkldnn._is_mkldnn_bf16_supported():  # an AVX2-only CPU: nothing is measured or cached
-        assert not first.fast and first.reason.startswith("this CPU has no native bfloat16 (")
+        assert not first.fast and first.reason.startswith("torch has no native bfloat16 path on this CPU (")
         assert not cache.exists()
         return
     assert "GFLOP/s, measured once and cached" in first.reason
@@ -97,9 +98,12 @@ def test_the_first_lines_name_the_dtype_and_the_threads(train_main, tmp_path, ca
 def test_where_onednn_has_no_bfloat16_path_auto_is_float32_without_measuring(tmp_path):
     """ONEDNN_MAX_CPU_ISA=AVX2 makes any x86 CPU compute as an AVX2-only one does (bfloat16 emulated)."""
     code = ("import torch; from qlora_loop.cpu import resolve_compute_dtype; "
-            "print(resolve_compute_dtype('auto', torch.device('cpu'))[0])")
+            "print(*resolve_compute_dtype('auto', torch.device('cpu')), sep='\\n')")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "XDG_CACHE_HOME": str(tmp_path)})
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip() == "torch.float32"
+    dtype, why = done.stdout.strip().splitlines()
+    assert dtype == "torch.float32"
+    assert why.startswith("model.compute_dtype=auto: torch has no native bfloat16 path on this CPU (")
+    assert "ONEDNN_MAX_CPU_ISA=AVX2): it would emulate bfloat16" in why
     assert not (tmp_path / "qlora_loop" / "cpu.json").exists()  # decided by the capability alone
