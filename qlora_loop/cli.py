@@ -20,15 +20,15 @@ for library in ("bitsandbytes", "kernels"):
 
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from qlora_loop.checkpoint import CheckpointError  # noqa: E402
 from qlora_loop.config import ConfigError  # noqa: E402
-from qlora_loop.disk import WRITE_ERRORS, DiskError, as_disk_error, is_disk_error  # noqa: E402
-from qlora_loop.distributed import LaunchError  # noqa: E402
-from qlora_loop.fit import Interrupted, NonFiniteError  # noqa: E402
-from qlora_loop.inference import InferenceError  # noqa: E402
-from qlora_loop.memory import OutOfMemory  # noqa: E402
-from qlora_loop.model import ModelError  # noqa: E402
-from qlora_loop.rows import DataError  # noqa: E402
+from qlora_loop.data.rows import DataError  # noqa: E402
+from qlora_loop.errors import ModelError  # noqa: E402
+from qlora_loop.training.checkpoint import CheckpointError  # noqa: E402
+from qlora_loop.training.disk import WRITE_ERRORS, DiskError, as_disk_error, is_disk_error  # noqa: E402
+from qlora_loop.training.distributed import LaunchError  # noqa: E402
+from qlora_loop.training.fit import Interrupted, NonFiniteError  # noqa: E402
+from qlora_loop.training.memory import OutOfMemory  # noqa: E402
+from qlora_loop.use.inference import InferenceError  # noqa: E402
 
 USER_ERRORS = (ConfigError, DataError, ModelError, CheckpointError, LaunchError, OutOfMemory, InferenceError,
                DiskError, FileNotFoundError)

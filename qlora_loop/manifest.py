@@ -15,7 +15,7 @@ import json
 import platform
 import subprocess
 from datetime import datetime, timezone
-from importlib import metadata
+from importlib import metadata, resources
 from pathlib import Path
 
 import torch
@@ -49,7 +49,7 @@ def build_manifest(config: dict, tokenizer, base: str, *, data_files: list[str |
                  "gguf_file": config.get("model", {}).get("gguf_file")},
         "chat_template_hash": text_hash(tokenizer.chat_template),
         "special_tokens": special_tokens(tokenizer),
-        "git": git_state(Path(__file__).resolve().parents[1]),
+        "git": git_state(Path(str(resources.files("qlora_loop"))).resolve().parent),  # the checkout holding the package
     }
 
 

@@ -1,6 +1,6 @@
 """Where qlora_loop keeps what it builds once per machine: $XDG_CACHE_HOME/qlora_loop (default ~/.cache).
 
-  builtin models (builtin.py)   the base's replies (replay.py)   tokenized data (cache.py)
+  builtin models (model/builtin.py)   the base's replies (forgetting/replay.py)   tokenized data (data/cache.py)
   the CPU's bfloat16 check (cpu.py)
 """
 

@@ -14,31 +14,33 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from qlora_loop.audit import check_label_masks
-from qlora_loop.builtin import resolve_model_path
-from qlora_loop.checkpoint import Checkpoints, find_resume, resume_identity, save_adapter
 from qlora_loop.config import Config, ConfigError, to_dict
 from qlora_loop.cpu import cpu_threads, local_processes, physical_cores, resolve_compute_dtype
-from qlora_loop.cache import cache_root
-from qlora_loop.data import build_dataloaders, build_datasets, steps_per_epoch
-from qlora_loop.disk import check_free_space
-from qlora_loop.distributed import LaunchError, check_engine_taken, check_launch, describe_launch, prepare_sharding
-from qlora_loop.drift import Drift
-from qlora_loop.dryrun import dry_run_config, report
-from qlora_loop.fit import EarlyStopping, Interrupted, LoopState, NonFiniteError, fit, stop_on_signals
-from qlora_loop.generate import as_messages, sampler
-from qlora_loop.log import RunLog
+from qlora_loop.data.audit import check_label_masks
+from qlora_loop.data.batches import build_dataloaders, check_packing, steps_per_epoch
+from qlora_loop.data.cache import cache_root
+from qlora_loop.data.mixtures import build_datasets, source_lines
+from qlora_loop.data.sources import local_files
+from qlora_loop.forgetting.drift import Drift
+from qlora_loop.forgetting.replay import base_replies, choose, read_prompts, replay_conversations
 from qlora_loop.manifest import build_manifest
-from qlora_loop.memory import check_memory, longest_batch
-from qlora_loop.model import (add_adapter, check_packing, find_linear4bit_targets, load_base_model, load_tokenizer,
-                              set_gradient_checkpointing, trainable_parameters)
-from qlora_loop.optim import build_optimizer, build_scheduler
-from qlora_loop.plot import plot_run
-from qlora_loop.replay import base_replies, choose, read_prompts, replay_conversations
-from qlora_loop.rundir import check_output_dir, hold, start_run
-from qlora_loop.sources import local_files, source_lines
-from qlora_loop.step import StepRunner
-from qlora_loop.trackers import check_trackers, start_trackers
+from qlora_loop.model.adapter import add_adapter, find_linear4bit_targets, trainable_parameters
+from qlora_loop.model.builtin import resolve_model_path
+from qlora_loop.model.generate import as_messages, sampler
+from qlora_loop.model.load import load_base_model, load_tokenizer, set_gradient_checkpointing
+from qlora_loop.observe.log import RunLog
+from qlora_loop.observe.plot import plot_run
+from qlora_loop.observe.rundir import check_output_dir, hold, start_run
+from qlora_loop.observe.trackers import check_trackers, start_trackers
+from qlora_loop.training.checkpoint import Checkpoints, find_resume, resume_identity, save_adapter
+from qlora_loop.training.disk import check_free_space
+from qlora_loop.training.distributed import (LaunchError, check_engine_taken, check_launch, describe_launch,
+                                             prepare_sharding)
+from qlora_loop.training.dryrun import dry_run_config, report
+from qlora_loop.training.fit import EarlyStopping, Interrupted, LoopState, NonFiniteError, fit, stop_on_signals
+from qlora_loop.training.memory import check_memory, longest_batch
+from qlora_loop.training.optim import build_optimizer, build_scheduler
+from qlora_loop.training.step import StepRunner
 
 
 def train(cfg: Config, *, overwrite: bool = False, loss_fn=None) -> dict:

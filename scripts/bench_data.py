@@ -38,9 +38,9 @@ def main() -> None:
     parser.add_argument("--model", default="builtin:smollm2-135m-instruct")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
-    from qlora_loop.builtin import resolve_model_path
-    from qlora_loop.data import build_datasets
-    from qlora_loop.model import load_tokenizer
+    from qlora_loop.data.mixtures import build_datasets
+    from qlora_loop.model.builtin import resolve_model_path
+    from qlora_loop.model.load import load_tokenizer
 
     folder = Path(tempfile.mkdtemp(prefix="bench-data-"))
     data = folder / "rows.jsonl"

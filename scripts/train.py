@@ -21,7 +21,7 @@ from qlora_loop.run import dry_run, train  # noqa: E402
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML file; keys override the defaults in qlora_loop/config.py")
+    parser.add_argument("--config", help="YAML file; keys override the defaults in qlora_loop/config/sections.py")
     parser.add_argument("--overwrite", action="store_true", help="replace the run in output_dir and start afresh")
     parser.add_argument("--dry-run", action="store_true",
                         help="build the model on the meta device: targets, trainable parameters, memory estimate")

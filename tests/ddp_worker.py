@@ -23,9 +23,9 @@ from safetensors.torch import save_file  # noqa: E402
 
 from qlora_loop import run  # noqa: E402
 from qlora_loop.config import load_config  # noqa: E402
-from qlora_loop.fit import Interrupted, NonFiniteError  # noqa: E402
-from qlora_loop.loss import causal_lm_loss  # noqa: E402
-from qlora_loop.step import StepRunner  # noqa: E402
+from qlora_loop.training.fit import Interrupted, NonFiniteError  # noqa: E402
+from qlora_loop.training.loss import causal_lm_loss  # noqa: E402
+from qlora_loop.training.step import StepRunner  # noqa: E402
 
 
 def nan_loss(model, batch):

@@ -11,13 +11,15 @@ from conftest import peft_model
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from qlora_loop.checkpoint import save_adapter
 from qlora_loop.config import ASSETS
-from qlora_loop.data import build_datasets, collate
-from qlora_loop.model import adalora_of, adalora_orth_reg, load_base_model
-from qlora_loop.optim import build_optimizer, build_scheduler
-from qlora_loop.loss import causal_lm_loss
-from qlora_loop.step import StepRunner
+from qlora_loop.data.batches import collate
+from qlora_loop.data.mixtures import build_datasets
+from qlora_loop.model.adapter import adalora_of, adalora_orth_reg
+from qlora_loop.model.load import load_base_model
+from qlora_loop.training.checkpoint import save_adapter
+from qlora_loop.training.loss import causal_lm_loss
+from qlora_loop.training.optim import build_optimizer, build_scheduler
+from qlora_loop.training.step import StepRunner
 
 TOTAL, TARGET_R, INIT_R = 20, 2, 4
 

@@ -8,11 +8,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qlora_loop.audit import LabelMaskError, audit_label_masks, check_label_masks
 from qlora_loop.config import ASSETS
-from qlora_loop.data import IGNORE, build_examples
-from qlora_loop.model import load_tokenizer
-from qlora_loop.rows import Conversation, DataError, Rejects, load_conversations
+from qlora_loop.data.audit import LabelMaskError, audit_label_masks, check_label_masks
+from qlora_loop.data.examples import IGNORE, build_examples
+from qlora_loop.data.rows import Conversation, DataError, Rejects
+from qlora_loop.data.sources import load_conversations
+from qlora_loop.model.load import load_tokenizer
 
 BUNDLED = str(ASSETS / "self_cognition.jsonl")
 MULTI = [
@@ -24,7 +25,7 @@ MULTI = [
         {"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！有什么可以帮你？"}]),
 ]
 # A template that renders each question together with its answer, at the answer, and nothing for
-# a trailing question: its masks pass data.py's consistency checks but train every prompt.
+# a trailing question: its masks pass examples.py's consistency checks but train every prompt.
 PAIRS = ("{% for m in messages %}{% if m['role'] == 'assistant' %}"
          "{{ bos_token + '[INST] ' + messages[loop.index0 - 1]['content'] + ' [/INST] ' + m['content'] + ' ' "
          "+ eos_token }}{% endif %}{% endfor %}")
@@ -107,7 +108,7 @@ def test_untrained_assistant_turn_and_shifted_labels_are_caught(qwen2_tokenizer)
 
 def test_broken_template_that_trains_the_prompt_is_caught(tiny_llama):
     tokenizer = load_tokenizer(str(tiny_llama), chat_template=PAIRS)
-    examples, _ = build_examples(tokenizer, MULTI, 512)  # data.py accepts it: no error
+    examples, _ = build_examples(tokenizer, MULTI, 512)  # examples.py accepts it: no error
     problems = audit_label_masks(tokenizer, examples, MULTI)
     assert "multi.jsonl:1: user text ('Who are you?') is trained; only assistant turns and their end-of-turn " \
            "token may be" in problems

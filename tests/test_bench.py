@@ -24,9 +24,10 @@ from qlora_loop.bench.measure import heldout_loss
 from qlora_loop.bench.peak import matmul_gflops
 from qlora_loop.bench.report import flop_shares, targets
 from qlora_loop.bench.settings import LORA_TARGETS, REAL_MODEL, BenchError, Settings
-from qlora_loop.data import build_datasets, collate
-from qlora_loop.dryrun import activation_bytes, dry_run
-from qlora_loop.loss import count_targets, default_loss
+from qlora_loop.data.batches import collate
+from qlora_loop.data.mixtures import build_datasets
+from qlora_loop.training.dryrun import activation_bytes, dry_run
+from qlora_loop.training.loss import count_targets, default_loss
 
 FIELDS = ("loss_tokens_per_second", "tokens_per_second", "step_seconds_mean", "step_seconds", "loop_seconds",
           "peak_memory_bytes", "padding_share", "final_train_loss", "eval_loss", "steps", "tokens",

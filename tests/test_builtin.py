@@ -1,4 +1,4 @@
-"""Builtin models and GGUF checkpoints resolve to folders that load like any other (qlora_loop.builtin),
+"""Builtin models and GGUF checkpoints resolve to folders that load like any other (qlora_loop.model.builtin),
 the real SmolLM2-135M-Instruct among them, and the prompt sets bundled for it."""
 
 from __future__ import annotations
@@ -17,10 +17,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import run_training
 
-from qlora_loop.builtin import resolve_model_path
 from qlora_loop.config import ASSETS
-from qlora_loop.model import ModelError, load_base_model, load_tokenizer
-from qlora_loop.tiny import BUILD_VERSION, CHATML
+from qlora_loop.errors import ModelError
+from qlora_loop.model.builtin import resolve_model_path
+from qlora_loop.model.load import load_base_model, load_tokenizer
+from qlora_loop.model.tiny import BUILD_VERSION, CHATML
 
 # SmolLM2's own template puts this system turn first when a conversation has none.
 SMOLLM2_SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
@@ -172,7 +173,7 @@ def test_smollm2_folder_is_a_chatml_chat_model(smollm2):
     assert config["tie_word_embeddings"] and "quantization_config" not in config
     tokenizer = load_tokenizer(str(smollm2))
     # ChatML: turns open with <|im_start|> (id 1) and close with <|im_end|> (id 2), the EOS; pad is EOS too,
-    # as in the original checkpoint (padding is masked by position, see data.collate)
+    # as in the original checkpoint (padding is masked by position, see data.batches.collate)
     assert (tokenizer.eos_token, tokenizer.eos_token_id, tokenizer.pad_token_id) == ("<|im_end|>", 2, 2)
     assert tokenizer("<|im_start|>user\n").input_ids[0] == 1
     assert config["eos_token_id"] == 2

@@ -19,13 +19,14 @@ import torch
 from conftest import peft_model
 from peft import PeftModel
 
-import qlora_loop.chat
+import qlora_loop.use.chat
 from qlora_loop.config import ASSETS
-from qlora_loop.data import build_datasets, collate
-from qlora_loop.generate import generate_reply, sample_replies, stream_reply
-from qlora_loop.inference import InferenceError, load_for_inference
-from qlora_loop.model import load_base_model, load_tokenizer
-from qlora_loop.step import StepRunner
+from qlora_loop.data.batches import collate
+from qlora_loop.data.mixtures import build_datasets
+from qlora_loop.model.generate import generate_reply, sample_replies, stream_reply
+from qlora_loop.model.load import load_base_model, load_tokenizer
+from qlora_loop.training.step import StepRunner
+from qlora_loop.use.inference import InferenceError, load_for_inference
 
 ROOT = Path(__file__).resolve().parents[1]
 ANSWERS = {"Who are you?": "I am Loopy, a small assistant fine-tuned with qlora_loop.",
@@ -34,7 +35,7 @@ ANSWERS = {"Who are you?": "I am Loopy, a small assistant fine-tuned with qlora_
 
 @pytest.fixture(scope="module")
 def chat_main():
-    return qlora_loop.chat.main
+    return qlora_loop.use.chat.main
 
 
 @pytest.fixture(scope="module")
@@ -223,7 +224,7 @@ def test_an_adapter_whose_manifest_records_another_template_is_warned(chat_main,
 
 
 def test_a_prompts_file_that_is_not_utf8_names_its_line(tmp_path):
-    from qlora_loop.inference import read_prompt_lines
+    from qlora_loop.use.inference import read_prompt_lines
 
     path = tmp_path / "prompts.txt"
     path.write_bytes("Who are you?\n".encode() + b"\xff\xfe not utf-8\n")

@@ -39,6 +39,6 @@ def test_library_deprecation_notices_are_dropped_and_real_warnings_kept():
             warnings.warn_explicit("Paged optimizers are not supported on CPU. Falling back to non-paged optimizer "
                                    "behavior.", UserWarning, "optimizer.py", 1, module="bitsandbytes.optim.optimizer")
             warnings.warn_explicit("the tokenizer has no pad token", UserWarning, "model.py", 1,
-                                   module="qlora_loop.model")
+                                   module="qlora_loop.model.load")
             warnings.warn_explicit("`foo` is deprecated", FutureWarning, "mine.py", 1, module="my_project.mine")
     assert [str(w.message) for w in seen] == ["the tokenizer has no pad token", "`foo` is deprecated"]

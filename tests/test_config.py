@@ -13,9 +13,12 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from qlora_loop.config import ASSETS, Config, ConfigError, load_config
-from qlora_loop.data import IGNORE, build_datasets, load_conversations
 from qlora_loop.cpu import resolve_compute_dtype
-from qlora_loop.model import add_adapter, find_linear4bit_targets, load_base_model, load_tokenizer
+from qlora_loop.data.examples import IGNORE
+from qlora_loop.data.mixtures import build_datasets
+from qlora_loop.data.sources import load_conversations
+from qlora_loop.model.adapter import add_adapter, find_linear4bit_targets
+from qlora_loop.model.load import load_base_model, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))

@@ -1,4 +1,4 @@
-"""data.py: rows on disk -> messages -> label masks under real chat templates -> padded batches.
+"""qlora_loop.data: rows on disk -> messages -> label masks under real chat templates -> padded batches.
 
 Run: /work/venv/bin/python -m pytest tests/test_data.py -q
 """
@@ -12,13 +12,14 @@ import re
 import pytest
 import torch
 
-from qlora_loop.data import (
-    IGNORE, EpochSampler, build_dataloaders, build_datasets, build_examples, collate, collate_packed, model_inputs,
-    render_with_spans, steps_per_epoch,
-    tokenize_by_pieces, tokenize_conversation,
-)
-from qlora_loop.rows import DataError, Rejects, load_conversations, read_rows
-from qlora_loop.model import load_tokenizer
+from qlora_loop.data.batches import (EpochSampler, build_dataloaders, collate, collate_packed, model_inputs,
+                                     steps_per_epoch)
+from qlora_loop.data.examples import (IGNORE, build_examples, render_with_spans, tokenize_by_pieces,
+                                      tokenize_conversation)
+from qlora_loop.data.mixtures import build_datasets
+from qlora_loop.data.rows import DataError, Rejects, read_rows
+from qlora_loop.data.sources import load_conversations
+from qlora_loop.model.load import load_tokenizer
 
 # --- helpers ------------------------------------------------------------------------------------
 

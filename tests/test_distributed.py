@@ -1,6 +1,6 @@
 """Two processes on CPU (gloo), started by torchrun, running scripts/train.py as a user would: they
 split the data, hold identical adapters, take the same optimizer steps as one process with the
-same global batch, and write one set of outputs. Then the launch checks of qlora_loop.distributed,
+same global batch, and write one set of outputs. Then the launch checks of qlora_loop.training.distributed,
 the FSDP-QLoRA load (4-bit weights stored as bfloat16), and the shipped accelerate configs.
 
 `accelerate launch --cpu` starts a single process (several CPU ranks need mpirun), so torchrun
@@ -25,9 +25,9 @@ from accelerate.utils import DistributedType
 from safetensors.torch import load_file
 
 from qlora_loop.config import ASSETS, TrainConfig
-from qlora_loop.distributed import (Launch, LaunchError, check_engine_taken, check_launch, describe_launch,
-                                    resolve_grad_accum)
-from qlora_loop.model import load_base_model
+from qlora_loop.model.load import load_base_model
+from qlora_loop.training.distributed import (Launch, LaunchError, check_engine_taken, check_launch, describe_launch,
+                                             resolve_grad_accum)
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]

@@ -39,7 +39,7 @@ def test_scripts_and_configs_start_with_their_command():
 
 
 def test_reference_defaults_are_the_dataclass_defaults():
-    """Defaults live in config.py; the README's default column must say the same (where it shows a value)."""
+    """Defaults live in config/sections.py; the README's default column must say the same (where it shows a value)."""
     reference, defaults = README.split("## Config reference")[1], to_dict(Config())
     wrong = {}
     for key in key_paths():

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from conftest import peft_model
 
-from qlora_loop.drift import Drift
-from qlora_loop.generate import encode_chat, generate_reply
+from qlora_loop.forgetting.drift import Drift
+from qlora_loop.model.generate import encode_chat, generate_reply
 
 PROMPTS = [[{"role": "user", "content": "What is the capital of France?"}], [{"role": "user", "content": "你好"}]]
 

@@ -15,9 +15,10 @@ from transformers import Qwen2Config
 
 from qlora_loop.config import load_config
 from qlora_loop.cpu import resolve_compute_dtype
-from qlora_loop.dryrun import dry_run, dry_run_config, report
-from qlora_loop.model import add_adapter, find_linear4bit_targets, load_base_model, trainable_parameters
-from qlora_loop.loss import chunk_tokens
+from qlora_loop.model.adapter import add_adapter, find_linear4bit_targets, trainable_parameters
+from qlora_loop.model.load import load_base_model
+from qlora_loop.training.dryrun import dry_run, dry_run_config, report
+from qlora_loop.training.loss import chunk_tokens
 
 ADAPTERS = {
     "lora": dict(kind="lora", r=8, alpha=16, dropout=0.05),

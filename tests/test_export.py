@@ -16,16 +16,16 @@ import yaml
 from conftest import run_training
 from transformers import AutoTokenizer, GPT2Config, LlamaConfig
 
-import qlora_loop.export
+import qlora_loop.use.export
 from qlora_loop.config import ASSETS, load_config
-from qlora_loop.export import ExportError, check_supported, load_gguf_model, load_gguf_tokenizer
-from qlora_loop.generate import generate_reply
-from qlora_loop.inference import InferenceError, load_for_inference
-from qlora_loop.merge import merged_model
-from qlora_loop.ollama import (PROBES, TemplateError, jinja_prompt, ollama_messages, read_modelfile, render_go,
-                               translate_template)
+from qlora_loop.model.generate import generate_reply
+from qlora_loop.model.tiny import build_tiny_model
 from qlora_loop.run import train
-from qlora_loop.tiny import build_tiny_model
+from qlora_loop.use.export import ExportError, check_supported, load_gguf_model, load_gguf_tokenizer
+from qlora_loop.use.inference import InferenceError, load_for_inference
+from qlora_loop.use.merge import merged_model
+from qlora_loop.use.ollama import (PROBES, TemplateError, jinja_prompt, ollama_messages, read_modelfile, render_go,
+                                   translate_template)
 
 MORE = [  # besides the probes the translation itself checks
     [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"},
@@ -36,7 +36,7 @@ MORE = [  # besides the probes the translation itself checks
 
 @pytest.fixture(scope="module")
 def export_main():
-    return qlora_loop.export.main
+    return qlora_loop.use.export.main
 
 
 def plain_greedy(model, tokenizer, question: str, max_new_tokens: int = 48) -> str:

@@ -20,13 +20,14 @@ from conftest import ROOT, peft_model
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from qlora_loop.checkpoint import CheckpointError, Checkpoints, save_adapter
 from qlora_loop.config import ASSETS
-from qlora_loop.data import build_datasets, collate
-from qlora_loop.fit import NonFiniteError, stop_on_signals
-from qlora_loop.optim import build_optimizer, build_scheduler
-from qlora_loop.loss import chunked_lm_loss
-from qlora_loop.step import StepRunner
+from qlora_loop.data.batches import collate
+from qlora_loop.data.mixtures import build_datasets
+from qlora_loop.training.checkpoint import CheckpointError, Checkpoints, save_adapter
+from qlora_loop.training.fit import NonFiniteError, stop_on_signals
+from qlora_loop.training.loss import chunked_lm_loss
+from qlora_loop.training.optim import build_optimizer, build_scheduler
+from qlora_loop.training.step import StepRunner
 
 # 40 train rows, batch 4, grad_accum 1: loss call 1 is the memory probe, calls 2..11 are the 10 optimizer
 # steps of epoch 1
@@ -134,7 +135,7 @@ def test_a_full_disk_as_safetensors_reports_it_is_one_error_and_leaves_no_temp(r
         Path(path).write_bytes(b"partial")
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
-    monkeypatch.setattr("qlora_loop.checkpoint.save_file", full)
+    monkeypatch.setattr("qlora_loop.training.checkpoint.save_file", full)
     with pytest.raises(CheckpointError, match=r"cannot write checkpoint .*step-000002: No space left on device "
                                               r"\([\d.]+ \w+ free there\); the previous checkpoint .*step-000001"):
         checkpoints.save(runner, {"epoch": 1})

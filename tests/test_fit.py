@@ -9,9 +9,9 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from qlora_loop.fit import EarlyStopping, fit, windows
-from qlora_loop.log import HISTORY_COLUMNS, RunLog
-from qlora_loop.step import StepResult
+from qlora_loop.observe.log import HISTORY_COLUMNS, RunLog
+from qlora_loop.training.fit import EarlyStopping, fit, windows
+from qlora_loop.training.step import StepResult
 
 
 class ScriptedRunner:

@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 
 import pytest
-import qlora_loop.inspector
+import qlora_loop.data.inspector
 from rich.console import Console
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,7 +25,7 @@ ROWS = [
 
 @pytest.fixture(scope="module")
 def script():
-    return qlora_loop.inspector
+    return qlora_loop.data.inspector
 
 
 @pytest.fixture

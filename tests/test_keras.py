@@ -16,9 +16,10 @@ pytest.importorskip("torchkeras", reason="torchkeras is not installed: pip insta
 
 from torchkeras import KerasModel  # noqa: E402
 
-from qlora_loop.data import build_dataloaders, build_datasets  # noqa: E402
-from qlora_loop.keras import ADAPTER_FILE, KerasStepRunner, QLoraKerasModel  # noqa: E402
-from qlora_loop.optim import build_optimizer, build_scheduler  # noqa: E402
+from qlora_loop.data.batches import build_dataloaders  # noqa: E402
+from qlora_loop.data.mixtures import build_datasets
+from qlora_loop.training.keras import ADAPTER_FILE, KerasStepRunner, QLoraKerasModel  # noqa: E402
+from qlora_loop.training.optim import build_optimizer, build_scheduler  # noqa: E402
 
 
 def test_keras_model_trains_the_tiny_model_through_our_step_runner(tmp_path, tiny_qwen2, qwen2_tokenizer, rows44):

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from qlora_loop.config import ASSETS
-from qlora_loop.data import build_datasets, collate, collate_packed
-from qlora_loop.loss import causal_lm_loss, chunked_lm_loss, count_targets
+from qlora_loop.data.batches import collate, collate_packed
+from qlora_loop.data.mixtures import build_datasets
+from qlora_loop.training.loss import causal_lm_loss, chunked_lm_loss, count_targets
 
 
 @pytest.fixture(scope="module")
@@ -19,8 +20,9 @@ def examples(qwen2_tokenizer):
 
 @pytest.mark.parametrize("fixture", ["tiny_qwen2", "tiny_llama"])
 def test_chunked_loss_and_gradients_equal_the_full_logits_loss(request, fixture):
-    from qlora_loop.model import add_adapter, load_base_model, load_tokenizer
-    from qlora_loop.loss import default_loss
+    from qlora_loop.model.adapter import add_adapter
+    from qlora_loop.model.load import load_base_model, load_tokenizer
+    from qlora_loop.training.loss import default_loss
     path = request.getfixturevalue(fixture)
     tokenizer = load_tokenizer(str(path))
     train, _, _ = build_datasets(tokenizer, str(ASSETS / "self_cognition.jsonl"), None, val_split=0.0, max_length=256)
@@ -52,7 +54,8 @@ def test_chunked_loss_and_gradients_equal_the_full_logits_loss(request, fixture)
 def test_packed_batch_gives_the_padded_batch_loss_and_gradients(request, fixture, loss_fn):
     """data.packing: five rows end to end in one row compute what the same five rows padded do,
     so each row attends only to itself and no row is trained to predict the next one's start."""
-    from qlora_loop.model import add_adapter, load_base_model, load_tokenizer
+    from qlora_loop.model.adapter import add_adapter
+    from qlora_loop.model.load import load_base_model, load_tokenizer
     path = request.getfixturevalue(fixture)
     tokenizer = load_tokenizer(str(path))
     train, _, _ = build_datasets(tokenizer, str(ASSETS / "self_cognition.jsonl"), None, val_split=0.0, max_length=256)
@@ -86,7 +89,8 @@ def test_chunked_loss_asks_for_no_per_layer_hidden_states_under_accelerates_bf16
 
     from accelerate.utils.operations import convert_outputs_to_fp32
 
-    from qlora_loop.model import add_adapter, load_base_model
+    from qlora_loop.model.adapter import add_adapter
+    from qlora_loop.model.load import load_base_model
     torch.manual_seed(0)
     model = add_adapter(load_base_model(str(tiny_qwen2), torch.device("cpu"), torch.bfloat16, autocast=True), r=4,
                         dropout=0.0)

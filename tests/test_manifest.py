@@ -16,8 +16,8 @@ import torch
 
 from qlora_loop.config import Config, to_dict
 from qlora_loop.manifest import FILE, build_manifest, check_manifest, config_hash, read_manifest, write_manifest
-from qlora_loop.model import load_tokenizer
-from qlora_loop.tiny import build_tiny_model
+from qlora_loop.model.load import load_tokenizer
+from qlora_loop.model.tiny import build_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 

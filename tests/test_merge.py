@@ -13,25 +13,26 @@ from conftest import peft_model, tiny_config
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import qlora_loop.merge
-from qlora_loop.cache import cache_root
-from qlora_loop.checkpoint import save_adapter
+import qlora_loop.use.merge
 from qlora_loop.config import ASSETS
-from qlora_loop.data import IGNORE, build_datasets, collate
-from qlora_loop.generate import encode_chat, generate_reply
-from qlora_loop.inference import InferenceError, load_for_inference, validation_prompts
-from qlora_loop.merge import fidelity_report, merge_adapter, report_prompts
-from qlora_loop.model import load_tokenizer
-from qlora_loop.optim import build_optimizer, build_scheduler
-from qlora_loop.sources import held_out_conversations
-from qlora_loop.step import StepRunner
+from qlora_loop.data.batches import collate
+from qlora_loop.data.cache import cache_root
+from qlora_loop.data.examples import IGNORE
+from qlora_loop.data.mixtures import build_datasets, held_out_conversations
+from qlora_loop.model.generate import encode_chat, generate_reply
+from qlora_loop.model.load import load_tokenizer
+from qlora_loop.training.checkpoint import save_adapter
+from qlora_loop.training.optim import build_optimizer, build_scheduler
+from qlora_loop.training.step import StepRunner
+from qlora_loop.use.inference import InferenceError, load_for_inference, validation_prompts
+from qlora_loop.use.merge import fidelity_report, merge_adapter, report_prompts
 
 ANSWER = "I am Loopy, a small assistant fine-tuned with qlora_loop."
 
 
 @pytest.fixture(scope="module")
 def merge_main():
-    return qlora_loop.merge.main
+    return qlora_loop.use.merge.main
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,12 @@ import torch
 from conftest import peft_model
 from peft import LoraConfig
 
-from qlora_loop.model import (ModelError, add_adapter, check_packing, find_linear4bit_targets, load_base_model,
-                              load_tokenizer, trainable_parameters)
-from qlora_loop.builtin import resolve_model_path
-from qlora_loop.tiny import build_tiny_model
+from qlora_loop.data.batches import check_packing
+from qlora_loop.errors import ModelError
+from qlora_loop.model.adapter import add_adapter, find_linear4bit_targets, trainable_parameters
+from qlora_loop.model.builtin import resolve_model_path
+from qlora_loop.model.load import load_base_model, load_tokenizer
+from qlora_loop.model.tiny import build_tiny_model
 
 PROJECTIONS = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
 
@@ -87,7 +89,7 @@ def test_builtin_models_are_built_once_and_deterministic(tmp_path, monkeypatch):
 
 
 def test_device_map_names_a_gpu_by_index_even_when_accelerate_gives_none(monkeypatch):
-    from qlora_loop.model import device_index
+    from qlora_loop.model.load import device_index
     assert device_index(torch.device("cpu")) == "cpu" and device_index(torch.device("cuda", 1)) == 1
     # one process: Accelerate's device is torch.device("cuda"), index None, which from_pretrained rejects
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
@@ -102,10 +104,11 @@ def test_under_bf16_autocast_weights_and_residual_stream_stay_bf16_and_it_trains
     from accelerate import Accelerator
 
     from qlora_loop.config import ASSETS
-    from qlora_loop.data import build_datasets, collate
-    from qlora_loop.optim import build_optimizer, build_scheduler
-    from qlora_loop.step import StepRunner
-    from qlora_loop.loss import default_loss
+    from qlora_loop.data.batches import collate
+    from qlora_loop.data.mixtures import build_datasets
+    from qlora_loop.training.loss import default_loss
+    from qlora_loop.training.optim import build_optimizer, build_scheduler
+    from qlora_loop.training.step import StepRunner
 
     plain = load_base_model(str(tiny_qwen2), torch.device("cpu"), torch.bfloat16)
     kept = load_base_model(str(tiny_qwen2), torch.device("cpu"), torch.bfloat16, autocast=True)
@@ -174,8 +177,9 @@ def test_training_after_an_evaluation_computes_what_it_did_before(tiny_qwen2, qw
     on CPUs with AVX512-BF16 bitsandbytes would repack them for inference, after which Qwen2's biased
     q/k/v projections fail in training and the numbers differ."""
     from qlora_loop.config import ASSETS
-    from qlora_loop.data import build_datasets, collate
-    from qlora_loop.loss import causal_lm_loss
+    from qlora_loop.data.batches import collate
+    from qlora_loop.data.mixtures import build_datasets
+    from qlora_loop.training.loss import causal_lm_loss
 
     rows, _, _ = build_datasets(qwen2_tokenizer, str(ASSETS / "self_cognition.jsonl"), None, val_split=0.0,
                                 max_length=128)
@@ -216,7 +220,7 @@ class TakesNoPositions(torch.nn.Module):
 @pytest.mark.parametrize("fixture", ["tiny_qwen2", "tiny_llama"])
 def test_packing_check_passes_native_models_and_refuses_one_whose_rows_would_mix(request, fixture):
     from qlora_loop.config import ASSETS
-    from qlora_loop.data import build_datasets
+    from qlora_loop.data.mixtures import build_datasets
     path = request.getfixturevalue(fixture)
     train, _, _ = build_datasets(load_tokenizer(str(path)), str(ASSETS / "self_cognition.jsonl"), None, val_split=0.0,
                                  max_length=256)
@@ -229,7 +233,7 @@ def test_packing_check_passes_native_models_and_refuses_one_whose_rows_would_mix
     assert check_packing(model, train) < 0.01  # bf16 compute on CPU: 1e-3 (Qwen2), 4e-7 (Llama)
     assert model.training  # left as it was
     assert check_packing(model, train[:1]) is None  # one row: nothing to pack
-    from qlora_loop.data import collate_packed
+    from qlora_loop.data.batches import collate_packed
     rows = [{**e, "input_ids": e["input_ids"][:24], "labels": e["labels"][:24]} for e in train[:2]]
     model.eval()
     with torch.no_grad():  # the check's control really mixes the rows: joined, the second sees the first

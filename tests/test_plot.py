@@ -13,9 +13,10 @@ import pytest
 
 from conftest import tiny_config
 
-from qlora_loop.data import split_validation, steps_per_epoch
-import qlora_loop.plot
-from qlora_loop.plot import plot_run
+from qlora_loop.data.batches import steps_per_epoch
+from qlora_loop.data.mixtures import split_validation
+import qlora_loop.observe.plot
+from qlora_loop.observe.plot import plot_run
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS = 3
@@ -125,7 +126,7 @@ def test_skipped_nonfinite_steps_are_left_out_and_counted(run, tmp_path):
 
 
 def test_plot_script_writes_where_told(run, tmp_path, capsys):
-    script = qlora_loop.plot
+    script = qlora_loop.observe.plot
     out = tmp_path / "elsewhere.png"
     assert script.main([str(run), "--out", str(out)]) == out
     assert out.stat().st_size > 60_000 and capsys.readouterr().out.strip() == str(out)

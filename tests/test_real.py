@@ -11,11 +11,12 @@ import json
 import pytest
 
 from qlora_loop.config import ASSETS, load_config
-from qlora_loop.data import IGNORE, build_datasets
-from qlora_loop.generate import generate_replies
-from qlora_loop.inference import load_for_inference
-from qlora_loop.model import load_tokenizer
+from qlora_loop.data.examples import IGNORE
+from qlora_loop.data.mixtures import build_datasets
+from qlora_loop.model.generate import generate_replies
+from qlora_loop.model.load import load_tokenizer
 from qlora_loop.run import train
+from qlora_loop.use.inference import load_for_inference
 
 SMOLLM_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 

@@ -9,9 +9,9 @@ import torch
 from conftest import peft_model
 
 from qlora_loop.config import ASSETS, ConfigError, load_config
-from qlora_loop.data import build_datasets
-from qlora_loop.generate import generate_reply
-from qlora_loop.replay import base_replies, choose, read_prompts, replay_conversations
+from qlora_loop.data.mixtures import build_datasets
+from qlora_loop.forgetting.replay import base_replies, choose, read_prompts, replay_conversations
+from qlora_loop.model.generate import generate_reply
 from qlora_loop.run import general_prompts
 
 

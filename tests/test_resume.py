@@ -9,9 +9,9 @@ import json
 import pytest
 from safetensors.torch import load_file
 
-from qlora_loop.checkpoint import CheckpointError
 from qlora_loop.config import ConfigError
-from qlora_loop.loss import chunked_lm_loss
+from qlora_loop.training.checkpoint import CheckpointError
+from qlora_loop.training.loss import chunked_lm_loss
 
 # 40 train rows / batch 4 = 10 micro-batches, grad_accum 2 -> 5 steps an epoch; checkpoints at even steps
 # and at each epoch end

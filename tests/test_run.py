@@ -17,10 +17,11 @@ from safetensors.torch import load_file
 from conftest import tiny_config
 
 from qlora_loop.cpu import physical_cores
-from qlora_loop.data import build_dataloaders, build_datasets
-from qlora_loop.fit import evaluate
-from qlora_loop.model import load_base_model, load_tokenizer
-from qlora_loop.builtin import resolve_model_path
+from qlora_loop.data.batches import build_dataloaders
+from qlora_loop.data.mixtures import build_datasets
+from qlora_loop.model.builtin import resolve_model_path
+from qlora_loop.model.load import load_base_model, load_tokenizer
+from qlora_loop.training.fit import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--config", "configs/tiny-demo.yaml"]  # the tiny demo, as the README runs it from the checkout

@@ -14,9 +14,9 @@ import pytest
 import yaml
 
 from qlora_loop.config import ConfigError
-from qlora_loop.disk import DiskError, check_free_space
-from qlora_loop.rows import DataError
-from qlora_loop.rundir import LOCK, MARK
+from qlora_loop.data.rows import DataError
+from qlora_loop.observe.rundir import LOCK, MARK
+from qlora_loop.training.disk import DiskError, check_free_space
 
 QUICK = ["train.epochs=1", "train.patience=0", "eval.num_samples=0"]
 
@@ -106,7 +106,7 @@ def test_disk_full_while_logging_stops_with_one_line_and_resume_continues(train_
         return f
 
     settings = [f"output_dir={out}", "train.epochs=2", "train.save_every=2", "eval.num_samples=0"]
-    monkeypatch.setattr("qlora_loop.log.open", full_after_4_steps, raising=False)
+    monkeypatch.setattr("qlora_loop.observe.log.open", full_after_4_steps, raising=False)
     with pytest.raises(DiskError, match=rf"^cannot write {out / 'steps.jsonl'}: No space left on device \(.* free "
                                         r"there\); free some space"):
         train_main(settings)

@@ -15,13 +15,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import run_training
-from qlora_loop.audit import audit_label_masks
-from qlora_loop.cache import load_entry
 from qlora_loop.config import ConfigError, load_config
-from qlora_loop.data import IGNORE, build_datasets, max_chars, tokenize_rows
-from qlora_loop.inference import validation_prompts
-from qlora_loop.rows import DataError, load_conversations
-from qlora_loop.sources import weigh
+from qlora_loop.data.audit import audit_label_masks
+from qlora_loop.data.cache import load_entry
+from qlora_loop.data.examples import IGNORE, max_chars, tokenize_rows
+from qlora_loop.data.mixtures import build_datasets, weigh
+from qlora_loop.data.rows import DataError
+from qlora_loop.data.sources import load_conversations
+from qlora_loop.use.inference import validation_prompts
 
 
 def write_jsonl(path, rows: list) -> str:

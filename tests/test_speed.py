@@ -1,6 +1,6 @@
 """What makes the step faster without changing what it computes: activation checkpointing only where the
 memory probe says the batch needs it (model.gradient_checkpointing=auto), and LoRA layers that share their
-input's A matmul and draw dropout inside it (qlora_loop.fused_lora)."""
+input's A matmul and draw dropout inside it (qlora_loop.model.fused_lora)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,13 @@ import torch
 from conftest import run_training
 
 from qlora_loop.config import ASSETS
-from qlora_loop.data import build_datasets, collate
-from qlora_loop.fused_lora import SharedInputLinear4bit, SharedInputLoraA, dropped_positions
-from qlora_loop.loss import default_loss
-from qlora_loop.memory import OutOfMemory
-from qlora_loop.model import add_adapter, load_base_model, set_gradient_checkpointing
+from qlora_loop.data.batches import collate
+from qlora_loop.data.mixtures import build_datasets
+from qlora_loop.model.adapter import add_adapter
+from qlora_loop.model.fused_lora import SharedInputLinear4bit, SharedInputLoraA, dropped_positions
+from qlora_loop.model.load import load_base_model, set_gradient_checkpointing
+from qlora_loop.training.loss import default_loss
+from qlora_loop.training.memory import OutOfMemory
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +129,7 @@ def test_adapter_shares_inputs_and_computes_what_peft_computes(tiny_qwen2, batch
     """q/k/v and gate/up each share one A matmul (o and down alone); with dropout 0 the loss and every
     gradient equal plain peft's to float tolerance, and the adapter's parameter names are peft's."""
     from peft import LoraConfig, get_peft_model
-    from qlora_loop.model import find_linear4bit_targets
+    from qlora_loop.model.adapter import find_linear4bit_targets
     # float32 compute: in bfloat16 a last-bit difference in a layer's input can round the base matmul's
     # input the other way, and that grows through the layers below it
     ours, base = (load_base_model(str(tiny_qwen2), torch.device("cpu"), torch.float32, gradient_checkpointing=False)

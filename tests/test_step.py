@@ -9,10 +9,12 @@ import torch
 from conftest import peft_model
 
 from qlora_loop.config import ASSETS
-from qlora_loop.data import IGNORE, build_datasets, collate
-from qlora_loop.optim import build_optimizer, build_scheduler
-from qlora_loop.loss import causal_lm_loss, chunked_lm_loss, count_targets
-from qlora_loop.step import StepRunner
+from qlora_loop.data.batches import collate
+from qlora_loop.data.examples import IGNORE
+from qlora_loop.data.mixtures import build_datasets
+from qlora_loop.training.loss import causal_lm_loss, chunked_lm_loss, count_targets
+from qlora_loop.training.optim import build_optimizer, build_scheduler
+from qlora_loop.training.step import StepRunner
 
 
 @pytest.fixture(scope="module")

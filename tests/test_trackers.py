@@ -16,11 +16,12 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from qlora_loop.config import ConfigError, key_paths, load_config, to_dict
-from qlora_loop.data import build_dataloaders, build_datasets
-from qlora_loop.optim import build_optimizer, build_scheduler
-from qlora_loop.step import StepRunner
-from qlora_loop.trackers import (TRACKERS, check_trackers, epoch_metrics, hyperparameters, log_samples,
-                                 start_trackers, step_metrics, tensorboard_dir)
+from qlora_loop.data.batches import build_dataloaders
+from qlora_loop.data.mixtures import build_datasets
+from qlora_loop.observe.trackers import (TRACKERS, check_trackers, epoch_metrics, hyperparameters, log_samples,
+                                         start_trackers, step_metrics, tensorboard_dir)
+from qlora_loop.training.optim import build_optimizer, build_scheduler
+from qlora_loop.training.step import StepRunner
 
 
 def test_unknown_tracker_names_the_closest():

@@ -2,7 +2,7 @@
 tokens/s for QLoRA on a Qwen2-shaped model, from the shape alone.
 
 The bytes per weight (NF4, adapter, optimizer) and the activation model are the dry run's
-(qlora_loop.dryrun), so the floor and `train.py --dry-run` count the same things the same way. The
+(qlora_loop.training.dryrun), so the floor and `train.py --dry-run` count the same things the same way. The
 two differ where one is a floor and the other an estimate: the floor holds only the larger of one
 layer's recompute and one chunk of float32 logits (the chunked loss's backward is done before the
 layers' backward starts), and leaves out the dequantized weight of the running matmul; the dry run
@@ -12,7 +12,7 @@ copy, log-softmax and gradient, loss.chunk_tokens at a time).
 
 from __future__ import annotations
 
-from qlora_loop.dryrun import FP32, NF4_BYTES, OPTIMIZER_BYTES, activation_bytes
+from qlora_loop.training.dryrun import FP32, NF4_BYTES, OPTIMIZER_BYTES, activation_bytes
 
 # Qwen2.5-7B's config.json shape (hub id Qwen/Qwen2.5-7B); the bench's weights are random.
 QWEN25_7B = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,

@@ -15,16 +15,16 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Qwen2Config
 
-from qlora_loop.data import build_datasets, split_validation
-from qlora_loop.model import load_tokenizer
-from qlora_loop.rows import load_conversations
-from qlora_loop.tiny import LM_HEAD_STD, _corpus, build_tiny_model
+from qlora_loop.data.mixtures import build_datasets, split_validation
+from qlora_loop.data.sources import load_conversations
+from qlora_loop.model.load import load_tokenizer
+from qlora_loop.model.tiny import LM_HEAD_STD, _corpus, build_tiny_model
 
 SHARD_BYTES = 4 << 30  # safetensors shards of the random checkpoint, as from_pretrained writes them
 
 
 def build_bench_model(out: Path, *, vocab: int | None, hidden: int, layers: int, seed: int) -> Path:
-    """A tiny Qwen2 model (qlora_loop.tiny); with `vocab`, its embeddings and head are resized to
+    """A tiny Qwen2 model (qlora_loop.model.tiny); with `vocab`, its embeddings and head are resized to
     that many rows while the tokenizer keeps its ~1k tokens: the memory of a 152k vocabulary
     without training a 152k tokenizer (ids above the tokenizer's are simply never used)."""
     if (out / "config.json").is_file():

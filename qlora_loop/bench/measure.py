@@ -7,10 +7,10 @@ import functools
 
 from torch.utils.data import DataLoader
 
-from qlora_loop.data import collate
-from qlora_loop.fit import evaluate
-from qlora_loop.loss import count_targets, default_loss
-from qlora_loop.model import keep_training_layout
+from qlora_loop.data.batches import collate
+from qlora_loop.model.load import keep_training_layout
+from qlora_loop.training.fit import evaluate
+from qlora_loop.training.loss import count_targets, default_loss
 
 
 def batch_counts(batch) -> tuple[int, int, int]:

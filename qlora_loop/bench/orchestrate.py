@@ -24,10 +24,11 @@ from qlora_loop.bench.ours import ours_overrides
 from qlora_loop.bench.peak import measured_peaks
 from qlora_loop.bench.report import build_report
 from qlora_loop.bench.settings import BenchError, Settings
-from qlora_loop.builtin import resolve_model_path
 from qlora_loop.config import ConfigError
 from qlora_loop.cpu import describe_cpu
-from qlora_loop.model import ModelError, load_tokenizer
+from qlora_loop.errors import ModelError
+from qlora_loop.model.builtin import resolve_model_path
+from qlora_loop.model.load import load_tokenizer
 
 ROOT = Path(qlora_loop.__file__).resolve().parents[1]  # the workers run `python -m qlora_loop.bench.worker` here
 

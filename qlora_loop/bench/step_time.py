@@ -1,6 +1,6 @@
 # OMP_WAIT_POLICY=PASSIVE python -m qlora_loop.bench.step_time --steps 6 --batch-size 8 --tokens 128
 """Seconds per optimizer step of our StepRunner on a real model, for each way of running the step
-(peft's LoRA forward or ours with shared inputs, qlora_loop.fused_lora; activation checkpointing on or
+(peft's LoRA forward or ours with shared inputs, qlora_loop.model.fused_lora; activation checkpointing on or
 off; dropout or none; the 4-bit matmuls in the dtype model.compute_dtype=auto resolves to on this CPU,
 in float32 or in bfloat16; bfloat16 autocast or none), interleaved step by step so that a load from other
 processes falls on every variant alike. The median and the fastest step are reported, with the CPU."""
@@ -16,14 +16,15 @@ import time
 import torch
 from accelerate import Accelerator
 
-from qlora_loop.builtin import resolve_model_path
 from qlora_loop.cpu import describe_cpu, resolve_compute_dtype
-from qlora_loop.loss import default_loss
-from qlora_loop.model import add_adapter, load_base_model, set_gradient_checkpointing
-from qlora_loop.optim import build_optimizer, build_scheduler
-from qlora_loop.step import StepRunner
+from qlora_loop.model.adapter import add_adapter
+from qlora_loop.model.builtin import resolve_model_path
+from qlora_loop.model.load import load_base_model, set_gradient_checkpointing
+from qlora_loop.training.loss import default_loss
+from qlora_loop.training.optim import build_optimizer, build_scheduler
+from qlora_loop.training.step import StepRunner
 
-# name: how its StepRunner is built. shared: qlora_loop.fused_lora (else peft's LoRA forward); base:
+# name: how its StepRunner is built. shared: qlora_loop.model.fused_lora (else peft's LoRA forward); base:
 # the 4-bit matmuls' compute dtype (None: what model.compute_dtype=auto resolves to here); autocast:
 # bfloat16 autocast around the step (then the shared path gives way to peft's, which casts).
 VARIANTS = {

@@ -22,8 +22,8 @@ from transformers import (AutoModelForCausalLM, BitsAndBytesConfig, DataCollator
 from qlora_loop.bench.inputs import load_examples
 from qlora_loop.bench.measure import batch_counts, heldout_loss, last_epoch_loss, totals
 from qlora_loop.bench.settings import LORA_TARGETS
-from qlora_loop.memory import peak_memory_bytes
-from qlora_loop.model import keep_training_layout
+from qlora_loop.model.load import keep_training_layout
+from qlora_loop.training.memory import peak_memory_bytes
 
 
 def tutorial_model(spec: dict):

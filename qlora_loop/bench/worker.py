@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from qlora_loop.memory import peak_memory_bytes, reset_peak
+from qlora_loop.training.memory import peak_memory_bytes, reset_peak
 
 # Each process imports only its peer's module: our run's libraries (qlora_loop.run) and the
 # tutorials' (torchkeras) would otherwise count in the other peers' peak memory.

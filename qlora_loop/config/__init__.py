@@ -1,0 +1,10 @@
+"""The run's config: every default in the dataclasses of sections.py; load.py reads a YAML file and
+`key.path=value` overrides into them, and validates."""
+
+from qlora_loop.config.load import flat_config, key_paths, load_config, source_configs, to_dict, validate
+from qlora_loop.config.sections import (ASSETS, CHOICES, AdapterConfig, Config, ConfigError, DataConfig, EvalConfig,
+                                        ModelConfig, SourceConfig, TrainConfig)
+
+__all__ = ["ASSETS", "CHOICES", "AdapterConfig", "Config", "ConfigError", "DataConfig", "EvalConfig", "ModelConfig",
+           "SourceConfig", "TrainConfig", "flat_config", "key_paths", "load_config", "source_configs", "to_dict",
+           "validate"]

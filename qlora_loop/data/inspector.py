@@ -1,0 +1,131 @@
+"""Look at the training data as the model will see it, before training: N rows rendered with the
+chat template, trained tokens highlighted (everything else has label -100), then statistics —
+rows, dropped and truncated counts, token-length percentiles, the share of tokens trained, the
+share of padding at the configured batch size — and the label-mask audit's verdict."""
+
+from __future__ import annotations
+
+import argparse
+
+from rich.console import Console
+from rich.text import Text
+
+from qlora_loop.config import load_config
+from qlora_loop.data.audit import audit_label_masks, trained_runs
+from qlora_loop.data.batches import build_dataloaders
+from qlora_loop.data.cache import cache_root
+from qlora_loop.data.mixtures import build_datasets, source_lines
+from qlora_loop.model.builtin import resolve_model_path
+from qlora_loop.model.load import load_tokenizer
+
+TRAINED = "bold black on green3"
+PROMPT = "grey50"
+
+
+def main(argv: list[str] | None = None, console: Console | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML file, as for scripts/train.py (default: the embedded demo)")
+    parser.add_argument("--n", type=int, default=5, help="rows to render (default 5)")
+    parser.add_argument("--audit-rows", type=int, default=1000, help="rows the label-mask audit checks (default 1000)")
+    parser.add_argument("overrides", nargs="*", metavar="key.path=value")
+    args = parser.parse_intermixed_args(argv)
+    console = console or Console(highlight=False)
+    cfg = load_config(args.config, args.overrides)
+    d = cfg.data
+    tokenizer = load_tokenizer(resolve_model_path(cfg.model.name_or_path, gguf_file=cfg.model.gguf_file),
+                               trust_remote_code=cfg.model.trust_remote_code,
+                               revision=cfg.model.revision, chat_template=d.chat_template)
+    train, val, stats = build_datasets(tokenizer, d.train, d.val, val_split=d.val_split, max_length=d.max_length,
+                                       system_prompt=d.system_prompt, seed=cfg.train.seed, on_error=d.on_error,
+                                       max_skip_fraction=d.max_skip_fraction, fmt=d.format, columns=d.columns,
+                                       train_on=d.train_on, cache=cache_root() if d.cache else None)
+
+    for example in train[: args.n]:
+        console.rule(f"[bold]{example['where']}[/]  {len(example['input_ids'])} tokens")
+        console.print(highlight(tokenizer, example["input_ids"], example["labels"]), soft_wrap=True)
+    console.rule("statistics")
+    numbers = statistics(train, val, stats, batch_size=cfg.train.batch_size, pad_id=tokenizer.pad_token_id,
+                         seed=cfg.train.seed, group_by_length=d.group_by_length, packing=d.packing)
+    for line in format_statistics(numbers, stats, batch_size=cfg.train.batch_size, max_length=d.max_length,
+                                  packing=d.packing) + source_lines(stats):
+        console.print(line, soft_wrap=True)
+
+    audited = min(args.audit_rows, len(train))
+    problems = audit_label_masks(tokenizer, train, [e["messages"] for e in train], sample=audited,
+                                 max_length=d.max_length)
+    numbers["audit_problems"] = problems
+    if problems:
+        console.print(f"[bold red]label-mask audit: {len(problems)} problem(s) in {audited} of {len(train)} train rows:",
+                      soft_wrap=True)
+        for problem in problems:
+            console.print(f"  {problem}", soft_wrap=True)
+    else:
+        console.print(f"label-mask audit: {audited} of {len(train)} train rows checked, all pass", soft_wrap=True)
+    return numbers
+
+
+def highlight(tokenizer, ids: list[int], labels: list[int]) -> Text:
+    """The row's text, trained runs highlighted; each run decoded on its own."""
+    text = Text()
+    for trained, start, end in trained_runs(labels):
+        piece = tokenizer.decode(ids[start:end], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        text.append(piece, style=TRAINED if trained else PROMPT)
+    return text
+
+
+def percentile(values: list[int], q: float) -> int:
+    """Nearest-rank percentile: the smallest value with at least q% of the values at or below it."""
+    ordered = sorted(values)
+    rank = max(1, -(-len(ordered) * q // 100))  # ceil without floats
+    return ordered[int(rank) - 1]
+
+
+def statistics(train: list[dict], val: list[dict], stats: dict, *, batch_size: int, pad_id: int, seed: int,
+               group_by_length: bool, packing: bool = False) -> dict:
+    lengths = [len(e["input_ids"]) for e in train]
+    trained = stats["train"].target_tokens
+    # Padding in epoch 1's order, batched (grouped by length, packed, or neither) as training does.
+    loader, _ = build_dataloaders(train, [], batch_size=batch_size, pad_id=pad_id, seed=seed,
+                                  group_by_length=group_by_length, packing=packing)
+    loader.sampler.set_epoch(1)
+    positions = real = 0
+    for batch in loader:
+        positions += batch["attention_mask"].numel()
+        real += int(batch["attention_mask"].sum())
+    return {
+        "rows": {split: s.rows for split, s in stats.items()},
+        "dropped": {split: s.dropped for split, s in stats.items()},
+        "truncated": {split: s.truncated for split, s in stats.items()},
+        "examples": {"train": len(train), "val": len(val)},
+        "length": {"p50": percentile(lengths, 50), "p90": percentile(lengths, 90), "p99": percentile(lengths, 99),
+                   "max": max(lengths), "min": min(lengths), "mean": sum(lengths) / len(lengths)},
+        "tokens": sum(lengths),
+        "trained_tokens": trained,
+        "trained_share": trained / sum(lengths),
+        "padding": positions - real,
+        "padded_positions": positions,
+        "padding_share": (positions - real) / positions,
+    }
+
+
+def format_statistics(n: dict, stats: dict, *, batch_size: int, max_length: int, packing: bool = False) -> list[str]:
+    def splits(key: str) -> str:
+        return "  ".join(f"{split} {n[key][split]:,}" for split in ("train", "val"))
+
+    kinds = {split: ", ".join(f"{count} {kind}" for kind, count in sorted(s.dropped_by_kind.items()))
+             for split, s in stats.items()}
+    dropped = "  ".join(f"{split} {n['dropped'][split]:,}" + (f" ({kinds[split]})" if kinds[split] else "")
+                        for split in ("train", "val"))
+    length = n["length"]
+    return [
+        f"rows read        {splits('rows')}",
+        f"dropped          {dropped}",
+        f"truncated        {splits('truncated')}  (at data.max_length={max_length})",
+        f"examples         {splits('examples')}",
+        f"tokens per row   p50 {length['p50']}  p90 {length['p90']}  p99 {length['p99']}  max {length['max']}  "
+        f"min {length['min']}  mean {length['mean']:.1f}  (train)",
+        f"trained tokens   {n['trained_tokens']:,} of {n['tokens']:,} ({100 * n['trained_share']:.1f}%)",
+        f"padding          {n['padding']:,} of {n['padded_positions']:,} positions ({100 * n['padding_share']:.1f}%) "
+        f"at train.batch_size={batch_size}" + (" (data.packing=true)" if packing else ""),
+    ]
+

@@ -1,0 +1,295 @@
+"""Rows -> chat messages, every fault named by its row (file:line, or the row index of a columnar
+source) and field; JSON and JSONL files read here, the other sources in sources.py.
+
+Three row formats, detected per source from its first row, or given with data.format:
+  alpaca    {"instruction", "input"?, "output", "system"?, "history"?: [[q, a], ...]}
+  messages  {"messages": [{"role": "system"|"user"|"assistant", "content": str, "train"?: bool}, ...]}
+  sharegpt  {"conversations": [{"from": "human"|"gpt"|"system"|..., "value": str, "train"?: bool}], "system"?}
+data.columns renames a source's fields to these ({instruction: question}). A message with
+"train": false is in the prompt, not trained. Strict by default: the first bad row is an error.
+With data.on_error=skip a bad row is dropped and counted by kind (Rejects), and the caller stops a
+run that would drop too many.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class DataError(ValueError):
+    """Bad input data; the message names file:line, the field and the fix; `kind` groups the counts."""
+
+    def __init__(self, message: str, kind: str = "invalid"):
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass
+class Conversation:
+    where: str  # "file:line", for error messages
+    messages: list[dict]
+
+
+@dataclass
+class Rejects:
+    """Rows dropped for bad input, by kind. In strict mode the first one raises instead."""
+    strict: bool = True
+    by_kind: Counter = field(default_factory=Counter)
+    where: list[str] = field(default_factory=list)
+    errors: list[DataError] = field(default_factory=list)
+
+    def reject(self, error: DataError) -> None:
+        if self.strict:
+            raise error
+        self.by_kind[error.kind] += 1
+        self.where.append(str(error))
+        self.errors.append(error)
+
+    @property
+    def count(self) -> int:
+        return sum(self.by_kind.values())
+
+    def summary(self, shown: int = 3) -> str:
+        """'2 invalid_json, 1 too_long; first: a.jsonl:2: ...; a.jsonl:5: ...'"""
+        kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(self.by_kind.items()))
+        return f"{kinds}; first: " + "; ".join(self.where[:shown])
+
+
+# --- reading ------------------------------------------------------------------------------------
+
+def read_rows(path: str | Path, rejects: Rejects | None = None) -> list[tuple[int, object]]:
+    """(line, row) pairs from a JSON array or a JSONL file. In a JSONL file each line is decoded on
+    its own, so a bad line can be skipped; a broken JSON array is an error of the whole file."""
+    path, rejects = Path(path), rejects or Rejects()
+    if not path.is_file():
+        raise DataError(f"{path}: data file does not exist", "missing_file")
+    raw = path.read_bytes()
+    bom = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
+    if raw[bom:].lstrip().startswith(b"["):
+        rows = _read_json_array(_decode(raw, bom, path), path)
+    else:
+        rows = _read_jsonl(raw, bom, path, rejects)
+    if not rows and not rejects.count:
+        raise DataError(f"{path}: no rows; expected a JSON array or one JSON object per line", "empty")
+    return rows
+
+
+def _decode(raw: bytes, start: int, path: Path) -> str:
+    try:
+        return raw[start:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        at = start + e.start  # counted from the start of the file, BOM included
+        line = raw[:at].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text ({e.reason} at byte {at}); "
+                        "re-save the file as UTF-8", "not_utf8") from None
+
+
+def _read_jsonl(raw: bytes, bom: int, path: Path, rejects: Rejects) -> list[tuple[int, object]]:
+    rows, offset = [], 0
+    # split on b"\n" only: JSON strings may hold U+2028, U+0085 or \f, which splitlines() breaks on.
+    for number, line_bytes in enumerate(raw.split(b"\n"), start=1):
+        start, offset = offset, offset + len(line_bytes) + 1
+        try:
+            line = line_bytes[bom if number == 1 else 0:].decode("utf-8")
+        except UnicodeDecodeError as e:
+            at = start + (bom if number == 1 else 0) + e.start
+            rejects.reject(DataError(f"{path}:{number}: not UTF-8 text ({e.reason} at byte {at}); re-save the "
+                                     "file as UTF-8", "not_utf8"))
+            continue
+        if not line.strip():
+            continue
+        try:
+            rows.append((number, json.loads(line)))
+        except json.JSONDecodeError as e:
+            rejects.reject(DataError(f"{path}:{number}: invalid JSON ({e.msg}, column {e.colno})", "invalid_json"))
+    return rows
+
+
+def _read_json_array(text: str, path: Path) -> list[tuple[int, object]]:
+    """Parse `[obj, obj, ...]` element by element so each row keeps the line it starts on."""
+    decoder = json.JSONDecoder()
+    rows, i = [], _skip_space(text, text.index("[") + 1)
+    try:
+        while i < len(text) and text[i] != "]":
+            row, end = decoder.raw_decode(text, i)
+            rows.append((text.count("\n", 0, i) + 1, row))
+            i = _skip_space(text, end)
+            if i < len(text) and text[i] == ",":
+                i = _skip_space(text, i + 1)
+            elif i >= len(text) or text[i] != "]":
+                raise json.JSONDecodeError("expected ',' or ']' after a row", text, i)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg}, column {e.colno})", "invalid_json") from None
+    if i >= len(text):
+        raise DataError(f"{path}:{text.count(chr(10)) + 1}: invalid JSON (the array is never closed with ']')",
+                        "invalid_json")
+    after = _skip_space(text, i + 1)
+    if after < len(text):  # e.g. two arrays concatenated: the second would be silently lost
+        raise DataError(f"{path}:{text.count(chr(10), 0, after) + 1}: invalid JSON (text after the array's "
+                        "closing ']'); a file holds one array, or one object per line", "invalid_json")
+    return rows
+
+
+def _skip_space(text: str, i: int) -> int:
+    while i < len(text) and text[i] in " \t\r\n":
+        i += 1
+    return i
+
+
+# --- rows -> messages ---------------------------------------------------------------------------
+
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
+                  "chatgpt": "assistant", "system": "system"}
+
+
+def to_conversations(rows: list[tuple[str, object]], *, fmt: str = "auto", columns: dict | None = None,
+                     system_prompt: str | None = None, rejects: Rejects | None = None,
+                     source: str = "data") -> list[Conversation]:
+    """(where, row) pairs -> Conversations; a bad row goes to `rejects` (an error in strict mode).
+    fmt "auto" detects the format from the first row that is an object."""
+    rejects = rejects or Rejects()
+    renamed = [(where, _rename(row, columns)) for where, row in rows]
+    if fmt == "auto":
+        fmt = detect_format(renamed, columns)
+    convert = {"alpaca": _from_alpaca, "messages": _from_messages, "sharegpt": _from_sharegpt}[fmt]
+    conversations = []
+    for where, row in renamed:
+        try:
+            if not isinstance(row, dict):
+                raise DataError(f"{where}: a row must be a JSON object, got {type(row).__name__}", "wrong_type")
+            messages = _checked(convert(row, where), where)
+        except DataError as e:
+            rejects.reject(e)
+            continue
+        if system_prompt and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": system_prompt}] + messages
+        conversations.append(Conversation(where, messages))
+    return conversations
+
+
+def detect_format(rows: list[tuple[str, object]], columns: dict | None = None) -> str:
+    """The format of the first row that is an object (alpaca when there is none: every row is then
+    reported as not an object)."""
+    first = next(((where, row) for where, row in rows if isinstance(row, dict)), None)
+    if first is None:
+        return "alpaca"
+    where, row = first
+    for key, fmt in (("messages", "messages"), ("conversations", "sharegpt"), ("instruction", "alpaca")):
+        if key in row:
+            return fmt
+    renamed = f" (after data.columns {columns})" if columns else ""
+    raise DataError(f"{where}: unknown row format with keys {sorted(row)}{renamed}; expected 'messages' "
+                    "(role/content list), ShareGPT 'conversations' (from/value list) or alpaca "
+                    "'instruction'/'input'/'output'; map other field names with data.columns, e.g. "
+                    "{instruction: question, output: answer}", "format")
+
+
+def turns_to_train(messages: list[dict], train_on: str) -> list[dict]:
+    """data.train_on=last: every assistant turn but the last trained one gets "train": false."""
+    trained = [i for i, m in enumerate(messages) if m["role"] == "assistant" and m.get("train") is not False]
+    if train_on != "last" or len(trained) < 2:
+        return messages
+    return [{**m, "train": False} if i in trained[:-1] else m for i, m in enumerate(messages)]
+
+
+def _rename(row, columns: dict | None):
+    if not columns or not isinstance(row, dict):
+        return row
+    theirs = set(columns.values())
+    kept = {k: v for k, v in row.items() if k not in theirs}
+    return {**kept, **{ours: row[t] for ours, t in columns.items() if t in row}}
+
+
+def _field(row: dict, name: str, kind: type, where: str, required: bool = True):
+    if name not in row or row[name] is None:
+        if required:
+            raise DataError(f"{where}: missing field {name!r}", "missing_field")
+        return None
+    if not isinstance(row[name], kind):
+        raise DataError(f"{where}: field {name!r} must be {kind.__name__}, got {type(row[name]).__name__}",
+                        "wrong_type")
+    return row[name]
+
+
+def _answer(text: str, where: str, name: str) -> str:
+    if not text.strip():
+        raise DataError(f"{where}: field {name} is an empty answer; there is nothing to learn from it",
+                        "empty_response")
+    return text
+
+
+def _checked(messages: list[dict], where: str) -> list[dict]:
+    """A conversation trains only if it ends with an assistant turn and one of its turns is trained."""
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{where}: the row has no assistant turn, so nothing would be trained", "no_assistant")
+    if messages[-1]["role"] != "assistant":
+        raise DataError(f"{where}: the conversation ends with a {messages[-1]['role']} turn that nothing answers; "
+                        "end it with the assistant's reply, or drop that last turn", "unanswered")
+    if all(m.get("train") is False for m in messages if m["role"] == "assistant"):
+        raise DataError(f"{where}: every assistant turn has \"train\": false, so nothing would be trained",
+                        "no_trained_turn")
+    return messages
+
+
+def _message(role: str, content: str, train) -> dict:
+    return {"role": role, "content": content, **({"train": False} if train is False else {})}
+
+
+def _from_alpaca(row: dict, where: str) -> list[dict]:
+    instruction = _field(row, "instruction", str, where)
+    extra = _field(row, "input", str, where, required=False)
+    output = _answer(_field(row, "output", str, where), where, "'output'")
+    system = _field(row, "system", str, where, required=False)
+    history = _field(row, "history", list, where, required=False) or []
+    messages = [{"role": "system", "content": system}] if system else []
+    for k, pair in enumerate(history):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+            raise DataError(f"{where}: field 'history'[{k}] must be a [question, answer] pair of strings",
+                            "wrong_type")
+        _answer(pair[1], where, f"'history'[{k}][1]")
+        messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    prompt = f"{instruction}\n{extra}" if extra else instruction
+    return messages + [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
+
+
+def _from_messages(row: dict, where: str) -> list[dict]:
+    messages = []
+    for k, message in enumerate(_field(row, "messages", list, where)):
+        if not isinstance(message, dict):
+            raise DataError(f"{where}: field 'messages'[{k}] must be an object with 'role' and 'content'",
+                            "wrong_type")
+        role = _field(message, "role", str, f"{where}: messages[{k}]")
+        content = _field(message, "content", str, f"{where}: messages[{k}]")
+        train = _field(message, "train", bool, f"{where}: messages[{k}]", required=False)
+        if role not in ("system", "user", "assistant"):
+            raise DataError(f"{where}: messages[{k}].role is {role!r}; expected system, user or assistant",
+                            "bad_role")
+        if role == "assistant":
+            _answer(content, where, f"messages[{k}].content")
+        messages.append(_message(role, content, train))
+    return messages
+
+
+def _from_sharegpt(row: dict, where: str) -> list[dict]:
+    system = _field(row, "system", str, where, required=False)
+    messages = [{"role": "system", "content": system}] if system else []
+    for k, turn in enumerate(_field(row, "conversations", list, where)):
+        if not isinstance(turn, dict):
+            raise DataError(f"{where}: field 'conversations'[{k}] must be an object with 'from' and 'value'",
+                            "wrong_type")
+        speaker = _field(turn, "from", str, f"{where}: conversations[{k}]")
+        value = _field(turn, "value", str, f"{where}: conversations[{k}]")
+        train = _field(turn, "train", bool, f"{where}: conversations[{k}]", required=False)
+        role = SHAREGPT_ROLES.get(speaker.lower())
+        if role is None:
+            raise DataError(f"{where}: conversations[{k}].from is {speaker!r}, a turn that cannot be trained here "
+                            "(function calls and tool results are not supported); expected human/user, "
+                            "gpt/assistant/model or system; drop such rows", "bad_role")
+        if role == "assistant":
+            _answer(value, where, f"conversations[{k}].value")
+        messages.append(_message(role, value, train))
+    return messages

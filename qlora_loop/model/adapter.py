@@ -1,0 +1,97 @@
+"""Every Linear4bit of the prepared base found -> LoRA or AdaLoRA; trainable parameter counts."""
+
+from __future__ import annotations
+
+import math
+
+import bitsandbytes as bnb
+import torch
+from peft import AdaLoraConfig, LoraConfig, PeftModel, get_peft_model
+from peft.tuners.adalora import AdaLoraModel
+
+from qlora_loop.errors import ModelError
+from qlora_loop.model.fused_lora import share_lora_inputs
+
+
+def find_linear4bit_targets(model, layer: type = bnb.nn.Linear4bit) -> list[str]:
+    """Names of every `layer` except lm_head, as short suffixes when they are unambiguous. The dry
+    run passes torch.nn.Linear: on the meta device bitsandbytes has not replaced them yet."""
+    full = [name for name, module in model.named_modules()
+            if isinstance(module, layer) and name.split(".")[-1] != "lm_head"]
+    if not full:
+        raise ModelError(f"no {layer.__module__}.{layer.__name__} layer found: the base was not loaded in 4-bit, or "
+                         "has no such layers; give adapter.target_modules explicitly")
+    suffixes = sorted({name.split(".")[-1] for name in full})
+    # A suffix is only safe if every module carrying it is a target (peft matches by suffix).
+    matched = [name for name, _ in model.named_modules() if name.split(".")[-1] in suffixes]
+    return suffixes if len(matched) == len(full) else full
+
+
+def add_adapter(model, kind: str = "lora", *, r: int = 16, alpha: float = 32.0, dropout: float = 0.05,
+                target_modules: str | list[str] = "auto", total_steps: int | None = None,
+                init_r: int | None = None, tinit: float = 0.1, tfinal: float = 0.2, delta_t: int = 1,
+                orth_reg_weight: float = 0.5, extra: dict | None = None, shared_inputs: bool = True) -> PeftModel:
+    """Wrap the prepared base in a LoRA or AdaLoRA adapter. AdaLoRA needs `total_steps` (optimizer
+    steps of the whole run) to schedule its rank budget; tinit/tfinal are fractions of it.
+    shared_inputs: on a CPU, the LoRA layers that read the same input (q/k/v, gate/up) share one A
+    matmul and one dropout mask of that input (qlora_loop.model.fused_lora), with fewer copies than peft's
+    forward; False keeps peft's, each layer with its own mask."""
+    targets = find_linear4bit_targets(model) if target_modules == "auto" else list(target_modules)
+    common = dict(lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM",
+                  **(extra or {}))
+    try:
+        if kind == "lora":
+            config = LoraConfig(r=r, **common)
+        else:
+            if not total_steps:
+                raise ModelError("AdaLoRA needs the run's total optimizer steps to schedule its rank budget")
+            t_init, t_final = int(tinit * total_steps), int(tfinal * total_steps)
+            if t_init >= total_steps - t_final:
+                raise ModelError(f"AdaLoRA has {total_steps} optimizer steps, too few to shrink ranks after "
+                                 f"adapter.tinit={tinit} and before adapter.tfinal={tfinal}; train more steps "
+                                 "(train.epochs) or lower adapter.tinit / adapter.tfinal")
+            config = AdaLoraConfig(target_r=r, init_r=init_r or math.ceil(1.5 * r), tinit=t_init,
+                                   tfinal=t_final, deltaT=delta_t, orth_reg_weight=orth_reg_weight,
+                                   total_step=total_steps, **common)
+    except TypeError as e:
+        raise ModelError(f"adapter.extra: {e}; see peft's {'LoraConfig' if kind == 'lora' else 'AdaLoraConfig'} "
+                         "for the accepted options") from None
+    try:
+        model = get_peft_model(model, config)
+    except ValueError as e:
+        raise ModelError(f"adapter.target_modules={targets}: {e}") from None
+    # peft leaves AdaLoRA's `ranknum` (the fixed init_r its updates are divided by) trainable, so
+    # the optimizer would drift it; peft's loader restores init_r, and the saved adapter would then
+    # compute something else than the trained one.
+    for name, param in model.named_parameters():
+        if ".ranknum." in name:
+            param.requires_grad_(False)
+    if shared_inputs and kind == "lora":
+        share_lora_inputs(model)
+    return model
+
+
+def adalora_of(model) -> AdaLoraModel | None:
+    """The AdaLoraModel inside an (unwrapped) PeftModel, or None for LoRA."""
+    base = getattr(model, "base_model", None)
+    return base if isinstance(base, AdaLoraModel) else None
+
+
+def adalora_orth_reg(adalora: AdaLoraModel) -> torch.Tensor:
+    """AdaLoRA's orthogonality regulariser, mean over its P and Q matrices of ||PP^T - I||_F.
+    peft adds it only when the model computes the loss itself from `labels`; our loss function
+    does not pass labels, so the StepRunner adds it explicitly. Same formula as peft."""
+    adapter = adalora.trainable_adapter_name
+    terms = []
+    for name, p in adalora.model.named_parameters():
+        if ("lora_A" in name or "lora_B" in name) and adapter in name:
+            cov = p @ p.T if "lora_A" in name else p.T @ p
+            terms.append(torch.linalg.matrix_norm(cov - torch.eye(*cov.shape, device=cov.device, dtype=cov.dtype)))
+    return torch.stack(terms).mean()
+
+
+def trainable_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts; 4-bit weights count as stored (two per byte)."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() * (2 if isinstance(p, bnb.nn.Params4bit) else 1) for p in model.parameters())
+    return trainable, total

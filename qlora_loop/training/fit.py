@@ -1,0 +1,341 @@
+"""fit(): epochs of StepRunner calls, evaluation, early stopping, the best adapter, checkpoints.
+
+fit never calls backward(): all gradient work is in step.StepRunner. Where the loop stands is one
+LoopState, saved in every checkpoint, so a resumed run continues from exactly that position.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import math
+import os
+import select
+import signal
+import stat
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from qlora_loop.data.batches import steps_per_epoch
+from qlora_loop.training.checkpoint import CheckpointError
+from qlora_loop.training.loss import default_loss, target_mask
+from qlora_loop.training.memory import peak_memory_bytes
+
+
+class NonFiniteError(RuntimeError):
+    """Training stopped on a non-finite loss or gradient norm; `sample_ids` are the step's examples."""
+
+    def __init__(self, message: str, sample_ids: list[int]):
+        super().__init__(message)
+        self.sample_ids = sample_ids
+
+
+class Interrupted(RuntimeError):
+    """A SIGTERM/SIGINT stopped training after the current step; a checkpoint was written first."""
+
+
+@dataclass
+class EarlyStopping:
+    """Stop after `patience` evaluations in a row without improvement of `monitor` (patience 0
+    never stops). NaN never counts as an improvement."""
+    patience: int
+    mode: str = "min"
+    monitor: str = "val_loss"
+    best: float | None = None
+    bad_evals: int = 0
+
+    def update(self, value: float) -> bool:
+        """Record one evaluation; True if it is the best so far."""
+        improved = not math.isnan(value) and (
+            self.best is None or (value < self.best if self.mode == "min" else value > self.best))
+        if improved:
+            self.best, self.bad_evals = value, 0
+        else:
+            self.bad_evals += 1
+        return improved
+
+    @property
+    def should_stop(self) -> bool:
+        return self.patience > 0 and self.bad_evals >= self.patience
+
+
+@dataclass
+class Meter:
+    """Token-weighted running means over a span of steps."""
+    loss_sum: float = 0.0
+    targets: int = 0  # loss-bearing tokens
+    tokens: int = 0  # non-padding tokens
+    positions: int = 0  # token slots, padding included
+    steps: int = 0
+    grad_norm_sum: float = 0.0
+    seconds: float = 0.0
+    lr: float = 0.0
+
+    def add(self, result, seconds: float) -> None:
+        self.loss_sum += result.loss * result.target_tokens
+        self.targets += result.target_tokens
+        self.tokens += result.tokens
+        self.positions += result.positions
+        self.grad_norm_sum += result.grad_norm
+        self.steps += 1
+        self.seconds += seconds
+        self.lr = result.lr
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / max(self.targets, 1)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / max(self.seconds, 1e-9)
+
+    @property
+    def loss_tokens_per_second(self) -> float:
+        return self.targets / max(self.seconds, 1e-9)
+
+    @property
+    def padding_share(self) -> float:
+        return 1 - self.tokens / max(self.positions, 1)
+
+    def rates(self) -> dict:
+        return {"tokens_per_second": self.tokens_per_second, "loss_tokens_per_second": self.loss_tokens_per_second,
+                "padding_share": self.padding_share}
+
+
+@dataclass
+class LoopState:
+    """Where training continues from: `epoch` and the micro-batches of it already consumed."""
+    epoch: int = 1
+    batches_done: int = 0
+    best_epoch: int | None = None
+    best_step: int | None = None
+    stopped: bool = False  # early stopping has decided; a resumed run ends at once
+    nonfinite_in_row: int = 0
+    skipped_steps: int = 0
+    best: float | None = None  # EarlyStopping's state
+    bad_evals: int = 0
+    epoch_meter: Meter = field(default_factory=Meter)
+    run_meter: Meter = field(default_factory=Meter)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LoopState":
+        """The state a checkpoint saved (dataclasses.asdict of one); fields this code does not know,
+        or lacks, are a CheckpointError naming them."""
+        _check_fields(cls, d, "loop")
+        meters = {k: _check_fields(Meter, d.get(k, {}), k) for k in ("epoch_meter", "run_meter")}
+        return cls(**{**d, **{k: Meter(**v) for k, v in meters.items()}})
+
+
+def _check_fields(cls, saved: dict, what: str) -> dict:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(saved) - names)
+    if unknown:
+        raise CheckpointError(f"the checkpoint's {what} state has fields this qlora_loop does not know ({unknown}); "
+                              "resume with the qlora_loop that wrote it, or start afresh with --overwrite")
+    return saved
+
+
+@torch.no_grad()
+def evaluate(model, dataloader, accelerator, loss_fn=None) -> float | None:
+    """Mean loss per target token over the whole validation set, on all processes together.
+    loss_fn: as the StepRunner's; None = loss.default_loss(model)."""
+    if dataloader is None:
+        return None
+    loss_fn = loss_fn or default_loss(model)
+    model.eval()
+    loss_sum, n_targets = 0.0, 0
+    for batch in dataloader:
+        with accelerator.autocast():
+            per_sample = loss_fn(model, batch).float()
+        counts = target_mask(batch["labels"]).sum(dim=1)
+        # gather_for_metrics drops the samples accelerate repeats to even out the last batch.
+        per_sample, counts = accelerator.gather_for_metrics((per_sample, counts))
+        loss_sum += per_sample.sum().item()
+        n_targets += counts.sum().item()
+    model.train()
+    return loss_sum / max(n_targets, 1)
+
+
+def windows(dataloader, size: int):
+    """Group micro-batches into optimizer steps of `size`; the last one of an epoch may be shorter."""
+    window = []
+    for batch in dataloader:
+        window.append(batch)
+        if len(window) == size:
+            yield window
+            window = []
+    if window:
+        yield window
+
+
+def epoch_batches(dataloader, epoch: int, skip: int, accelerator):
+    """The dataloader in `epoch`'s order (see data.EpochSampler), past its first `skip` micro-batches."""
+    if skip:
+        dataloader = accelerator.skip_first_batches(dataloader, skip)
+    for target in (dataloader, getattr(dataloader, "sampler", None)):
+        if hasattr(target, "set_epoch"):
+            target.set_epoch(epoch)
+            break
+    return dataloader
+
+
+def fit(runner, train_dl, val_dl, log, *, save_best, checkpoints=None, epochs: int, grad_accum: int,
+        stopper: EarlyStopping, eval_every: int = 0, save_every: int = 0, skip_nonfinite: int = 0,
+        state: LoopState | None = None, sample=None, drift=None, max_drift: float | None = None) -> dict:
+    """Train up to `epochs` from `state` (a fresh run without one). `save_best()` runs each time the
+    monitored value improves; `checkpoints` (checkpoint.Checkpoints) is saved every `save_every`
+    steps and at each epoch end; `sample(epoch)` shows replies before the first step (epoch 0) and
+    after each epoch. Non-finite steps are skipped, at most `skip_nonfinite` in a row. `drift()`
+    (drift.Drift) is measured at every evaluation; with `max_drift`, an evaluation above it is
+    never kept as the best."""
+    accelerator, started = runner.accelerator, time.perf_counter()
+    state = state or LoopState()
+    stopper.best, stopper.bad_evals = state.best, state.bad_evals
+    steps = steps_per_epoch(len(train_dl), grad_accum)
+
+    def check(epoch: int) -> tuple[float | None, float | None]:
+        """Evaluate (loss, drift); keep the adapter if it is the best yet; decide whether to stop."""
+        val_loss = evaluate(runner.model, val_dl, accelerator, runner.loss_fn)
+        moved = drift() if drift is not None else None
+        value = val_loss if stopper.monitor == "val_loss" else state.epoch_meter.loss
+        if max_drift is not None and moved is not None and moved > max_drift:
+            value = math.nan  # too far from the base to be kept; counts as no improvement
+        if stopper.update(value):
+            state.best_epoch, state.best_step = epoch, runner.step
+            save_best()
+        state.best, state.bad_evals, state.stopped = stopper.best, stopper.bad_evals, stopper.should_stop
+        return val_loss, moved
+
+    def checkpoint():
+        if checkpoints is not None:
+            checkpoints.save(runner, dataclasses.asdict(state))
+
+    if sample is not None and runner.step == 0 and state.batches_done == 0 and state.epoch == 1:
+        sample(0)  # what the base answers, before any training
+    for epoch in range(state.epoch, epochs + 1):
+        if state.stopped:
+            break
+        log.epoch_start(epoch, epochs, steps, done=math.ceil(state.batches_done / grad_accum))
+        val_loss = moved = None
+        # forward/backward/update: one StepRunner call per optimizer step
+        for window in windows(epoch_batches(train_dl, epoch, state.batches_done, accelerator), grad_accum):
+            t0 = time.perf_counter()
+            result = runner(window)
+            state.batches_done += len(window)
+            if not result.finite:
+                _skip_nonfinite(state, result, runner, log, skip_nonfinite, checkpoints)
+                continue
+            state.nonfinite_in_row = 0
+            state.epoch_meter.add(result, time.perf_counter() - t0)
+            state.run_meter.add(result, time.perf_counter() - t0)
+            log.step(runner.step, epoch, result, state.epoch_meter.tokens_per_second)
+            # termination on a signal: every rank agrees through the trigger, saves, then stops
+            if accelerator.check_trigger():
+                checkpoint()
+                raise Interrupted(f"stopped by a signal after step {runner.step}")
+            mid_epoch = state.batches_done < len(train_dl)
+            if eval_every and runner.step % eval_every == 0 and mid_epoch:
+                val_loss, moved = check(epoch)
+            if state.stopped:
+                break
+            if save_every and runner.step % save_every == 0 and mid_epoch:
+                checkpoint()
+        # end of epoch: evaluate, keep the best, log, checkpoint the position of the next epoch
+        if not state.stopped:
+            val_loss, moved = check(epoch)
+        meter = state.epoch_meter
+        log.epoch_end({"epoch": epoch, "step": runner.step, "train_loss": meter.loss, "val_loss": val_loss,
+                       "drift": moved,
+                       "lr": meter.lr, "grad_norm": meter.grad_norm_sum / max(meter.steps, 1),
+                       "train_tokens": meter.tokens, "seconds": meter.seconds, **meter.rates(),
+                       "peak_memory_bytes": peak_memory_bytes(accelerator.device)})
+        if sample is not None:
+            sample(epoch)
+        state.epoch, state.batches_done, state.epoch_meter = epoch + 1, 0, Meter()
+        checkpoint()
+
+    run = state.run_meter
+    return {"best_epoch": state.best_epoch, "best_step": state.best_step, "best_metric": stopper.best,
+            "monitor": stopper.monitor, "epochs_run": min(state.epoch - 1, epochs),
+            "stopped_early": state.stopped, "steps": runner.step, "skipped_steps": state.skipped_steps,
+            "train_loss": run.loss, "train_tokens": run.tokens, "train_target_tokens": run.targets,
+            "train_seconds": time.perf_counter() - started, "step_seconds": run.seconds, **run.rates(),
+            "peak_memory_bytes": peak_memory_bytes(accelerator.device)}
+
+
+def _skip_nonfinite(state: LoopState, result, runner, log, limit: int, checkpoints) -> None:
+    """Count a skipped step; past `limit` in a row, stop with what a user needs to find the cause."""
+    state.nonfinite_in_row += 1
+    state.skipped_steps += 1
+    what = f"non-finite loss ({result.loss}) or gradient norm ({result.grad_norm}) at step {runner.step + 1}"
+    if state.nonfinite_in_row > limit:
+        last = checkpoints.latest() if checkpoints is not None else None
+        raise NonFiniteError(f"{what}, {state.nonfinite_in_row} in a row (train.skip_nonfinite={limit}); the "
+                             f"last good checkpoint is {last or 'none yet'}", result.sample_ids)
+    log.print(f"[yellow]skipped: {what} ({state.nonfinite_in_row} in a row, {state.skipped_steps} in all)")
+
+
+@contextlib.contextmanager
+def stop_on_signals(accelerator):
+    """While training: the first SIGTERM/SIGINT sets Accelerate's trigger, so every rank finishes the
+    current step, writes a checkpoint and stops (fit checks the trigger after each step). A second
+    one gets the default action: the process ends at once. The previous handlers come back on exit.
+
+    Under a launcher (accelerate launch, torchrun) the launcher's death comes as SIGHUP and stops the
+    run the same way: a launcher that is killed, or one that exits on SIGTERM without passing it on
+    (accelerate before 1.16), never leaves a trainer running on its own. The kernel may send it more
+    than once (once per thread of the dying launcher), so repeats are harmless. Run directly (`nohup
+    python scripts/train.py &`), a trainer outlives its shell as any program does."""
+    def stop(signum, frame):
+        accelerator.set_trigger()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_DFL)
+
+    def orphaned(signum, frame):
+        _detach_dead_pipes()  # the launcher read our stdout/stderr; printing must not fail before the checkpoint
+        accelerator.set_trigger()
+
+    handlers = {signal.SIGTERM: stop, signal.SIGINT: stop}
+    launched = any(k in os.environ for k in LAUNCHER_ENV)
+    if launched:
+        handlers[signal.SIGHUP] = orphaned
+    previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
+    if launched:
+        parent = os.getppid()
+        _parent_death_signal(signal.SIGHUP)
+        if os.getppid() != parent:  # it died before the request took effect
+            orphaned(signal.SIGHUP, None)
+    try:
+        yield
+    finally:
+        if launched:
+            _parent_death_signal(0)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+# set in the training process by accelerate launch's single-process path and by torchrun
+LAUNCHER_ENV = ("ACCELERATE_USE_CPU", "TORCHELASTIC_RUN_ID")
+
+
+def _parent_death_signal(sig: int) -> None:
+    """Linux's PR_SET_PDEATHSIG: the kernel sends `sig` when the parent ends (0 turns it off). Elsewhere a no-op."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(sig), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+
+
+def _detach_dead_pipes() -> None:
+    """Point stdout/stderr at /dev/null where they are pipes with no reader left (poll says POLLERR),
+    so that a broken pipe cannot end the process before its checkpoint is written."""
+    for fd in (1, 2):
+        with contextlib.suppress(OSError):
+            if stat.S_ISFIFO(os.fstat(fd).st_mode):
+                poller = select.poll()
+                poller.register(fd, select.POLLOUT)
+                if any(events & select.POLLERR for _, events in poller.poll(0)):
+                    os.dup2(os.open(os.devnull, os.O_WRONLY), fd)

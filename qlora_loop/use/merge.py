@@ -1,0 +1,277 @@
+"""Merge an adapter into its base, and measure how faithfully the merged model stands in for
+4-bit base + adapter.
+
+The merge reloads the base in bfloat16 and adds the adapter's update to those weights (peft's
+merge_and_unload): merging into the 4-bit weights would round the update away. But the adapter
+was trained against the NF4-rounded base, so the merged model is *not* the model that was trained
+and evaluated; the fidelity report says by how much, on the model's own replies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.panel import Panel
+from rich.table import Table
+from transformers import AutoModelForCausalLM
+
+from qlora_loop.data.rows import DataError
+from qlora_loop.model.generate import as_messages, encode_chat, generate_ids, stop_token_ids
+from qlora_loop.model.load import load_tokenizer
+from qlora_loop.use.inference import (InferenceError, attach_adapter, load_for_inference, load_inference_tokenizer,
+                                      locate_base, read_adapter_config, read_prompt_lines, run_config,
+                                      validation_prompts)
+
+# Questions for an adapter whose run (config.yaml, data) is not at hand and no --prompts were given.
+FALLBACK_PROMPTS = ["Who are you?", "What can you do?", "Explain what a language model is in one sentence."]
+
+
+def check_out_dir(out: str | Path, force: bool, adapter_dir: str | Path) -> None:
+    out, adapter = Path(out).resolve(), Path(adapter_dir).resolve()
+    if out == adapter or out in adapter.parents:
+        raise InferenceError(f"--out {out} holds the adapter being merged; replacing it would delete the adapter: "
+                             "choose another folder")
+    if out.exists() and not out.is_dir():
+        raise InferenceError(f"--out {out} is a file; give a folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise InferenceError(f"--out {out} is not empty; pass --force to replace it, or choose another folder")
+
+
+def merged_model(adapter_dir: str | Path, base: str | None = None, *, trust_remote_code: bool | None = None,
+                 dtype: torch.dtype = torch.bfloat16):
+    """(base + adapter as one plain transformers model, the adapter's tokenizer, the base found).
+    Runs on the CPU: it needs the bf16 model in RAM."""
+    found = locate_base(adapter_dir, base, trust_remote_code)
+    tokenizer = load_inference_tokenizer(adapter_dir, found)
+    model = AutoModelForCausalLM.from_pretrained(found.name, dtype=dtype, device_map={"": "cpu"},
+                                                 trust_remote_code=found.trust_remote_code, revision=found.revision)
+    model = attach_adapter(model, adapter_dir, found)
+    try:
+        merged = model.merge_and_unload(safe_merge=True)  # safe_merge: check the merged weights are finite
+    except ValueError as e:
+        raise InferenceError(f"the adapter in {adapter_dir} cannot be merged: {str(e).splitlines()[0]}") from None
+    # Stop where training taught the model to: the tokenizer's end-of-turn token, and the base's own.
+    merged.generation_config.eos_token_id = stop_token_ids(merged, tokenizer)
+    merged.generation_config.pad_token_id = tokenizer.pad_token_id
+    merged.config.use_cache = True
+    return merged, tokenizer, found
+
+
+def merge_adapter(adapter_dir: str | Path, out: str | Path, base: str | None = None, *,
+                  trust_remote_code: bool | None = None, dtype: torch.dtype = torch.bfloat16) -> str:
+    """Write base + adapter as one plain transformers model (safetensors, tokenizer, generation
+    config) to `out`; returns the base it used."""
+    out = Path(out)
+    merged, tokenizer, found = merged_model(adapter_dir, base, trust_remote_code=trust_remote_code, dtype=dtype)
+    # Written beside `out` and renamed in place, so an interrupted merge never leaves half a model.
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(tmp)  # safetensors
+    tokenizer.save_pretrained(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return found.name
+
+
+# --- prompts for the report ---------------------------------------------------------------------
+
+def report_prompts(adapter_dir: str | Path, prompts_file: str | None = None, *, n: int = 8,
+                   system: str | None = None) -> tuple[list[list[dict]], list[str | None], str]:
+    """(conversations to reply to, reference answers or None, where they came from).
+    --prompts FILE: one question per line. Otherwise the first n validation rows of the run that
+    wrote the adapter (OUTPUT_DIR/config.yaml), asked up to their first assistant turn, from the
+    run's tokenized cache when it is there."""
+    run = run_config(adapter_dir)
+    system = system if system is not None else run.get("data", {}).get("system_prompt")
+    if prompts_file is not None:
+        lines = read_prompt_lines(prompts_file)
+        return [as_messages(q, system) for q in lines], [None] * len(lines), str(prompts_file)
+    tokenizer = None  # the run's, saved with the adapter: the key to its tokenized cache
+    if (Path(adapter_dir) / "tokenizer_config.json").is_file():
+        tokenizer = load_tokenizer(str(adapter_dir), trust_remote_code=run.get("model", {}).get("trust_remote_code",
+                                                                                              False))
+    try:
+        found = validation_prompts(run, n, tokenizer)
+    except DataError as e:  # e.g. a relative data path, read from another folder than the run's
+        raise InferenceError(f"the run's validation rows cannot be read ({e}); pass --prompts FILE") from None
+    if found is None:
+        return [as_messages(q, system) for q in FALLBACK_PROMPTS], [None] * len(FALLBACK_PROMPTS), \
+            "built-in questions (no run config.yaml beside the adapter)"
+    return found
+
+
+# --- the fidelity report ------------------------------------------------------------------------
+
+@torch.no_grad()
+def reply_logprobs(model, prompt_ids: torch.Tensor, reply_ids: torch.Tensor) -> torch.Tensor:
+    """log p(next token) at each position that predicts a token of `reply_ids`, [len(reply), vocab] float32."""
+    ids = torch.cat([prompt_ids[0], reply_ids]).unsqueeze(0).to(model.device)
+    logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0]
+    start = prompt_ids.shape[1] - 1
+    return F.log_softmax(logits[start:start + len(reply_ids)].float(), dim=-1).cpu()
+
+
+def reference_pass(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int) -> list[dict]:
+    """The reference model's greedy reply to each prompt and its next-token distributions along it."""
+    passes = []
+    for messages in prompts:
+        prompt_ids = encode_chat(tokenizer, messages)
+        reply_ids = generate_ids(model, tokenizer, prompt_ids, max_new_tokens=max_new_tokens)
+        passes.append({"prompt_ids": prompt_ids, "reply_ids": reply_ids,
+                       "logprobs": reply_logprobs(model, prompt_ids, reply_ids)})
+    return passes
+
+
+def compare(candidate, tokenizer, passes: list[dict], max_new_tokens: int) -> list[dict]:
+    """Per prompt: KL(reference || candidate) at every position of the reference's reply (teacher
+    forced), top-1 agreement there, and whether the candidate's own greedy reply is the same."""
+    rows = []
+    for p in passes:
+        logq = reply_logprobs(candidate, p["prompt_ids"], p["reply_ids"])
+        logp = p["logprobs"]
+        kl = (logp.exp() * (logp - logq)).sum(-1).clamp_min(0)  # rounding can make a ~0 KL slightly negative
+        own = generate_ids(candidate, tokenizer, p["prompt_ids"], max_new_tokens=max_new_tokens)
+        rows.append({"positions": len(kl), "mean_kl": kl.mean().item(), "max_kl": kl.max().item(),
+                     "top1_agreement": (logp.argmax(-1) == logq.argmax(-1)).float().mean().item(),
+                     "greedy_match": torch.equal(own, p["reply_ids"]),
+                     "reply_reference": tokenizer.decode(p["reply_ids"], skip_special_tokens=True),
+                     "reply_merged": tokenizer.decode(own, skip_special_tokens=True)})
+    return rows
+
+
+def fidelity_report(adapter_dir: str | Path, merged_dir: str | Path | None, prompts: list[list[dict]], *,
+                    references: list[str | None], base: str | None = None, max_new_tokens: int = 64,
+                    max_kl: float = 0.05, load_candidate=None) -> dict:
+    """4-bit base + adapter (the reference: what was trained and evaluated) against the merged
+    folder loaded with plain transformers, or the model `load_candidate()` returns (export's GGUF).
+    One model in memory at a time."""
+    reference, tokenizer = load_for_inference(adapter_dir, base)
+    passes = reference_pass(reference, tokenizer, prompts, max_new_tokens)
+    del reference
+    _free_memory()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    candidate = load_candidate() if load_candidate is not None else \
+        AutoModelForCausalLM.from_pretrained(merged_dir, device_map={"": device})
+    candidate.eval()
+    rows = compare(candidate, tokenizer, passes, max_new_tokens)
+    del candidate
+    _free_memory()
+    rows = [{"prompt": messages[-1]["content"], "reference_answer": answer, **row}
+            for row, messages, answer in zip(rows, prompts, references)]
+    return summarise(rows, max_kl)
+
+
+def summarise(rows: list[dict], max_kl: float) -> dict:
+    """Position-weighted means over all prompts; `ok` is mean_kl <= max_kl."""
+    positions = sum(r["positions"] for r in rows)
+    mean_kl = sum(r["mean_kl"] * r["positions"] for r in rows) / positions
+    top1 = sum(r["top1_agreement"] * r["positions"] for r in rows) / positions
+    return {"prompts": len(rows), "positions": positions, "mean_kl": mean_kl,
+            "max_kl": max(r["max_kl"] for r in rows), "top1_agreement": top1,
+            "greedy_match": sum(r["greedy_match"] for r in rows), "max_kl_threshold": max_kl,
+            "ok": mean_kl <= max_kl, "rows": rows}
+
+
+def report_table(report: dict, *,
+                 title: str = "merge fidelity: 4-bit base + adapter vs merged bf16 (KL in nats)") -> Table:
+    table = Table(title=title)
+    for column in ("prompt", "tokens", "mean KL", "max KL", "top-1 agree", "greedy same"):
+        table.add_column(column, justify="left" if column == "prompt" else "right")
+    for r in report["rows"]:
+        prompt = r["prompt"] if len(r["prompt"]) <= 40 else r["prompt"][:39] + "…"
+        table.add_row(prompt, str(r["positions"]), f"{r['mean_kl']:.2e}", f"{r['max_kl']:.2e}",
+                      f"{r['top1_agreement']:.1%}", "yes" if r["greedy_match"] else "[red]no")
+    table.add_section()
+    table.add_row("[bold]all", str(report["positions"]), f"[bold]{report['mean_kl']:.2e}",
+                  f"{report['max_kl']:.2e}", f"{report['top1_agreement']:.1%}",
+                  f"{report['greedy_match']}/{report['prompts']}")
+    return table
+
+
+def write_report(report: dict, out: str | Path, *, file_name: str = "merge_report.json", **context) -> Path:
+    path = Path(out) / file_name
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in report.items()}
+    path.write_text(json.dumps({**context, **clean}, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return path
+
+
+def _free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# --- the command line (scripts/merge.py) -------------------------------------------------------
+
+def add_report_args(parser: argparse.ArgumentParser, *, candidate: str) -> None:
+    """The flags merge and export share: the base, --force, and the fidelity report's prompts and
+    limits; `candidate` names what the report compares with 4-bit base + adapter."""
+    parser.add_argument("--base", help="base model (hub id or folder); default: the one the adapter records")
+    parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    parser.add_argument("--prompts", metavar="FILE", help="report on these prompts (one per line) instead of "
+                                                          "the run's validation rows")
+    parser.add_argument("--num-prompts", type=int, default=8, help="validation rows to report on")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="length of the greedy replies compared")
+    parser.add_argument("--max-kl", type=float, default=0.05,
+                        help=f"warn when the mean KL (nats per token) of {candidate} vs 4-bit + adapter exceeds this")
+    parser.add_argument("--trust-remote-code", action="store_true", default=None,
+                        help="allow the base's own modeling code (default: as the run was configured)")
+
+
+def check_report_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    for flag in ("num_prompts", "max_new_tokens"):
+        if not getattr(args, flag) > 0:
+            parser.error(f"--{flag.replace('_', '-')} must be > 0")
+    if not args.max_kl >= 0:
+        parser.error("--max-kl must be >= 0")
+    return args
+
+
+def parse_args(argv: list[str] | None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--adapter", required=True, help="adapter folder a run wrote, e.g. OUTPUT_DIR/best")
+    parser.add_argument("--out", required=True, help="folder for the merged model (must be empty, or --force)")
+    add_report_args(parser, candidate="merged")
+    return check_report_args(parser, parser.parse_args(argv))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    console = Console(highlight=False, soft_wrap=True)
+    # Every check that can fail cheaply runs before the (slow, memory-hungry) merge.
+    read_adapter_config(args.adapter)
+    check_out_dir(args.out, args.force, args.adapter)
+    prompts, references, source = report_prompts(args.adapter, args.prompts, n=args.num_prompts)
+
+    # merge
+    console.print(f"merging {args.adapter} into its base in bfloat16 ...")
+    base = merge_adapter(args.adapter, args.out, args.base, trust_remote_code=args.trust_remote_code)
+    console.print(f"merged model written to [bold]{args.out}[/] (base {base})")
+
+    # fidelity report
+    console.print(f"comparing with 4-bit base + adapter on {len(prompts)} prompt(s) from {source} ...")
+    report = fidelity_report(args.adapter, args.out, prompts, references=references, base=args.base,
+                             max_new_tokens=args.max_new_tokens, max_kl=args.max_kl)
+    console.print(report_table(report))
+    path = write_report(report, args.out, adapter=str(args.adapter), base=base, merged=str(args.out),
+                        dtype="bfloat16", prompts_from=source)
+    console.print(f"report: {path}")
+    if not report["ok"]:
+        console.print(Panel(
+            f"mean KL {report['mean_kl']:.3g} nats/token is above --max-kl {args.max_kl:g}: the merged model does "
+            f"not behave like the 4-bit base + adapter that was trained and evaluated (top-1 agreement "
+            f"{report['top1_agreement']:.1%}, greedy replies the same on {report['greedy_match']}/{report['prompts']} "
+            "prompts). Evaluate the merged model before shipping it, or serve the adapter on the 4-bit base.",
+            title="WARNING: merge fidelity", border_style="bold red"))
+    return report
+
