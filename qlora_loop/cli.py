@@ -1,12 +1,17 @@
-"""How the scripts run: one `error:` line and a documented exit status for every error a user
-can cause, never a traceback; with `quiet`, the libraries' loading bars and deprecation notices
-are kept off the terminal (chat's conversation, merge's report).
+"""The `qlora-loop` command, and how every command runs: one `error:` line and a documented exit status
+for every error a user can cause, never a traceback; with `quiet`, the libraries' loading bars and
+deprecation notices are kept off the terminal (chat's conversation, merge's report).
+
+`qlora-loop COMMAND ...` runs the same main(argv) as scripts/COMMAND.py (inspect: scripts/inspect_data.py,
+export: scripts/export_gguf.py).
 
 Exit status: 0 done; 2 bad config, data, model, checkpoint, launch, flag or folder, a full or
-read-only disk, or a batch that does not fit in memory; 3 non-finite loss; 75 stopped by SIGTERM/SIGINT after writing a checkpoint."""
+read-only disk, or a batch that does not fit in memory; 3 non-finite loss; 75 stopped by SIGTERM/SIGINT
+after writing a checkpoint."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import sys
@@ -68,3 +73,45 @@ def as_script(*, quiet: bool = False):
     except Interrupted as e:
         print(f"interrupted: {e}", file=sys.stderr)
         sys.exit(75)
+
+
+# command -> (quiet, what it does); each runs the main(argv) that command_main imports
+COMMANDS = {
+    "train": (False, "train an adapter: --config FILE [key.path=value ...] [--overwrite] [--dry-run]"),
+    "chat": (True, "chat with a trained adapter: --adapter OUTPUT_DIR/best [--prompt ...]"),
+    "merge": (True, "merge an adapter into its bf16 base, with a fidelity report"),
+    "export": (True, "export adapter + base as one GGUF file with an Ollama Modelfile"),
+    "inspect": (False, "look at the training data as the model will see it"),
+    "plot": (False, "draw OUTPUT_DIR/curves.png from a run's logs"),
+}
+
+
+def main(argv: list[str] | None = None):
+    """`qlora-loop COMMAND [ARGS ...]`; `qlora-loop COMMAND --help` for a command's flags."""
+    parser = argparse.ArgumentParser(
+        prog="qlora-loop", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="QLoRA fine-tuning on a hand-written loop. `qlora-loop COMMAND --help` for a command's flags.",
+        epilog="commands:\n" + "\n".join(f"  {name:<9}{what}" for name, (_, what) in COMMANDS.items()))
+    parser.add_argument("command", choices=COMMANDS, metavar="{" + ",".join(COMMANDS) + "}")
+    parser.add_argument("args", nargs=argparse.REMAINDER, help="the command's own arguments")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    quiet, _ = COMMANDS[args.command]
+    with as_script(quiet=quiet):
+        return command_main(args.command)(args.args)
+
+
+def command_main(command: str):
+    """The main(argv) that scripts/COMMAND.py runs, imported only for its command (each loads its own libraries)."""
+    if command == "train":
+        from qlora_loop.run import main
+    elif command == "chat":
+        from qlora_loop.use.chat import main
+    elif command == "merge":
+        from qlora_loop.use.merge import main
+    elif command == "export":
+        from qlora_loop.use.export import main
+    elif command == "inspect":
+        from qlora_loop.data.inspector import main
+    else:
+        from qlora_loop.observe.plot import main
+    return main

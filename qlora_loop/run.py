@@ -1,20 +1,22 @@
 """train(cfg): one run, config -> Accelerator -> build_* -> fit() -> summary, top to bottom.
 
 Callable from a notebook or a test with a config object (`config.load_config(path, overrides)`);
-scripts/train.py only parses arguments around it. The sections below are the order of a run:
-setup (launch checked before anything is loaded or written), base model, the base's own replies
-(replay rows against forgetting, drift prompts to measure it), data, adapter, resume, train.
+main(argv) parses the arguments of `qlora-loop train` and scripts/train.py around it. The sections
+below are the order of a run: setup (launch checked before anything is loaded or written), base
+model, the base's own replies (replay rows against forgetting, drift prompts to measure it), data,
+adapter, resume, train.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from qlora_loop.config import Config, ConfigError, to_dict
+from qlora_loop.config import Config, ConfigError, load_config, to_dict
 from qlora_loop.cpu import cpu_threads, local_processes, physical_cores, resolve_compute_dtype
 from qlora_loop.data.audit import check_label_masks
 from qlora_loop.data.batches import build_dataloaders, check_packing, steps_per_epoch
@@ -245,3 +247,27 @@ def general_prompts(cfg: Config) -> tuple[list[str], list[str]]:
         raise ConfigError(f"eval.drift_prompts and data.replay_prompts share {len(shared)} prompt(s), e.g. "
                           f"{shared[0]!r}: drift would measure what replay trains; keep the two files disjoint")
     return replay, drift
+
+
+DESCRIPTION = """Train a QLoRA adapter (qlora_loop.run.train). With no arguments, the embedded default: a model
+built offline and the bundled self-cognition set, on a CPU.
+
+Exit status: 0 done; 2 bad config, data, model, launch, or a batch that does not fit in memory;
+3 non-finite loss; 75 stopped by SIGTERM/SIGINT after writing a checkpoint (run the same command
+with train.resume=auto to continue)."""
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """`--config FILE [key.path=value ...] [--overwrite] [--dry-run]` -> load_config -> train (or the dry run)."""
+    parser = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML file; keys override the defaults in qlora_loop/config/sections.py")
+    parser.add_argument("--overwrite", action="store_true", help="replace the run in output_dir and start afresh")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="build the model on the meta device: targets, trainable parameters, memory estimate")
+    parser.add_argument("overrides", nargs="*", metavar="key.path=value")
+    args = parser.parse_intermixed_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    if args.dry_run:
+        dry_run(cfg)
+        return {}
+    return train(cfg, overwrite=args.overwrite)

@@ -3,14 +3,23 @@ notices that ask nothing of a user are kept off the terminal, real warnings are 
 
 from __future__ import annotations
 
+import configparser
 import errno
 import os
 import re
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 
-from qlora_loop.cli import as_script
+from qlora_loop.cli import COMMANDS, as_script, command_main, main
+from qlora_loop.data import inspector
+from qlora_loop.observe import plot
+from qlora_loop.use import chat, export, merge
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("error, says", [
@@ -42,3 +51,47 @@ def test_library_deprecation_notices_are_dropped_and_real_warnings_kept():
                                    module="qlora_loop.model.load")
             warnings.warn_explicit("`foo` is deprecated", FutureWarning, "mine.py", 1, module="my_project.mine")
     assert [str(w.message) for w in seen] == ["the tokenizer has no pad token", "`foo` is deprecated"]
+
+
+def test_qlora_loop_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["--help"])
+    assert exited.value.code == 0
+    shown = capsys.readouterr().out
+    assert shown.startswith("usage: qlora-loop")
+    assert all(re.search(rf"^  {name} +\S", shown, re.M) for name in ["train", "chat", "merge", "export", "inspect", "plot"])
+
+
+def test_each_command_runs_its_scripts_main():
+    from qlora_loop import run
+    assert {name: command_main(name) for name in COMMANDS} == {
+        "train": run.main, "chat": chat.main, "merge": merge.main, "export": export.main, "inspect": inspector.main,
+        "plot": plot.main}
+    scripts = {"train": "train.py", "chat": "chat.py", "merge": "merge.py", "export": "export_gguf.py",
+               "inspect": "inspect_data.py", "plot": "plot.py"}
+    for name, script in scripts.items():  # the script imports that very main
+        module = command_main(name).__module__
+        assert f"from {module} import main" in (ROOT / "scripts" / script).read_text(encoding="utf-8"), script
+
+
+def test_a_command_maps_errors_to_exit_status_as_its_script_does(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["plot", str(tmp_path / "no-run")])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'no-run'}")
+
+
+def test_the_console_script_is_declared():
+    setup = configparser.ConfigParser()
+    setup.read(ROOT / "setup.cfg")
+    assert setup["options.entry_points"]["console_scripts"].strip() == "qlora-loop = qlora_loop.cli:main"
+
+
+def test_the_package_face_is_cheap():
+    code = ("import sys, qlora_loop; assert 'torch' not in sys.modules, 'import qlora_loop loaded torch'; "
+            "from qlora_loop import load_config, train; from qlora_loop.run import train as run_train; "
+            "from qlora_loop.config import load_config as config_load; "
+            "assert (train, load_config) == (run_train, config_load)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+
