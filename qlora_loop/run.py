@@ -10,6 +10,7 @@ adapter, resume, train.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 
 import torch
@@ -39,7 +40,7 @@ from qlora_loop.training.disk import check_free_space
 from qlora_loop.training.distributed import (LaunchError, check_engine_taken, check_launch, describe_launch,
                                              prepare_sharding)
 from qlora_loop.training.dryrun import dry_run_config, report
-from qlora_loop.training.fit import EarlyStopping, Interrupted, LoopState, NonFiniteError, fit, stop_on_signals
+from qlora_loop.training.fit import Interrupted, LoopState, NonFiniteError, Plan, Watch, fit, stop_on_signals
 from qlora_loop.training.memory import check_memory, longest_batch
 from qlora_loop.training.optim import build_optimizer, build_scheduler
 from qlora_loop.training.step import StepRunner
@@ -72,12 +73,9 @@ def train(cfg: Config, *, overwrite: bool = False, loss_fn=None) -> dict:
         # base model: 4-bit NF4; its adapter comes once the data fixes the number of steps
         tokenizer = load_tokenizer(model_path, trust_remote_code=m.trust_remote_code, revision=m.revision,
                                    chat_template=d.chat_template)
-        quant_storage = getattr(torch, m.quant_storage) if m.quant_storage else None
         # gradient_checkpointing=auto: loaded without it; the memory probe turns it on if the batch needs it
-        model = load_base_model(model_path, accelerator.device, dtype,
+        model = load_base_model(model_path, accelerator.device, dtype, config=m,
                                 gradient_checkpointing=m.gradient_checkpointing is True,
-                                trust_remote_code=m.trust_remote_code, revision=m.revision,
-                                attn_implementation=m.attn_implementation, quant_storage=quant_storage,
                                 autocast=accelerator.mixed_precision != "no")
 
         # the base's own greedy replies: replay rows (trained beside data.train) and drift prompts (never
@@ -92,34 +90,26 @@ def train(cfg: Config, *, overwrite: bool = False, loss_fn=None) -> dict:
                                          console=log.console)
 
         # data
-        train_rows, val_rows, stats = build_datasets(tokenizer, d.train, d.val, val_split=d.val_split,
-                                                     max_length=d.max_length, system_prompt=d.system_prompt,
-                                                     seed=t.seed, on_error=d.on_error,
-                                                     max_skip_fraction=d.max_skip_fraction,
-                                                     replay=replay_conversations(replay_prompts, replay_replies,
-                                                                                 d.system_prompt),
-                                                     fmt=d.format, columns=d.columns, train_on=d.train_on,
-                                                     cache=cache_root() if d.cache else None)
+        train_rows, val_rows, stats = build_datasets(
+            tokenizer, d, seed=t.seed, replay=replay_conversations(replay_prompts, replay_replies, d.system_prompt),
+            cache=cache_root() if d.cache else None)
         log.data_report(stats)
         for line in source_lines(stats):
             log.print(line, soft_wrap=True)
         audited = check_label_masks(tokenizer, train_rows, sample=d.audit_rows, max_length=d.max_length)
         log.print(f"label-mask audit: {audited} rows checked, no problem found" if audited else
                   "[yellow]label-mask audit off (data.audit_rows=0)")
-        train_dl, val_dl = build_dataloaders(train_rows, val_rows, batch_size=t.batch_size,
-                                             pad_id=tokenizer.pad_token_id, seed=t.seed, num_workers=d.num_workers,
-                                             group_by_length=d.group_by_length, processes=accelerator.num_processes,
-                                             packing=d.packing)
+        train_dl, val_dl = build_dataloaders(train_rows, val_rows, d, batch_size=t.batch_size,
+                                             pad_id=tokenizer.pad_token_id, seed=t.seed,
+                                             processes=accelerator.num_processes)
         train_dl, val_dl = accelerator.prepare(train_dl, val_dl)
         total_steps = steps_per_epoch(len(train_dl), grad_accum) * t.epochs
 
         # adapter, optimizer
         targets = find_linear4bit_targets(model) if a.target_modules == "auto" else a.target_modules
-        model = add_adapter(model, a.kind, r=a.r, alpha=a.alpha, dropout=a.dropout, target_modules=targets,
-                            total_steps=total_steps, init_r=a.init_r, tinit=a.tinit, tfinal=a.tfinal,
-                            delta_t=a.delta_t, orth_reg_weight=a.orth_reg_weight, extra=a.extra,
-                            shared_inputs=a.shared_inputs)
+        model = add_adapter(model, dataclasses.replace(a, target_modules=targets), total_steps=total_steps)
         log.model_report(targets, *trainable_parameters(model))
+        quant_storage = getattr(torch, m.quant_storage) if m.quant_storage else None
         model = prepare_sharding(accelerator, model, t.batch_size, quant_storage)
         optimizer = build_optimizer(model, t.optimizer, t.lr, t.weight_decay)
         scheduler = build_scheduler(optimizer, t.scheduler, total_steps, t.warmup_ratio)
@@ -173,19 +163,15 @@ def train(cfg: Config, *, overwrite: bool = False, loss_fn=None) -> dict:
             log.print(f"resumed from {resume_from}: step {runner.step}, epoch {state.epoch}")
 
         # train
-        sample = sampler(runner, tokenizer, log, prompts=cfg.eval.prompts, rows=val_rows or train_rows,
-                         n=cfg.eval.num_samples, system=d.system_prompt, max_new_tokens=cfg.eval.max_new_tokens,
+        sample = sampler(runner, tokenizer, log, cfg.eval, rows=val_rows or train_rows, system=d.system_prompt,
                          general=(drift_prompts[0], drift_replies[0]) if drift_prompts else None,
                          sharded_by=launch.shards_parameters)
         try:
             with stop_on_signals(accelerator):
-                summary = fit(runner, train_dl, val_dl, log,
+                summary = fit(runner, (train_dl, val_dl), Plan.of(t, grad_accum=grad_accum), log=log,
                               save_best=lambda: save_adapter(accelerator, model, tokenizer, log.output_dir / "best",
                                                              manifest=manifest),
-                              checkpoints=checkpoints, epochs=t.epochs, grad_accum=grad_accum,
-                              stopper=EarlyStopping(t.patience, t.mode, t.monitor), eval_every=t.eval_every,
-                              save_every=t.save_every, skip_nonfinite=t.skip_nonfinite, state=state, sample=sample,
-                              drift=drift, max_drift=t.max_drift)
+                              checkpoints=checkpoints, state=state, watch=Watch(drift=drift, sample=sample))
         except NonFiniteError as e:
             rows = ", ".join(train_rows[i]["where"] for i in sorted(set(e.sample_ids)))
             raise NonFiniteError(f"{e}; the step's rows: {rows}", e.sample_ids) from None

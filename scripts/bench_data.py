@@ -38,6 +38,7 @@ def main() -> None:
     parser.add_argument("--model", default="builtin:smollm2-135m-instruct")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
+    from qlora_loop.config import DataConfig
     from qlora_loop.data.mixtures import build_datasets
     from qlora_loop.model.builtin import resolve_model_path
     from qlora_loop.model.load import load_tokenizer
@@ -47,7 +48,7 @@ def main() -> None:
     generate(data, args.rows)
     tokenizer = load_tokenizer(resolve_model_path(args.model))
     start = time.perf_counter()
-    train, val, _ = build_datasets(tokenizer, str(data), val_split=0.1, max_length=512)
+    train, val, _ = build_datasets(tokenizer, DataConfig(train=str(data), val_split=0.1, max_length=512))
     seconds = time.perf_counter() - start
     print(f"first preparation, in-process, no cache: {args.rows} rows in {seconds:.1f} s "
           f"= {args.rows / seconds:.0f} rows/s")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from qlora_loop.config import ASSETS, load_config
+from qlora_loop.config import ASSETS, AdapterConfig, load_config
 from qlora_loop.model.adapter import add_adapter
 from qlora_loop.model.load import load_base_model, load_tokenizer
 from qlora_loop.model.tiny import build_tiny_model
@@ -46,11 +46,11 @@ def accelerator():
     return Accelerator(mixed_precision="no")
 
 
-def peft_model(path, kind: str = "lora", seed: int = 0, **adapter):
-    """The real 4-bit base + adapter, as scripts/train.py builds it."""
+def peft_model(path, kind: str = "lora", seed: int = 0, total_steps: int | None = None, **adapter):
+    """The real 4-bit base + adapter, as scripts/train.py builds it; `adapter`: AdapterConfig's fields."""
     torch.manual_seed(seed)
     base = load_base_model(str(path), torch.device("cpu"), torch.bfloat16)
-    return add_adapter(base, kind, **adapter)
+    return add_adapter(base, AdapterConfig(kind=kind, **adapter), total_steps=total_steps)
 
 
 @pytest.fixture(scope="session")

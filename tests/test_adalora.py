@@ -11,7 +11,7 @@ from conftest import peft_model
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from qlora_loop.config import ASSETS
+from qlora_loop.config import ASSETS, DataConfig
 from qlora_loop.data.batches import collate
 from qlora_loop.data.mixtures import build_datasets
 from qlora_loop.model.adapter import adalora_of, adalora_orth_reg
@@ -26,8 +26,8 @@ TOTAL, TARGET_R, INIT_R = 20, 2, 4
 
 @pytest.fixture(scope="module")
 def batches(qwen2_tokenizer):
-    train, _, _ = build_datasets(qwen2_tokenizer, str(ASSETS / "self_cognition.jsonl"), None, val_split=0.0,
-                                 max_length=256)
+    train, _, _ = build_datasets(qwen2_tokenizer, DataConfig(train=str(ASSETS / "self_cognition.jsonl"), val_split=0.0,
+                                                             max_length=256))
     return [collate(train[i:i + 4], qwen2_tokenizer.pad_token_id) for i in range(0, 40, 4)]
 
 

@@ -18,6 +18,7 @@ from conftest import ROOT, peft_model
 from torch.utils.data import DataLoader
 from transformers import Qwen2Config
 
+from qlora_loop.config import AdapterConfig, Config, DataConfig, TrainConfig
 from qlora_loop.bench.bounds import QWEN25_7B, gpu_bounds, model_flops_per_token
 from qlora_loop.bench.inputs import generate_chat_set
 from qlora_loop.bench.measure import heldout_loss
@@ -132,8 +133,9 @@ def test_gpu_floor_counts_what_the_dry_run_counts(tmp_path):
     parameter and activation model (dryrun.activation_bytes); they differ only in how the loss's
     logits are added (see bench.bounds)."""
     Qwen2Config(**QWEN25_7B).save_pretrained(tmp_path)
-    lora = dict(kind="lora", r=16, alpha=32, dropout=0.05, target_modules=LORA_TARGETS)
-    dry = dry_run(str(tmp_path), lora, batch_size=1, max_length=2048)
+    lora = AdapterConfig(kind="lora", r=16, alpha=32, dropout=0.05, target_modules=LORA_TARGETS)
+    dry = dry_run(str(tmp_path), Config(adapter=lora, train=TrainConfig(batch_size=1),
+                                        data=DataConfig(max_length=2048)))
     b = gpu_bounds(QWEN25_7B, seq=2048, batch=1, r=16)
     assert dry.trainable == b["lora_parameters"]
     assert dry.memory["adapter_and_optimizer"] == b["adapter_optimizer_bytes"]
@@ -148,7 +150,7 @@ def test_heldout_loss_ignores_the_state_a_peer_left_in_accelerate(tiny_qwen2, qw
     """HF's Trainer leaves Accelerate's shared GradientState inside a loader, at its last batch with
     a remainder; evaluate over unprepared batches then trimmed every batch to that remainder."""
     model = peft_model(tiny_qwen2, r=4)
-    rows, _, _ = build_datasets(qwen2_tokenizer, str(rows44), val_split=0.0, max_length=128)
+    rows, _, _ = build_datasets(qwen2_tokenizer, DataConfig(train=str(rows44), val_split=0.0, max_length=128))
     rows = rows[:5]
     loader = iter(accelerator.prepare_data_loader(DataLoader(list(range(6)), batch_size=4)))
     next(loader), next(loader)  # at the last batch, never finished: what Trainer leaves

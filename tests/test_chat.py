@@ -20,10 +20,10 @@ from conftest import peft_model
 from peft import PeftModel
 
 import qlora_loop.use.chat
-from qlora_loop.config import ASSETS
+from qlora_loop.config import ASSETS, DataConfig
 from qlora_loop.data.batches import collate
 from qlora_loop.data.mixtures import build_datasets
-from qlora_loop.model.generate import generate_reply, sample_replies, stream_reply
+from qlora_loop.model.generate import Sampling, generate_reply, sample_replies, stream_reply
 from qlora_loop.model.load import load_base_model, load_tokenizer
 from qlora_loop.training.step import StepRunner
 from qlora_loop.use.inference import InferenceError, load_for_inference
@@ -80,7 +80,7 @@ def test_interactive_rounds_reset_and_exit(best, chat_main, capsys, monkeypatch)
     assert out.count("history cleared") == 1 and "never read" not in out
 
 
-SAMPLED = {"max_new_tokens": 16, "do_sample": True, "temperature": 1.5, "top_k": 0, "top_p": 1.0}
+SAMPLED = {"max_new_tokens": 16, "sampling": Sampling(temperature=1.5, top_p=1.0, top_k=0)}
 
 
 @pytest.mark.parametrize("options", [{"max_new_tokens": 24}, SAMPLED], ids=["greedy", "sampled"])
@@ -96,7 +96,7 @@ def test_streaming_yields_the_same_text_as_not_streaming(trained, options):
         whole = generate_reply(model, tokenizer, messages, **options)
         assert "".join(pieces) == whole and whole.strip()
         assert len(pieces) > 1  # streamed, not handed over in one piece
-    if not options.get("do_sample"):  # greedy decoding draws no random number at all
+    if options.get("sampling") is None:  # greedy decoding draws no random number at all
         state = torch.get_rng_state()
         assert generate_reply(model, tokenizer, "Who are you?", max_new_tokens=24) == ANSWERS["Who are you?"]
         assert torch.equal(torch.get_rng_state(), state)
@@ -151,8 +151,8 @@ def test_hub_base_unreachable_offline_is_one_line_and_exit_2(best, tmp_path):
 
 @pytest.fixture(scope="module")
 def batches(qwen2_tokenizer):
-    train, _, _ = build_datasets(qwen2_tokenizer, str(ASSETS / "self_cognition.jsonl"), None, val_split=0.0,
-                                 max_length=256)
+    train, _, _ = build_datasets(qwen2_tokenizer, DataConfig(train=str(ASSETS / "self_cognition.jsonl"), val_split=0.0,
+                                                             max_length=256))
     return [collate(train[i:i + 4], qwen2_tokenizer.pad_token_id) for i in (0, 4)]
 
 

@@ -3,6 +3,7 @@ set and the fix; and every shipped config under configs/ loads and builds on a t
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from qlora_loop.config import ASSETS, Config, ConfigError, load_config
+from qlora_loop.config import ASSETS, AdapterConfig, Config, ConfigError, DataConfig, ModelConfig, load_config
 from qlora_loop.cpu import resolve_compute_dtype
 from qlora_loop.data.examples import IGNORE
 from qlora_loop.data.mixtures import build_datasets
@@ -216,8 +217,8 @@ def test_shipped_config_builds_data_and_adapter_on_a_tiny_model(path, request, t
     tokenizer = load_tokenizer(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code,
                                revision=cfg.model.revision, chat_template=cfg.data.chat_template)
     # val_split 0 (not the config's) keeps the file's first row first.
-    train_rows, _, _ = build_datasets(tokenizer, cfg.data.train, None, val_split=0.0, max_length=cfg.data.max_length,
-                                      system_prompt=cfg.data.system_prompt, seed=cfg.train.seed)
+    train_rows, _, _ = build_datasets(tokenizer, dataclasses.replace(cfg.data, val_split=0.0),
+                                      seed=cfg.train.seed)
     first = load_conversations(cfg.data.train, cfg.data.system_prompt)[0].messages
     trained = tokenizer.decode([t for t in train_rows[0]["labels"] if t != IGNORE])
     for message in first:
@@ -228,15 +229,11 @@ def test_shipped_config_builds_data_and_adapter_on_a_tiny_model(path, request, t
     dtype, _ = resolve_compute_dtype(cfg.model.compute_dtype, torch.device("cpu"))
     torch.manual_seed(0)
     base = load_base_model(cfg.model.name_or_path, torch.device("cpu"), dtype,
-                           gradient_checkpointing=cfg.model.gradient_checkpointing,
-                           trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision,
-                           attn_implementation=cfg.model.attn_implementation)
+                           config=cfg.model, gradient_checkpointing=cfg.model.gradient_checkpointing)
     linear4bit = {name for name, module in base.named_modules() if isinstance(module, bnb.nn.Linear4bit)}
     a = cfg.adapter
     targets = find_linear4bit_targets(base) if a.target_modules == "auto" else a.target_modules
-    model = add_adapter(base, a.kind, r=a.r, alpha=a.alpha, dropout=a.dropout, target_modules=targets, total_steps=100,
-                        init_r=a.init_r, tinit=a.tinit, tfinal=a.tfinal, delta_t=a.delta_t,
-                        orth_reg_weight=a.orth_reg_weight, extra=a.extra)
+    model = add_adapter(base, dataclasses.replace(a, target_modules=targets), total_steps=100)
 
     peft_config = model.peft_config["default"]
     assert peft_config.peft_type.value == a.kind.upper()

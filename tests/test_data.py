@@ -12,6 +12,7 @@ import re
 import pytest
 import torch
 
+from qlora_loop.config import DataConfig
 from qlora_loop.data.batches import (EpochSampler, build_dataloaders, collate, collate_packed, model_inputs,
                                      steps_per_epoch)
 from qlora_loop.data.examples import (IGNORE, build_examples, render_with_spans, tokenize_by_pieces,
@@ -389,9 +390,9 @@ def test_skipping_more_than_max_skip_fraction_stops_the_run(tmp_path, qwen2_toke
                        + [{"instruction": "hi", "output": "ok"}] * 7)
     with data_error(path, "3 of 10 rows would be skipped (3 too_long)", "data.max_skip_fraction=0.1",
                     f"first: {path}:1"):
-        build_datasets(qwen2_tokenizer, path, None, val_split=0.0, max_length=16, on_error="skip")
-    train, _, stats = build_datasets(qwen2_tokenizer, path, None, val_split=0.0, max_length=16, on_error="skip",
-                                     max_skip_fraction=0.3)
+        build_datasets(qwen2_tokenizer, DataConfig(train=path, val_split=0.0, max_length=16, on_error="skip"))
+    train, _, stats = build_datasets(qwen2_tokenizer, DataConfig(train=path, val_split=0.0, max_length=16,
+                                                                 on_error="skip", max_skip_fraction=0.3))
     assert len(train) == 7 and stats["train"].dropped == 3
 
 
@@ -399,8 +400,8 @@ def test_all_val_rows_dropped_is_an_error(tmp_path, qwen2_tokenizer):
     train = write_jsonl(tmp_path / "train.jsonl", [{"instruction": "hi", "output": "ok"}])
     val = write_jsonl(tmp_path / "val.jsonl", [{"instruction": "long question " * 20, "output": "a"}])
     with data_error(val, "all 1 rows are bad (1 too_long; first: ", f"{val}:1: the prompt fills"):
-        build_datasets(qwen2_tokenizer, train, val, val_split=0.0, max_length=24, on_error="skip",
-                       max_skip_fraction=1.0)
+        build_datasets(qwen2_tokenizer, DataConfig(train=train, val=val, val_split=0.0, max_length=24, on_error="skip",
+                                                   max_skip_fraction=1.0))
 
 
 # --- splits -------------------------------------------------------------------------------------
@@ -422,7 +423,7 @@ def answers(tokenizer, examples) -> list[int]:
 
 def test_val_split_is_deterministic_disjoint_and_sized(numbered, qwen2_tokenizer):
     tok = qwen2_tokenizer
-    train, val, stats = build_datasets(tok, numbered, None, val_split=0.25, max_length=128, seed=3)
+    train, val, stats = build_datasets(tok, DataConfig(train=numbered, val_split=0.25, max_length=128), seed=3)
     train_ids, val_ids = answers(tok, train), answers(tok, val)
     assert (len(train_ids), len(val_ids)) == (15, 5)
     assert sorted(train_ids + val_ids) == list(range(20))
@@ -430,26 +431,26 @@ def test_val_split_is_deterministic_disjoint_and_sized(numbered, qwen2_tokenizer
     assert (stats["train"].rows, stats["val"].rows, stats["val"].examples) == (15, 5, 5)
     assert [e["index"] for e in val] == list(range(5))
 
-    again_train, again_val, _ = build_datasets(tok, numbered, None, val_split=0.25, max_length=128, seed=3)
+    again_train, again_val, _ = build_datasets(tok, DataConfig(train=numbered, val_split=0.25, max_length=128), seed=3)
     assert (answers(tok, again_train), answers(tok, again_val)) == (train_ids, val_ids)
     assert [e["input_ids"] for e in again_train] == [e["input_ids"] for e in train]
-    _, other_val, _ = build_datasets(tok, numbered, None, val_split=0.25, max_length=128, seed=4)
+    _, other_val, _ = build_datasets(tok, DataConfig(train=numbered, val_split=0.25, max_length=128), seed=4)
     assert answers(tok, other_val) != val_ids
 
-    _, small_val, _ = build_datasets(tok, numbered, None, val_split=0.01, max_length=128)
+    _, small_val, _ = build_datasets(tok, DataConfig(train=numbered, val_split=0.01, max_length=128))
     assert len(small_val) == 1  # at least one row is held out
 
 
 def test_no_val_split_keeps_every_row_for_training(numbered, qwen2_tokenizer):
-    train, val, stats = build_datasets(qwen2_tokenizer, numbered, None, val_split=0.0, max_length=128)
+    train, val, stats = build_datasets(qwen2_tokenizer, DataConfig(train=numbered, val_split=0.0, max_length=128))
     assert answers(qwen2_tokenizer, train) == list(range(20))
     assert val == [] and stats["val"].rows == 0
 
 
 def test_val_file_is_used_instead_of_a_split(numbered, tmp_path, qwen2_tokenizer):
     val_path = write_jsonl(tmp_path / "val.jsonl", [{"messages": chat("q", f"answer {i}")} for i in (100, 101)])
-    train, val, stats = build_datasets(qwen2_tokenizer, numbered, val_path, val_split=0.5, max_length=128,
-                                       system_prompt="S")
+    train, val, stats = build_datasets(qwen2_tokenizer, DataConfig(train=numbered, val=val_path, val_split=0.5,
+                                                                   max_length=128, system_prompt="S"))
     assert answers(qwen2_tokenizer, train) == list(range(20))
     assert answers(qwen2_tokenizer, val) == [100, 101]
     assert (stats["train"].rows, stats["val"].rows) == (20, 2)
@@ -461,7 +462,7 @@ def test_val_file_is_used_instead_of_a_split(numbered, tmp_path, qwen2_tokenizer
 def test_too_few_rows_to_split_is_an_error_naming_val_split(tmp_path, qwen2_tokenizer):
     path = write_jsonl(tmp_path / "one.jsonl", [{"instruction": "q", "output": "a"}])
     with data_error(path, "1 rows cannot be split with data.val_split=0.1"):
-        build_datasets(qwen2_tokenizer, path, None, val_split=0.1, max_length=128)
+        build_datasets(qwen2_tokenizer, DataConfig(train=path, val_split=0.1, max_length=128))
 
 
 # --- batches ------------------------------------------------------------------------------------
@@ -485,7 +486,7 @@ def test_collate_with_pad_equal_to_eos_still_trains_the_answers_eos(tmp_path, ll
     assert tok.pad_token == tok.eos_token == "</s>"
     path = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "hi", "output": "ok"},
                                               {"instruction": "tell me more", "output": "a much longer answer"}])
-    examples, _, _ = build_datasets(tok, path, None, val_split=0.0, max_length=128)
+    examples, _, _ = build_datasets(tok, DataConfig(train=path, val_split=0.0, max_length=128))
     short, long = examples
     batch = collate(examples, tok.pad_token_id)
     n, width = len(short["input_ids"]), len(long["input_ids"])
@@ -499,17 +500,17 @@ def test_collate_with_pad_equal_to_eos_still_trains_the_answers_eos(tmp_path, ll
 
 
 def test_dataloaders_shuffle_by_seed_and_keep_val_order(numbered, qwen2_tokenizer):
-    train, val, _ = build_datasets(qwen2_tokenizer, numbered, None, val_split=0.25, max_length=128)
+    train, val, _ = build_datasets(qwen2_tokenizer, DataConfig(train=numbered, val_split=0.25, max_length=128))
     def order(seed):
-        return [i for batch in build_dataloaders(train, val, batch_size=4, pad_id=0,
+        return [i for batch in build_dataloaders(train, val, DataConfig(group_by_length=False), batch_size=4, pad_id=0,
                                                  seed=seed)[0] for i in batch["index"].tolist()]
 
     first, same, other = order(0), order(0), order(1)
     assert sorted(first) == list(range(15)) and first == same and first != other
-    train_loader, val_loader = build_dataloaders(train, val, batch_size=4, pad_id=0)
+    train_loader, val_loader = build_dataloaders(train, val, DataConfig(group_by_length=False), batch_size=4, pad_id=0)
     assert len(train_loader) == 4
     assert [i for b in val_loader for i in b["index"].tolist()] == list(range(5))
-    assert build_dataloaders(train, [], batch_size=4, pad_id=0)[1] is None
+    assert build_dataloaders(train, [], DataConfig(group_by_length=False), batch_size=4, pad_id=0)[1] is None
 
 
 @pytest.mark.parametrize(("micro_batches", "grad_accum", "steps"), [(8, 4, 2), (9, 4, 3), (3, 4, 1), (5, 1, 5)])
@@ -533,15 +534,15 @@ def test_skip_mode_drops_each_bad_alpaca_row_and_counts_it_by_kind(tmp_path, lla
     raw = ("\n".join(lines) + "\n").encode() + b'{"instruction": "\xff", "output": "x"}\n' + (good + "\n").encode()
     path = tmp_path / "bad.jsonl"
     path.write_bytes(codecs.BOM_UTF8 + raw)                                 # 8 not_utf8, 9 good
-    train, _, stats = build_datasets(llama_tokenizer, str(path), None, val_split=0.0, max_length=48, on_error="skip",
-                                     max_skip_fraction=0.9)
+    train, _, stats = build_datasets(llama_tokenizer, DataConfig(train=str(path), val_split=0.0, max_length=48,
+                                                                 on_error="skip", max_skip_fraction=0.9))
     s = stats["train"]
     assert s.dropped_by_kind == {"invalid_json": 1, "missing_field": 1, "wrong_type": 1, "empty_response": 1,
                                  "too_long": 1, "not_utf8": 1}
     assert (len(train), s.rows, s.dropped) == (2, 8, 6)
     assert sorted(w.split(": ")[0] for w in s.dropped_where) == sorted(f"{path}:{n}" for n in (2, 3, 4, 5, 6, 8))
     with data_error(f"{path}:2", "invalid JSON"):  # strict, the default: the first bad row stops the run
-        build_datasets(llama_tokenizer, str(path), None, val_split=0.0, max_length=48)
+        build_datasets(llama_tokenizer, DataConfig(train=str(path), val_split=0.0, max_length=48))
 
 
 def test_skip_mode_drops_bad_conversations(tmp_path, llama_tokenizer):
@@ -553,8 +554,8 @@ def test_skip_mode_drops_bad_conversations(tmp_path, llama_tokenizer):
         {"messages": [user, user, answer]},                         # template_error: Llama-2 needs alternation
         {"messages": [user, {"role": "assistant", "content": ""}]},  # empty_response
     ])
-    train, _, stats = build_datasets(llama_tokenizer, path, None, val_split=0.0, max_length=64, on_error="skip",
-                                     max_skip_fraction=0.9)
+    train, _, stats = build_datasets(llama_tokenizer, DataConfig(train=path, val_split=0.0, max_length=64,
+                                                                 on_error="skip", max_skip_fraction=0.9))
     assert len(train) == 1 and stats["train"].dropped_by_kind == {
         "no_assistant": 1, "bad_role": 1, "template_error": 1, "empty_response": 1}
     with data_error(f"{path}:4", "the chat template rejects this conversation", "must alternate"):
@@ -597,8 +598,8 @@ def test_grouped_batches_hold_rows_of_similar_length():
 
 
 def test_dataloader_groups_by_length_when_asked(numbered, qwen2_tokenizer):
-    train, _, _ = build_datasets(qwen2_tokenizer, numbered, None, val_split=0.0, max_length=128)
-    grouped, _ = build_dataloaders(train, [], batch_size=4, pad_id=0, group_by_length=True)
+    train, _, _ = build_datasets(qwen2_tokenizer, DataConfig(train=numbered, val_split=0.0, max_length=128))
+    grouped, _ = build_dataloaders(train, [], DataConfig(group_by_length=True), batch_size=4, pad_id=0)
     assert isinstance(grouped.sampler, EpochSampler) and grouped.sampler.lengths == [len(e["input_ids"]) for e in train]
     assert sorted(i for b in grouped for i in b["index"].tolist()) == list(range(len(train)))
 
@@ -618,10 +619,10 @@ def test_collate_packed_puts_rows_end_to_end_with_restarting_positions():
 
 
 def test_packing_trains_packed_rows_in_shuffled_order_and_validates_padded(numbered, qwen2_tokenizer):
-    train, val, _ = build_datasets(qwen2_tokenizer, numbered, None, val_split=0.25, max_length=128)
-    packed_loader, val_loader = build_dataloaders(train, val, batch_size=4, pad_id=0, group_by_length=True,
-                                                  packing=True)
-    shuffled_loader, _ = build_dataloaders(train, val, batch_size=4, pad_id=0)
+    train, val, _ = build_datasets(qwen2_tokenizer, DataConfig(train=numbered, val_split=0.25, max_length=128))
+    packed_loader, val_loader = build_dataloaders(train, val, DataConfig(group_by_length=True, packing=True),
+                                                  batch_size=4, pad_id=0)
+    shuffled_loader, _ = build_dataloaders(train, val, DataConfig(group_by_length=False), batch_size=4, pad_id=0)
     packed, shuffled = list(packed_loader), list(shuffled_loader)
     # grouping does not apply: the batches hold the rows of the plain shuffled order, each batch one row
     assert [b["index"].tolist() for b in packed] == [b["index"].tolist() for b in shuffled]

@@ -24,7 +24,7 @@ from accelerate.commands.config.config_args import load_config_from_file
 from accelerate.utils import DistributedType
 from safetensors.torch import load_file
 
-from qlora_loop.config import ASSETS, TrainConfig
+from qlora_loop.config import ASSETS, ModelConfig, TrainConfig
 from qlora_loop.model.load import load_base_model
 from qlora_loop.training.distributed import (Launch, LaunchError, check_engine_taken, check_launch, describe_launch,
                                              resolve_grad_accum)
@@ -267,7 +267,8 @@ def test_a_single_cpu_process_is_described_as_such():
 def test_bfloat16_quant_storage_gives_one_dtype_and_the_same_4bit_weights(tiny_qwen2):
     """FSDP can flatten a unit only if all its parameters share one dtype: 4-bit weights packed in
     bfloat16, and norms / embeddings kept in bfloat16 (not up-cast to float32) beside them."""
-    stored = load_base_model(str(tiny_qwen2), torch.device("cpu"), torch.bfloat16, quant_storage=torch.bfloat16)
+    stored = load_base_model(str(tiny_qwen2), torch.device("cpu"), torch.bfloat16,
+                             config=ModelConfig(quant_storage='bfloat16'))
     default = load_base_model(str(tiny_qwen2), torch.device("cpu"), torch.bfloat16)
     assert {p.dtype for p in stored.parameters()} == {torch.bfloat16}
     assert torch.float32 in {p.dtype for p in default.parameters()}  # the uint8 path up-casts norms

@@ -5,6 +5,7 @@ Run: python -m pytest tests/test_dryrun.py -q
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 
@@ -13,7 +14,7 @@ import torch
 from conftest import ROOT
 from transformers import Qwen2Config
 
-from qlora_loop.config import load_config
+from qlora_loop.config import AdapterConfig, Config, DataConfig, ModelConfig, TrainConfig, load_config
 from qlora_loop.cpu import resolve_compute_dtype
 from qlora_loop.model.adapter import add_adapter, find_linear4bit_targets, trainable_parameters
 from qlora_loop.model.load import load_base_model
@@ -21,11 +22,17 @@ from qlora_loop.training.dryrun import dry_run, dry_run_config, report
 from qlora_loop.training.loss import chunk_tokens
 
 ADAPTERS = {
-    "lora": dict(kind="lora", r=8, alpha=16, dropout=0.05),
-    "lora-qv-dora": dict(kind="lora", r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"],
-                         extra={"use_dora": True}),
-    "adalora": dict(kind="adalora", r=4, alpha=8, dropout=0.0, init_r=6),
+    "lora": AdapterConfig(kind="lora", r=8, alpha=16, dropout=0.05),
+    "lora-qv-dora": AdapterConfig(kind="lora", r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"],
+                                  extra={"use_dora": True}),
+    "adalora": AdapterConfig(kind="adalora", r=4, alpha=8, dropout=0.0, init_r=6),
 }
+
+
+def config(adapter: AdapterConfig, *, batch_size: int, max_length: int, attn_implementation: str | None = None,
+           packing: bool = False) -> Config:
+    return Config(model=ModelConfig(attn_implementation=attn_implementation), adapter=adapter,
+                  train=TrainConfig(batch_size=batch_size), data=DataConfig(max_length=max_length, packing=packing))
 
 
 @pytest.mark.parametrize("fixture", ["tiny_qwen2", "tiny_llama"])
@@ -33,11 +40,11 @@ ADAPTERS = {
 def test_dry_run_counts_what_the_real_build_counts(request, fixture, name):
     path = str(request.getfixturevalue(fixture))
     adapter = ADAPTERS[name]
-    dry = dry_run(path, adapter, batch_size=4, max_length=256)
+    dry = dry_run(path, config(adapter, batch_size=4, max_length=256))
 
     base = load_base_model(path, torch.device("cpu"), torch.bfloat16)
-    targets = adapter.get("target_modules") or find_linear4bit_targets(base)
-    real = add_adapter(base, **{**adapter, "target_modules": targets}, total_steps=100)
+    targets = find_linear4bit_targets(base) if adapter.target_modules == "auto" else adapter.target_modules
+    real = add_adapter(base, dataclasses.replace(adapter, target_modules=targets), total_steps=100)
     assert dry.targets == targets
     assert (dry.trainable, dry.total) == trainable_parameters(real)
     assert dry.trainable > 0
@@ -48,8 +55,8 @@ def test_no_weights_are_read(tmp_path):
     Qwen2Config(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                 num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False).save_pretrained(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["config.json"]
-    lora = dict(kind="lora", r=8, alpha=32, dropout=0.1)
-    run = dry_run(str(tmp_path), lora, batch_size=1, max_length=1024)
+    lora = AdapterConfig(kind="lora", r=8, alpha=32, dropout=0.1)
+    run = dry_run(str(tmp_path), config(lora, batch_size=1, max_length=1024))
     assert run.trainable == 20_185_088 and run.total == 7_635_801_600
     assert run.targets == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
     gib = {k: v / 2**30 for k, v in run.memory.items()}
@@ -63,23 +70,24 @@ def test_no_weights_are_read(tmp_path):
     # The memory grows with the batch; the parameter counts do not. With the loss computing all
     # logits at once (logits_chunk=None) they grow with it too; with train.py's chunked loss
     # (qwen2 qualifies: "auto") only one chunk of chunk_tokens(vocab) tokens is held at a time.
-    whole = dry_run(str(tmp_path), lora, batch_size=1, max_length=1024, logits_chunk=None)
-    bigger = dry_run(str(tmp_path), lora, batch_size=4, max_length=1024, logits_chunk=None)
+    whole = dry_run(str(tmp_path), config(lora, batch_size=1, max_length=1024), logits_chunk=None)
+    bigger = dry_run(str(tmp_path), config(lora, batch_size=4, max_length=1024), logits_chunk=None)
     assert bigger.trainable == run.trainable
     assert bigger.memory["activations"] == 4 * run.memory["activations"]
     assert bigger.memory["logits"] == 4 * whole.memory["logits"] == 4 * 1024 * 152064 * (2 + 12)
-    chunked = dry_run(str(tmp_path), lora, batch_size=4, max_length=1024)
+    chunked = dry_run(str(tmp_path), config(lora, batch_size=4, max_length=1024))
     assert chunked.memory["logits"] == chunk_tokens(152064) * 152064 * (2 + 12) < bigger.memory["logits"]
     assert chunk_tokens(152064) == 441
     # eager attention keeps T x T scores per head; packed (data.packing), T is the whole batch's row
-    eager = dry_run(str(tmp_path), lora, batch_size=4, max_length=1024, attn_implementation="eager")
-    packed = dry_run(str(tmp_path), lora, batch_size=4, max_length=1024, attn_implementation="eager", packing=True)
+    eager = dry_run(str(tmp_path), config(lora, batch_size=4, max_length=1024, attn_implementation="eager"))
+    packed = dry_run(str(tmp_path), config(lora, batch_size=4, max_length=1024, attn_implementation="eager",
+                                           packing=True))
     scores = 2 * 28 * 1024 ** 2 * 2  # scores and probabilities, 28 heads, bf16, per 1024-token row
     assert eager.memory["activations"] - chunked.memory["activations"] == 4 * scores
     assert packed.memory["activations"] - chunked.memory["activations"] == 4 ** 2 * scores
     assert packed.memory["packed_mask"] == (4 * 1024) ** 2 * (1 + 2) and "packed_mask" not in eager.memory
-    flash = dry_run(str(tmp_path), lora, batch_size=4, max_length=1024, attn_implementation="flash_attention_2",
-                    packing=True)
+    flash = dry_run(str(tmp_path), config(lora, batch_size=4, max_length=1024, attn_implementation="flash_attention_2",
+                    packing=True))
     assert "packed_mask" not in flash.memory and flash.memory["activations"] == chunked.memory["activations"]
 
 

@@ -20,7 +20,7 @@ from conftest import ROOT, peft_model
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from qlora_loop.config import ASSETS
+from qlora_loop.config import ASSETS, DataConfig
 from qlora_loop.data.batches import collate
 from qlora_loop.data.mixtures import build_datasets
 from qlora_loop.training.checkpoint import CheckpointError, Checkpoints, save_adapter
@@ -83,8 +83,8 @@ def runner(tiny_qwen2, qwen2_tokenizer):
     model = peft_model(tiny_qwen2, r=4)
     optimizer = build_optimizer(model, lr=1e-3)
     runner = StepRunner(model, optimizer, build_scheduler(optimizer, "cosine", 10, 0.1), accelerator)
-    train, _, _ = build_datasets(qwen2_tokenizer, str(ASSETS / "self_cognition.jsonl"), None, val_split=0.0,
-                                 max_length=128)
+    train, _, _ = build_datasets(qwen2_tokenizer, DataConfig(train=str(ASSETS / "self_cognition.jsonl"), val_split=0.0,
+                                                             max_length=128))
     runner.batch = collate(train[:2], qwen2_tokenizer.pad_token_id)
     return runner
 
@@ -102,8 +102,7 @@ def test_disk_full_at_any_stage_of_a_save_keeps_the_previous_checkpoint(runner, 
 
     real_fsync, calls = os.fsync, [0]
     monkeypatch.setattr(os, "fsync", lambda fd: (calls.__setitem__(0, calls[0] + 1), real_fsync(fd)))
-    Checkpoints(runner.accelerator, tmp_path / "dry", identity={}, config={}).save(runner,
-                                                                                   {"epoch": 1})  # counts one save's fsyncs
+    Checkpoints(runner.accelerator, tmp_path / "dry", identity={}, config={}).save(runner, {"epoch": 1})  # counts one save's fsyncs
     stages = calls[0]
     assert stages >= 11  # 8 files, the folder, the marker, the parent folder
     for stage in range(1, stages + 1):

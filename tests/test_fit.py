@@ -10,7 +10,7 @@ import torch
 from accelerate import Accelerator
 
 from qlora_loop.observe.log import HISTORY_COLUMNS, RunLog
-from qlora_loop.training.fit import EarlyStopping, fit, windows
+from qlora_loop.training.fit import Plan, fit, windows
 from qlora_loop.training.step import StepResult
 
 
@@ -32,8 +32,9 @@ def run_fit(tmp_path, losses, patience, mode="min", epochs=None):
     batches = [{"labels": torch.zeros(1, 2)}] * 4  # 4 micro-batches, grad_accum 2 -> 2 steps per epoch
     runner = ScriptedRunner(accelerator, losses, steps_per_epoch=2)
     saved_at = []
-    summary = fit(runner, batches, None, RunLog(accelerator, tmp_path), save_best=lambda: saved_at.append(runner.step),
-                  epochs=epochs or len(losses), grad_accum=2, stopper=EarlyStopping(patience, mode, "train_loss"))
+    plan = Plan(epochs or len(losses), grad_accum=2, patience=patience, monitor="train_loss", mode=mode)
+    summary = fit(runner, (batches, None), plan, log=RunLog(accelerator, tmp_path),
+                  save_best=lambda: saved_at.append(runner.step))
     history = [json.loads(line) for line in (tmp_path / "history.jsonl").read_text().splitlines()]
     return summary, saved_at, history
 
@@ -63,10 +64,11 @@ def test_runs_all_epochs_when_patience_is_zero_or_never_exhausted(tmp_path):
     assert summary["epochs_run"] == 3 and summary["stopped_early"] is False and summary["best_epoch"] == 3
 
 
-def test_nan_never_counts_as_improvement():
-    stopper = EarlyStopping(patience=2)
-    assert stopper.update(1.0) and not stopper.update(math.nan) and not stopper.update(math.nan)
-    assert stopper.should_stop and stopper.best == 1.0
+def test_nan_never_counts_as_improvement(tmp_path):
+    assert not Plan(1).improves(math.nan, None) and not Plan(1, mode="max").improves(math.nan, 1.0)
+    summary, saved_at, _ = run_fit(tmp_path, [1.0, math.nan, math.nan, 0.5], patience=2)
+    assert summary["stopped_early"] and summary["epochs_run"] == 3 and summary["best_metric"] == 1.0
+    assert saved_at == [2]
 
 
 def test_windows_group_micro_batches_with_a_short_last_window():

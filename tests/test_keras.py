@@ -16,6 +16,7 @@ pytest.importorskip("torchkeras", reason="torchkeras is not installed: pip insta
 
 from torchkeras import KerasModel  # noqa: E402
 
+from qlora_loop.config import DataConfig
 from qlora_loop.data.batches import build_dataloaders  # noqa: E402
 from qlora_loop.data.mixtures import build_datasets
 from qlora_loop.training.keras import ADAPTER_FILE, KerasStepRunner, QLoraKerasModel  # noqa: E402
@@ -23,8 +24,10 @@ from qlora_loop.training.optim import build_optimizer, build_scheduler  # noqa: 
 
 
 def test_keras_model_trains_the_tiny_model_through_our_step_runner(tmp_path, tiny_qwen2, qwen2_tokenizer, rows44):
-    train, val, _ = build_datasets(qwen2_tokenizer, str(rows44), None, val_split=0.1, max_length=512, seed=0)
-    train_dl, val_dl = build_dataloaders(train, val, batch_size=4, pad_id=qwen2_tokenizer.pad_token_id, seed=0)
+    train, val, _ = build_datasets(qwen2_tokenizer, DataConfig(train=str(rows44), val_split=0.1, max_length=512),
+                                   seed=0)
+    train_dl, val_dl = build_dataloaders(train, val, DataConfig(group_by_length=False), batch_size=4,
+                                         pad_id=qwen2_tokenizer.pad_token_id, seed=0)
     model = peft_model(tiny_qwen2, r=8, alpha=16, dropout=0.0)
     optimizer = build_optimizer(model, "paged_adamw_32bit", 3e-3)
     scheduler = build_scheduler(optimizer, "cosine", len(train_dl) * 3, 0.05)

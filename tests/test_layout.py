@@ -124,3 +124,25 @@ def test_no_module_over_400_lines():
     long = {name: n for name, path in modules().items()
             if (n := len(path.read_text(encoding="utf-8").splitlines())) > 400}
     assert long == {}
+
+
+def parameters(function: ast.FunctionDef) -> list[str]:
+    """A function's parameters as a caller gives them (self and cls are not given)."""
+    a = function.args
+    names = [p.arg for p in a.posonlyargs + a.args + a.kwonlyargs]
+    return names[1:] if names[:1] in (["self"], ["cls"]) else names
+
+
+def test_no_public_function_takes_more_than_8_parameters():
+    """Builders take their config section (build_datasets(tokenizer, cfg.data, ...)) rather than its
+    fields one by one: a call with a dozen keywords is where two swapped values go unnoticed."""
+    long = [f"{name}.{node.name}({len(parameters(node))})" for name, path in modules().items()
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and not node.name.startswith("_")
+            and len(parameters(node)) > 8]
+    assert long == []
+
+
+def test_the_parameter_counter_counts_keywords_and_skips_self():
+    method = ast.parse("class A:\n    def f(self, a, /, b, *, c, d=1): pass").body[0].body[0]
+    assert parameters(method) == ["a", "b", "c", "d"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qlora_loop.config import ASSETS
+from qlora_loop.config import ASSETS, AdapterConfig, DataConfig
 from qlora_loop.data.batches import collate, collate_packed
 from qlora_loop.data.mixtures import build_datasets
 from qlora_loop.training.loss import causal_lm_loss, chunked_lm_loss, count_targets
@@ -13,8 +13,8 @@ from qlora_loop.training.loss import causal_lm_loss, chunked_lm_loss, count_targ
 
 @pytest.fixture(scope="module")
 def examples(qwen2_tokenizer):
-    train, _, _ = build_datasets(qwen2_tokenizer, str(ASSETS / "self_cognition.jsonl"), None, val_split=0.0,
-                                 max_length=256)
+    train, _, _ = build_datasets(qwen2_tokenizer, DataConfig(train=str(ASSETS / "self_cognition.jsonl"), val_split=0.0,
+                                                             max_length=256))
     return train
 
 
@@ -25,12 +25,13 @@ def test_chunked_loss_and_gradients_equal_the_full_logits_loss(request, fixture)
     from qlora_loop.training.loss import default_loss
     path = request.getfixturevalue(fixture)
     tokenizer = load_tokenizer(str(path))
-    train, _, _ = build_datasets(tokenizer, str(ASSETS / "self_cognition.jsonl"), None, val_split=0.0, max_length=256)
+    train, _, _ = build_datasets(tokenizer, DataConfig(train=str(ASSETS / "self_cognition.jsonl"), val_split=0.0,
+                                                       max_length=256))
     batch = collate(train[:5], tokenizer.pad_token_id)
     # float32 compute: in bf16 the two orders of summation differ by rounding (~3e-4), which would
     # hide a real error; in float32 they agree to ~1e-7.
     torch.manual_seed(0)
-    model = add_adapter(load_base_model(str(path), torch.device("cpu"), torch.float32), r=4, dropout=0.0)
+    model = add_adapter(load_base_model(str(path), torch.device("cpu"), torch.float32), AdapterConfig(r=4, dropout=0.0))
     with torch.no_grad():  # non-zero B, so the adapter's gradients are not trivially alike
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -58,9 +59,10 @@ def test_packed_batch_gives_the_padded_batch_loss_and_gradients(request, fixture
     from qlora_loop.model.load import load_base_model, load_tokenizer
     path = request.getfixturevalue(fixture)
     tokenizer = load_tokenizer(str(path))
-    train, _, _ = build_datasets(tokenizer, str(ASSETS / "self_cognition.jsonl"), None, val_split=0.0, max_length=256)
+    train, _, _ = build_datasets(tokenizer, DataConfig(train=str(ASSETS / "self_cognition.jsonl"), val_split=0.0,
+                                                       max_length=256))
     torch.manual_seed(0)
-    model = add_adapter(load_base_model(str(path), torch.device("cpu"), torch.float32), r=4, dropout=0.0)
+    model = add_adapter(load_base_model(str(path), torch.device("cpu"), torch.float32), AdapterConfig(r=4, dropout=0.0))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -92,8 +94,8 @@ def test_chunked_loss_asks_for_no_per_layer_hidden_states_under_accelerates_bf16
     from qlora_loop.model.adapter import add_adapter
     from qlora_loop.model.load import load_base_model
     torch.manual_seed(0)
-    model = add_adapter(load_base_model(str(tiny_qwen2), torch.device("cpu"), torch.bfloat16, autocast=True), r=4,
-                        dropout=0.0)
+    model = add_adapter(load_base_model(str(tiny_qwen2), torch.device("cpu"), torch.bfloat16, autocast=True),
+                        AdapterConfig(r=4, dropout=0.0))
     model.forward = MethodType(convert_outputs_to_fp32(model.forward.__func__), model)  # as accelerator.prepare
     outputs = []
     model.register_forward_hook(lambda module, args, out: outputs.append(out))

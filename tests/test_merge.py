@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import qlora_loop.use.merge
-from qlora_loop.config import ASSETS
+from qlora_loop.config import ASSETS, DataConfig
 from qlora_loop.data.batches import collate
 from qlora_loop.data.cache import cache_root
 from qlora_loop.data.examples import IGNORE
@@ -39,8 +39,7 @@ def merge_main():
 def held_out(best) -> list[dict]:
     """The default run's validation examples, built as scripts/train.py builds them."""
     cfg = tiny_config()
-    _, val, _ = build_datasets(load_tokenizer(str(best)), cfg.data.train, None, val_split=cfg.data.val_split,
-                               max_length=cfg.data.max_length, seed=cfg.train.seed)
+    _, val, _ = build_datasets(load_tokenizer(str(best)), cfg.data, seed=cfg.train.seed)
     return val
 
 
@@ -82,8 +81,7 @@ def test_merged_model_answers_like_the_adapter_where_top1_agrees(merged, best, h
     model = AutoModelForCausalLM.from_pretrained(out)  # plain transformers, nothing of ours
     tokenizer = AutoTokenizer.from_pretrained(out)
     reference, ref_tokenizer = load_for_inference(best)
-    assert report["prompts"] == min(8,
-                                    len({prompt_ids(row) for row in held_out}))  # --num-prompts 8 of the default's validation questions
+    assert report["prompts"] == min(8, len({prompt_ids(row) for row in held_out}))  # --num-prompts 8 of the default's validation questions
     for row in report["rows"]:  # the report's replies are the models' real greedy replies
         merged_reply = plain_greedy(model, tokenizer, row["prompt"])
         adapter_reply = generate_reply(reference, ref_tokenizer, row["prompt"], max_new_tokens=64)
@@ -150,8 +148,8 @@ def test_validation_prompts_skip_bad_rows_as_training_does(qwen2_tokenizer, tmp_
     path.write_text("\n".join(lines[:3] + ["{not json"] + lines[3:]) + "\n", encoding="utf-8")
     run = {"data": {"train": str(path), "val_split": 0.25, "on_error": "skip"}, "train": {"seed": 3}}
     prompts, references, source = validation_prompts(run, n=100)
-    _, val, _ = build_datasets(qwen2_tokenizer, str(path), None, val_split=0.25, max_length=512, seed=3,
-                               on_error="skip")
+    _, val, _ = build_datasets(qwen2_tokenizer, DataConfig(train=str(path), val_split=0.25, max_length=512,
+                                                           on_error="skip"), seed=3)
     assert len(val) == 5 and source == f"{path} (validation rows)"
     first_turns_match(qwen2_tokenizer, prompts, references, val)
 
@@ -164,8 +162,9 @@ def test_validation_prompts_with_the_runs_tokenizer_come_from_its_cache_without_
     path = tmp_path / "rows.jsonl"
     path.write_text("\n".join([long] * 4 + lines) + "\n", encoding="utf-8")  # too long for max_length 128: dropped
     data = {"train": str(path), "val_split": 0.5, "on_error": "skip", "max_length": 128, "max_skip_fraction": 0.5}
-    _, val, _ = build_datasets(qwen2_tokenizer, str(path), None, val_split=0.5, max_length=128, seed=3,
-                               on_error="skip", max_skip_fraction=0.5, cache=cache_root())
+    _, val, _ = build_datasets(qwen2_tokenizer, DataConfig(train=str(path), val_split=0.5, max_length=128,
+                                                           on_error="skip",
+                                                           max_skip_fraction=0.5), seed=3, cache=cache_root())
     assert list((tmp_path / "cache" / "qlora_loop" / "data").iterdir())  # the run wrote its cache entry
     rows, _ = held_out_conversations(data, 3, qwen2_tokenizer)
     assert [row.where for row in rows] == [e["where"] for e in val]  # the very rows the run validated on
@@ -232,7 +231,8 @@ def test_a_cut_short_adapter_file_is_an_error_before_any_work(best, merge_main, 
 def test_adalora_adapter_merges(tiny_qwen2, qwen2_tokenizer, tmp_path):
     from accelerate import Accelerator
     accelerator = Accelerator(mixed_precision="no")
-    train, _, _ = build_datasets(qwen2_tokenizer, str(tiny_config().data.train), None, val_split=0.0, max_length=64)
+    train, _, _ = build_datasets(qwen2_tokenizer, DataConfig(train=str(tiny_config().data.train), val_split=0.0,
+                                                             max_length=64))
     batches = [collate(train[i:i + 2], qwen2_tokenizer.pad_token_id) for i in range(0, 12, 2)]
     model = peft_model(tiny_qwen2, "adalora", r=2, init_r=4, total_steps=6, tinit=0.1, tfinal=0.2, dropout=0.0)
     optimizer = build_optimizer(model, lr=2e-2)

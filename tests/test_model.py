@@ -8,6 +8,7 @@ import torch
 from conftest import peft_model
 from peft import LoraConfig
 
+from qlora_loop.config import AdapterConfig, DataConfig
 from qlora_loop.data.batches import check_packing
 from qlora_loop.errors import ModelError
 from qlora_loop.model.adapter import add_adapter, find_linear4bit_targets, trainable_parameters
@@ -35,7 +36,7 @@ def test_base_is_nf4_double_quant_and_prepared(request, fixture):
 def test_targets_are_every_linear4bit_but_lm_head(request, fixture):
     model = load_base_model(str(request.getfixturevalue(fixture)), torch.device("cpu"))
     assert find_linear4bit_targets(model) == PROJECTIONS
-    adapted = add_adapter(model, "lora", r=4)
+    adapted = add_adapter(model, AdapterConfig(kind="lora", r=4))
     wrapped = {n.split(".")[-1] for n, m in adapted.named_modules() if hasattr(m, "lora_A")}
     assert wrapped == set(PROJECTIONS)
     assert all("lora_" in n for n, p in adapted.named_parameters() if p.requires_grad)
@@ -115,8 +116,8 @@ def test_under_bf16_autocast_weights_and_residual_stream_stay_bf16_and_it_trains
     assert plain.lm_head.weight.dtype == plain.model.embed_tokens.weight.dtype == torch.float32
     assert kept.lm_head.weight.dtype == kept.model.embed_tokens.weight.dtype == torch.bfloat16
     assert kept.model.norm.weight.dtype == kept.model.layers[0].input_layernorm.weight.dtype == torch.bfloat16
-    rows, _, _ = build_datasets(qwen2_tokenizer, str(ASSETS / "self_cognition.jsonl"), None, val_split=0.0,
-                                max_length=128)
+    rows, _, _ = build_datasets(qwen2_tokenizer, DataConfig(train=str(ASSETS / "self_cognition.jsonl"), val_split=0.0,
+                                                            max_length=128))
     batch = collate(rows[:4], qwen2_tokenizer.pad_token_id)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         hidden = kept(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -128,7 +129,7 @@ def test_under_bf16_autocast_weights_and_residual_stream_stay_bf16_and_it_trains
     losses = {}
     for name, base, autocast in (("plain", plain, False), ("kept", kept, True)):
         torch.manual_seed(0)
-        model = add_adapter(base, "lora", r=4, dropout=0.0)
+        model = add_adapter(base, AdapterConfig(kind="lora", r=4, dropout=0.0))
         optimizer = build_optimizer(model, "paged_adamw_32bit", 1e-2)
         loss_fn = default_loss(model)
 
@@ -181,8 +182,8 @@ def test_training_after_an_evaluation_computes_what_it_did_before(tiny_qwen2, qw
     from qlora_loop.data.mixtures import build_datasets
     from qlora_loop.training.loss import causal_lm_loss
 
-    rows, _, _ = build_datasets(qwen2_tokenizer, str(ASSETS / "self_cognition.jsonl"), None, val_split=0.0,
-                                max_length=128)
+    rows, _, _ = build_datasets(qwen2_tokenizer, DataConfig(train=str(ASSETS / "self_cognition.jsonl"), val_split=0.0,
+                                                            max_length=128))
     batch = collate(rows[:4], qwen2_tokenizer.pad_token_id)
     model = peft_model(tiny_qwen2, r=4, dropout=0.0)
     before = causal_lm_loss(model, batch).sum()
@@ -222,8 +223,8 @@ def test_packing_check_passes_native_models_and_refuses_one_whose_rows_would_mix
     from qlora_loop.config import ASSETS
     from qlora_loop.data.mixtures import build_datasets
     path = request.getfixturevalue(fixture)
-    train, _, _ = build_datasets(load_tokenizer(str(path)), str(ASSETS / "self_cognition.jsonl"), None, val_split=0.0,
-                                 max_length=256)
+    train, _, _ = build_datasets(load_tokenizer(str(path)), DataConfig(train=str(ASSETS / "self_cognition.jsonl"),
+                                                                       val_split=0.0, max_length=256))
     model = peft_model(path, r=4)
     with torch.no_grad():  # a trained-looking adapter, not B = 0
         for name, p in model.named_parameters():

@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from qlora_loop.config import ASSETS, load_config
+from qlora_loop.config import ASSETS, DataConfig, load_config
 from qlora_loop.data.examples import IGNORE
 from qlora_loop.data.mixtures import build_datasets
 from qlora_loop.model.generate import generate_replies
@@ -27,7 +27,8 @@ def jsonl(name: str) -> list[dict]:
 
 def test_smollm2_template_injects_a_system_turn_that_is_never_trained(smollm2):
     tokenizer = load_tokenizer(str(smollm2))
-    train_rows, _, _ = build_datasets(tokenizer, str(ASSETS / "identity.jsonl"), val_split=0.0, max_length=256)
+    train_rows, _, _ = build_datasets(tokenizer, DataConfig(train=str(ASSETS / "identity.jsonl"), val_split=0.0,
+                                                            max_length=256))
     for row, source in zip(train_rows, jsonl("identity.jsonl")):
         text = tokenizer.decode(row["input_ids"])
         trained = tokenizer.decode([t for t in row["labels"] if t != IGNORE])

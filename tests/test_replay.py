@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import peft_model
 
-from qlora_loop.config import ASSETS, ConfigError, load_config
+from qlora_loop.config import ASSETS, ConfigError, DataConfig, load_config
 from qlora_loop.data.mixtures import build_datasets
 from qlora_loop.forgetting.replay import base_replies, choose, read_prompts, replay_conversations
 from qlora_loop.model.generate import generate_reply
@@ -61,8 +61,9 @@ def test_base_replies_are_the_base_greedy_replies_cached_once(tiny_qwen2, qwen2_
 def test_replay_rows_are_trained_never_held_out_and_counted(qwen2_tokenizer):
     replay = replay_conversations(["Name a colour.", "Say hi."], ["Blue.", ""], None)  # an empty reply is left out
     assert [c.where for c in replay] == ["replay:1"]
-    train, val, stats = build_datasets(qwen2_tokenizer, str(ASSETS / "self_cognition.jsonl"), val_split=0.1,
-                                       max_length=256, seed=42, replay=replay)
+    train, val, stats = build_datasets(qwen2_tokenizer, DataConfig(train=str(ASSETS / "self_cognition.jsonl"),
+                                                                   val_split=0.1,
+                                                                   max_length=256), seed=42, replay=replay)
     assert stats["replay"].examples == 1 and train[-1]["where"] == "replay:1"
     assert [e["index"] for e in train] == list(range(len(train)))
     assert not any(e["where"].startswith("replay") for e in val)

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from conftest import tiny_config
 
+from qlora_loop.config import DataConfig
 from qlora_loop.cpu import physical_cores
 from qlora_loop.data.batches import build_dataloaders
 from qlora_loop.data.mixtures import build_datasets
@@ -80,19 +81,16 @@ def test_reloaded_adapter_reproduces_val_loss_and_answers(tiny_run):
     cfg = tiny_config()
     base_path = str(cache / "qlora_loop" / Path(resolve_model_path(cfg.model.name_or_path)).name)
     tokenizer = load_tokenizer(str(out / "best"))
-    _, val_rows, _ = build_datasets(tokenizer, cfg.data.train, None, val_split=cfg.data.val_split,
-                                    max_length=cfg.data.max_length,
-                                    seed=cfg.train.seed)
-    _, val_dl = build_dataloaders(val_rows, val_rows, batch_size=cfg.train.batch_size, pad_id=tokenizer.pad_token_id)
+    _, val_rows, _ = build_datasets(tokenizer, cfg.data, seed=cfg.train.seed)
+    _, val_dl = build_dataloaders(val_rows, val_rows, DataConfig(group_by_length=False),
+                                  batch_size=cfg.train.batch_size, pad_id=tokenizer.pad_token_id)
     from accelerate import Accelerator
     model = PeftModel.from_pretrained(load_base_model(base_path, torch.device("cpu")), out / "best")
     assert evaluate(model, val_dl, Accelerator(mixed_precision="no")) == pytest.approx(summary["best_metric"],
                                                                                       rel=1e-4)
     # Every question that opens a training row gets its trained answer back, verbatim, greedy.
     model.eval()
-    train_rows, _, _ = build_datasets(tokenizer, cfg.data.train, None, val_split=cfg.data.val_split,
-                                      max_length=cfg.data.max_length,
-                                      seed=cfg.train.seed)
+    train_rows, _, _ = build_datasets(tokenizer, cfg.data, seed=cfg.train.seed)
     firsts = {}
     for line in Path(cfg.data.train).read_text(encoding="utf-8").splitlines():
         messages = json.loads(line)["messages"]

@@ -6,6 +6,7 @@ Run: python -m pytest tests/test_sources.py -q
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -15,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import run_training
-from qlora_loop.config import ConfigError, load_config
+from qlora_loop.config import ConfigError, DataConfig, load_config
 from qlora_loop.data.audit import audit_label_masks
 from qlora_loop.data.cache import load_entry
 from qlora_loop.data.examples import IGNORE, max_chars, tokenize_rows
@@ -67,9 +68,9 @@ def test_sharegpt_rows_become_messages_and_unknown_roles_are_named(tmp_path):
 def test_columns_map_other_field_names(tmp_path, qwen2_tokenizer):
     path = write_jsonl(tmp_path / "qa.jsonl", [{"question": f"q{i}", "answer": f"answer {i}"} for i in range(4)])
     with data_error(f"{path}:1", "unknown row format", "data.columns"):
-        build_datasets(qwen2_tokenizer, path, val_split=0.0, max_length=64)
-    train, _, _ = build_datasets(qwen2_tokenizer, path, val_split=0.0, max_length=64,
-                                 columns={"instruction": "question", "output": "answer"})
+        build_datasets(qwen2_tokenizer, DataConfig(train=path, val_split=0.0, max_length=64))
+    train, _, _ = build_datasets(qwen2_tokenizer, DataConfig(train=path, val_split=0.0, max_length=64,
+                                                             columns={"instruction": "question", "output": "answer"}))
     assert [trained(qwen2_tokenizer, e) for e in train] == [[f"answer {i}<|im_end|>"] for i in range(4)]
 
 
@@ -92,10 +93,10 @@ def test_train_false_and_train_on_last_keep_turns_in_the_prompt(tmp_path, qwen2_
     path = write_jsonl(tmp_path / "m.jsonl", [flagged])
     sharegpt = write_jsonl(tmp_path / "s.jsonl", [SHAREGPT])
     tok = qwen2_tokenizer
-    [example], _, _ = build_datasets(tok, path, val_split=0.0, max_length=128)
+    [example], _, _ = build_datasets(tok, DataConfig(train=path, val_split=0.0, max_length=128))
     assert trained(tok, example) == ["bye<|im_end|>"]
-    [everything], _, _ = build_datasets(tok, sharegpt, val_split=0.0, max_length=128)
-    [last], _, _ = build_datasets(tok, sharegpt, val_split=0.0, max_length=128, train_on="last")
+    [everything], _, _ = build_datasets(tok, DataConfig(train=sharegpt, val_split=0.0, max_length=128))
+    [last], _, _ = build_datasets(tok, DataConfig(train=sharegpt, val_split=0.0, max_length=128, train_on="last"))
     assert trained(tok, everything) == ["hello<|im_end|>", "bye<|im_end|>"]
     assert trained(tok, last) == ["bye<|im_end|>"] and last["input_ids"] == everything["input_ids"]
     # the audit honours the flag: the masks pass, and training the flagged turn would be a problem
@@ -124,8 +125,8 @@ def test_csv_parquet_arrow_and_saved_folders_read_as_rows(tmp_path, qwen2_tokeni
     with data_error(f"{tmp_path / 'd.parquet'} row 1", "no assistant turn"):
         load_conversations(tmp_path / "d.parquet")  # read, not "re-save as UTF-8"
     assert len(load_conversations(tmp_path / "saved")) == len(load_conversations(arrow)) == 3
-    train, _, _ = build_datasets(qwen2_tokenizer, [{"path": str(tmp_path / "dict"), "split": "test"}],
-                                 val_split=0.0, max_length=64)
+    train, _, _ = build_datasets(qwen2_tokenizer, DataConfig(train=[{"path": str(tmp_path / "dict"), "split": "test"}],
+                                                             val_split=0.0, max_length=64))
     assert [e["where"] for e in train] == [f"{tmp_path / 'dict'} row 0"]
     with data_error(tmp_path / "dict", "no split 'dev'", "it has train, test"):
         load_conversations(_source(tmp_path / "dict", split="dev"))
@@ -164,8 +165,8 @@ def test_every_row_bad_under_skip_names_the_count_kinds_and_first_rows(tmp_path,
     with data_error(path, "all 4 rows are bad (1 empty_response, 1 invalid_json, 1 missing_field, 1 wrong_type; "
                     "first: ",
                     f"{path}:2: invalid JSON", f"; {path}:1: missing field 'output'"):
-        build_datasets(qwen2_tokenizer, str(path), val_split=0.1, max_length=64, on_error="skip",
-                       max_skip_fraction=1.0)
+        build_datasets(qwen2_tokenizer, DataConfig(train=str(path), val_split=0.1, max_length=64, on_error="skip",
+                                                   max_skip_fraction=1.0))
 
 
 class SpyTokenizer:
@@ -191,8 +192,8 @@ def test_a_row_of_megabytes_is_cut_before_it_is_tokenized(tmp_path, qwen2_tokeni
     huge = "word " * 1_000_000  # 5 MB
     path = write_jsonl(tmp_path / "big.jsonl", [{"instruction": huge, "output": "a"}, ALPACA[0],
                                                 {"instruction": "q", "output": huge}])
-    train, _, stats = build_datasets(spy, path, val_split=0.0, max_length=max_length, on_error="skip",
-                                     max_skip_fraction=0.5)
+    train, _, stats = build_datasets(spy, DataConfig(train=path, val_split=0.0, max_length=max_length, on_error="skip",
+                                                     max_skip_fraction=0.5))
     assert stats["train"].dropped_by_kind == {"too_long": 1} and len(train) == 2
     assert spy.longest < max_chars(qwen2_tokenizer, max_length) + 200 < len(huge)  # the template's text on top
     # the cut row keeps exactly the tokens the whole row would have kept
@@ -208,13 +209,14 @@ def test_weights_repeat_or_draw_rows_and_validation_is_held_out_first(tmp_path, 
     tok = qwen2_tokenizer
     one = write_jsonl(tmp_path / "one.jsonl", ALPACA)
     two = write_jsonl(tmp_path / "two.jsonl", [{"instruction": f"x{i}", "output": f"reply {i}"} for i in range(10)])
-    _, _, single = build_datasets(tok, [one, two], val_split=0.0, max_length=64)
-    _, _, doubled = build_datasets(tok, [{"path": one, "weight": 2}, two], val_split=0.0, max_length=64)
+    _, _, single = build_datasets(tok, DataConfig(train=[one, two], val_split=0.0, max_length=64))
+    _, _, doubled = build_datasets(tok, DataConfig(train=[{"path": one, "weight": 2}, two], val_split=0.0,
+                                                   max_length=64))
     tokens = [[s["target_tokens"] for s in stats["train"].sources] for stats in (single, doubled)]
     assert tokens[1] == [2 * tokens[0][0], tokens[0][1]] and tokens[0][0] > 0
     assert doubled["train"].target_tokens == 2 * tokens[0][0] + tokens[0][1]
-    train, val, stats = build_datasets(tok, [{"path": one, "weight": 0.5}, {"path": two, "weight": 3}],
-                                       val_split=0.2, max_length=64, seed=1)
+    train, val, stats = build_datasets(tok, DataConfig(train=[{"path": one, "weight": 0.5}, {"path": two, "weight": 3}],
+                                                            val_split=0.2, max_length=64), seed=1)
     held = {e["where"] for e in val}
     assert len(val) == 4 and not held & {e["where"] for e in train}  # 2 per source, never trained
     assert [s["examples"] for s in stats["train"].sources] == [4, 24]  # half of 8, three times 8
@@ -237,8 +239,8 @@ def test_second_build_reads_the_cache_and_a_corrupt_entry_is_rebuilt(tmp_path, q
     cache = tmp_path / "cache"
 
     def build(**options):
-        return build_datasets(qwen2_tokenizer, path, val_split=0.2, max_length=48, cache=cache, on_error="skip",
-                              max_skip_fraction=0.5, **options)
+        data = DataConfig(train=path, val_split=0.2, max_length=48, on_error="skip", max_skip_fraction=0.5)
+        return build_datasets(qwen2_tokenizer, dataclasses.replace(data, **options), cache=cache)
 
     first = build()
     [entry] = list(cache.iterdir())
@@ -248,7 +250,7 @@ def test_second_build_reads_the_cache_and_a_corrupt_entry_is_rebuilt(tmp_path, q
         [(e["input_ids"], e["labels"], e["where"]) for e in first[0] + first[1]]
     assert again[2]["train"].dropped_by_kind == {"too_long": 1}
     with data_error(f"{path}:11", "prompt fills"):  # strict reads the entry's dropped row as an error
-        build_datasets(qwen2_tokenizer, path, val_split=0.2, max_length=48, cache=cache)
+        build_datasets(qwen2_tokenizer, DataConfig(train=path, val_split=0.2, max_length=48), cache=cache)
     tokens = entry / "tokens.safetensors"
     tokens.write_bytes(tokens.read_bytes()[:-8])  # a truncated write
     assert load_entry(cache, entry.name)[1] == "tokens.safetensors does not match its checksum"

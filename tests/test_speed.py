@@ -9,7 +9,7 @@ import torch
 
 from conftest import run_training
 
-from qlora_loop.config import ASSETS
+from qlora_loop.config import ASSETS, AdapterConfig, DataConfig
 from qlora_loop.data.batches import collate
 from qlora_loop.data.mixtures import build_datasets
 from qlora_loop.model.adapter import add_adapter
@@ -21,8 +21,8 @@ from qlora_loop.training.memory import OutOfMemory
 
 @pytest.fixture(scope="module")
 def batch(qwen2_tokenizer):
-    rows, _, _ = build_datasets(qwen2_tokenizer, str(ASSETS / "self_cognition.jsonl"), None, val_split=0.0,
-                                max_length=128)
+    rows, _, _ = build_datasets(qwen2_tokenizer, DataConfig(train=str(ASSETS / "self_cognition.jsonl"), val_split=0.0,
+                                                            max_length=128))
     return collate(rows[:4], qwen2_tokenizer.pad_token_id)
 
 
@@ -37,7 +37,7 @@ def loss_and_grads(model, batch, seed: int = 0) -> tuple[float, dict]:
 def test_checkpointing_changes_neither_loss_nor_gradients(tiny_qwen2, batch):
     """Recomputed layers replay the RNG state, so even with LoRA dropout on the numbers are the same."""
     model = add_adapter(load_base_model(str(tiny_qwen2), torch.device("cpu"), gradient_checkpointing=False),
-                        "lora", r=4, dropout=0.1)
+                        AdapterConfig(kind="lora", r=4, dropout=0.1))
     model.train()
     plain_loss, plain = loss_and_grads(model, batch)
     set_gradient_checkpointing(model, True)
@@ -135,7 +135,7 @@ def test_adapter_shares_inputs_and_computes_what_peft_computes(tiny_qwen2, batch
     ours, base = (load_base_model(str(tiny_qwen2), torch.device("cpu"), torch.float32, gradient_checkpointing=False)
                   for _ in range(2))
     torch.manual_seed(0)  # the same LoRA A initialisation
-    ours = add_adapter(ours, "lora", r=4, dropout=0.0)
+    ours = add_adapter(ours, AdapterConfig(kind="lora", r=4, dropout=0.0))
     torch.manual_seed(0)
     plain = get_peft_model(base, LoraConfig(r=4, lora_alpha=32.0, lora_dropout=0.0, task_type="CAUSAL_LM",
                                             target_modules=find_linear4bit_targets(base)))

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import peft_model
 
-from qlora_loop.config import ASSETS
+from qlora_loop.config import ASSETS, DataConfig
 from qlora_loop.data.batches import collate
 from qlora_loop.data.examples import IGNORE
 from qlora_loop.data.mixtures import build_datasets
@@ -19,8 +19,8 @@ from qlora_loop.training.step import StepRunner
 
 @pytest.fixture(scope="module")
 def examples(qwen2_tokenizer):
-    train, _, _ = build_datasets(qwen2_tokenizer, str(ASSETS / "self_cognition.jsonl"), None, val_split=0.0,
-                                 max_length=256)
+    train, _, _ = build_datasets(qwen2_tokenizer, DataConfig(train=str(ASSETS / "self_cognition.jsonl"), val_split=0.0,
+                                                             max_length=256))
     return train
 
 

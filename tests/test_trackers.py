@@ -15,7 +15,7 @@ from conftest import peft_model, tiny_config
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from qlora_loop.config import ConfigError, key_paths, load_config, to_dict
+from qlora_loop.config import ConfigError, DataConfig, key_paths, load_config, to_dict
 from qlora_loop.data.batches import build_dataloaders
 from qlora_loop.data.mixtures import build_datasets
 from qlora_loop.observe.trackers import (TRACKERS, check_trackers, epoch_metrics, hyperparameters, log_samples,
@@ -59,8 +59,10 @@ def test_tensorboard_events_are_written_and_read_back(tmp_path, tiny_qwen2, qwen
     accelerator = Accelerator(log_with=check_trackers(["tensorboard"]), project_dir=out, mixed_precision="no")
     config = to_dict(tiny_config("train.lr=7e-4"))
     start_trackers(accelerator, config, run_name="run")
-    train, _, _ = build_datasets(qwen2_tokenizer, config["data"]["train"], None, val_split=0.0, max_length=512)
-    loader, _ = build_dataloaders(train[:12], [], batch_size=4, pad_id=qwen2_tokenizer.pad_token_id)
+    train, _, _ = build_datasets(qwen2_tokenizer, DataConfig(train=config["data"]["train"], val_split=0.0,
+                                                             max_length=512))
+    loader, _ = build_dataloaders(train[:12], [], DataConfig(group_by_length=False), batch_size=4,
+                                  pad_id=qwen2_tokenizer.pad_token_id)
     model = peft_model(tiny_qwen2, r=4)
     lr = config["train"]["lr"]
     optimizer = build_optimizer(model, "paged_adamw_32bit", lr)

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Qwen2Config
 
+from qlora_loop.config import DataConfig
 from qlora_loop.data.mixtures import build_datasets, split_validation
 from qlora_loop.data.sources import load_conversations
 from qlora_loop.model.load import load_tokenizer
@@ -135,6 +136,6 @@ def write_data(workdir: Path, tokenizer, *, data: str | None, generate: int | No
 def load_examples(spec: dict):
     """(tokenizer, train examples, val examples): the same tokenized rows for every peer."""
     tokenizer = load_tokenizer(spec["model"])
-    train, val, _ = build_datasets(tokenizer, spec["train"], spec["val"], val_split=0.0, max_length=spec["seq"],
-                                   seed=spec["seed"])
+    train, val, _ = build_datasets(tokenizer, DataConfig(train=spec["train"], val=spec["val"], val_split=0.0,
+                                                         max_length=spec["seq"]), seed=spec["seed"])
     return tokenizer, train, val

@@ -16,6 +16,7 @@ import time
 import torch
 from accelerate import Accelerator
 
+from qlora_loop.config import AdapterConfig
 from qlora_loop.cpu import describe_cpu, resolve_compute_dtype
 from qlora_loop.model.adapter import add_adapter
 from qlora_loop.model.builtin import resolve_model_path
@@ -39,11 +40,15 @@ VARIANTS = {
 }
 
 
-def runner_for(path: str, accelerator: Accelerator, *, shared: bool, checkpointing: bool = False, dropout: bool = True,
-               autocast: bool = False, base: torch.dtype | None = None, p: float, r: int) -> StepRunner:
-    base = base or resolve_compute_dtype("auto", torch.device("cpu"))[0]
-    model = load_base_model(path, torch.device("cpu"), base, gradient_checkpointing=False, autocast=autocast)
-    model = add_adapter(model, "lora", r=r, alpha=2 * r, dropout=p if dropout else 0.0, shared_inputs=shared)
+def runner_for(path: str, accelerator: Accelerator, variant: dict, *, p: float, r: int) -> StepRunner:
+    """A StepRunner on the 4-bit base at `path` with a LoRA of rank `r` and dropout `p`, as `variant`
+    (one of VARIANTS: shared, checkpointing, dropout, autocast, base) says."""
+    v = {"checkpointing": False, "dropout": True, "autocast": False, "base": None, **variant}
+    base = v["base"] or resolve_compute_dtype("auto", torch.device("cpu"))[0]
+    model = load_base_model(path, torch.device("cpu"), base, gradient_checkpointing=False, autocast=v["autocast"])
+    model = add_adapter(model, AdapterConfig(r=r, alpha=2 * r, dropout=p if v["dropout"] else 0.0,
+                                             shared_inputs=v["shared"]))
+    checkpointing = v["checkpointing"]
     set_gradient_checkpointing(model, checkpointing)
     model.train()
     optimizer = build_optimizer(model, "paged_adamw_32bit", 1e-4)
@@ -64,7 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
     path = resolve_model_path(args.model)
     accelerator = Accelerator(mixed_precision="no", cpu=True)  # the bf16 variant's autocast is entered below
     names = args.variants.split(";") if args.variants else list(VARIANTS)
-    runners = {name: runner_for(path, accelerator, p=args.dropout, r=args.r, **VARIANTS[name]) for name in names}
+    runners = {name: runner_for(path, accelerator, VARIANTS[name], p=args.dropout, r=args.r) for name in names}
     vocab = next(iter(runners.values())).model.get_input_embeddings().num_embeddings
     ids = torch.randint(0, vocab, (args.batch_size, args.tokens), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}

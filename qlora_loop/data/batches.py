@@ -8,6 +8,7 @@ import math
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from qlora_loop.config import DataConfig
 from qlora_loop.data.examples import IGNORE
 from qlora_loop.errors import ModelError
 
@@ -85,19 +86,20 @@ class EpochSampler(Sampler):
         return self.size
 
 
-def build_dataloaders(train_examples: list[dict], val_examples: list[dict], *, batch_size: int, pad_id: int,
-                      seed: int = 0, num_workers: int = 0, group_by_length: bool = False,
-                      processes: int = 1, packing: bool = False) -> tuple[DataLoader, DataLoader | None]:
-    """Under `processes` ranks Accelerate deals consecutive batches out to the ranks in turn, so the
-    rows are grouped by the global micro-batch (batch_size x processes): N ranks then see exactly the
-    rows one process would see in a batch N times as large.
+def build_dataloaders(train_examples: list[dict], val_examples: list[dict], data: DataConfig, *, batch_size: int,
+                      pad_id: int, seed: int = 0, processes: int = 1) -> tuple[DataLoader, DataLoader | None]:
+    """The training and validation loaders, shaped by data.group_by_length, data.packing and
+    data.num_workers. Under `processes` ranks Accelerate deals consecutive batches out to the ranks
+    in turn, so the rows are grouped by the global micro-batch (batch_size x processes): N ranks then
+    see exactly the rows one process would see in a batch N times as large.
 
-    With `packing`, training batches are packed rows (collate_packed) in plain shuffled order, as
+    With data.packing, training batches are packed rows (collate_packed) in plain shuffled order, as
     packing leaves no padding for grouping to remove; validation batches stay padded."""
+    packing, num_workers = data.packing, data.num_workers
     def collate_fn(batch):
         return collate(batch, pad_id)
 
-    lengths = [len(e["input_ids"]) for e in train_examples] if group_by_length and not packing else None
+    lengths = [len(e["input_ids"]) for e in train_examples] if data.group_by_length and not packing else None
     sampler = EpochSampler(len(train_examples), seed, lengths=lengths, batch_size=batch_size * processes)
     # Each loader gets its own generator: creating an iterator draws a seed from it, and without one
     # that draw comes from the global RNG, which dropout uses, so a resumed epoch would shift it.

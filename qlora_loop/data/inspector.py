@@ -10,7 +10,7 @@ import argparse
 from rich.console import Console
 from rich.text import Text
 
-from qlora_loop.config import load_config
+from qlora_loop.config import DataConfig, load_config
 from qlora_loop.data.audit import audit_label_masks, trained_runs
 from qlora_loop.data.batches import build_dataloaders
 from qlora_loop.data.cache import cache_root
@@ -35,17 +35,14 @@ def main(argv: list[str] | None = None, console: Console | None = None) -> dict:
     tokenizer = load_tokenizer(resolve_model_path(cfg.model.name_or_path, gguf_file=cfg.model.gguf_file),
                                trust_remote_code=cfg.model.trust_remote_code,
                                revision=cfg.model.revision, chat_template=d.chat_template)
-    train, val, stats = build_datasets(tokenizer, d.train, d.val, val_split=d.val_split, max_length=d.max_length,
-                                       system_prompt=d.system_prompt, seed=cfg.train.seed, on_error=d.on_error,
-                                       max_skip_fraction=d.max_skip_fraction, fmt=d.format, columns=d.columns,
-                                       train_on=d.train_on, cache=cache_root() if d.cache else None)
+    train, val, stats = build_datasets(tokenizer, d, seed=cfg.train.seed, cache=cache_root() if d.cache else None)
 
     for example in train[: args.n]:
         console.rule(f"[bold]{example['where']}[/]  {len(example['input_ids'])} tokens")
         console.print(highlight(tokenizer, example["input_ids"], example["labels"]), soft_wrap=True)
     console.rule("statistics")
-    numbers = statistics(train, val, stats, batch_size=cfg.train.batch_size, pad_id=tokenizer.pad_token_id,
-                         seed=cfg.train.seed, group_by_length=d.group_by_length, packing=d.packing)
+    numbers = statistics(train, val, stats, d, batch_size=cfg.train.batch_size, pad_id=tokenizer.pad_token_id,
+                         seed=cfg.train.seed)
     for line in format_statistics(numbers, stats, batch_size=cfg.train.batch_size, max_length=d.max_length,
                                   packing=d.packing) + source_lines(stats):
         console.print(line, soft_wrap=True)
@@ -80,13 +77,12 @@ def percentile(values: list[int], q: float) -> int:
     return ordered[int(rank) - 1]
 
 
-def statistics(train: list[dict], val: list[dict], stats: dict, *, batch_size: int, pad_id: int, seed: int,
-               group_by_length: bool, packing: bool = False) -> dict:
+def statistics(train: list[dict], val: list[dict], stats: dict, data: DataConfig, *, batch_size: int, pad_id: int,
+               seed: int) -> dict:
     lengths = [len(e["input_ids"]) for e in train]
     trained = stats["train"].target_tokens
     # Padding in epoch 1's order, batched (grouped by length, packed, or neither) as training does.
-    loader, _ = build_dataloaders(train, [], batch_size=batch_size, pad_id=pad_id, seed=seed,
-                                  group_by_length=group_by_length, packing=packing)
+    loader, _ = build_dataloaders(train, [], data, batch_size=batch_size, pad_id=pad_id, seed=seed)
     loader.sampler.set_epoch(1)
     positions = real = 0
     for batch in loader:

@@ -56,30 +56,34 @@ def _raise_first(prepared: Prepared) -> None:
         raise error
 
 
-def build_datasets(tokenizer, train, val=None, *, val_split: float, max_length: int,
-                   system_prompt: str | None = None, seed: int = 0, on_error: str = "error",
-                   max_skip_fraction: float = 0.1, replay: list[Conversation] = (), fmt: str = "auto",
-                   columns: dict | None = None, train_on: str = "all", cache: Path | None = None):
+def build_datasets(tokenizer, data: DataConfig, *, seed: int = 0, replay: list[Conversation] = (),
+                   cache: Path | None = None):
     """(train examples, val examples or [], {"train": DataStats, "val": DataStats[, "replay": DataStats]}).
-    train / val: one source or a mixture (config.source_configs). Without val, each source's
-    val_split share is held out (by `seed`) before its rows are weighted. on_error: "error" stops at
-    the first bad row; "skip" drops bad rows, counting them by kind, and stops only when more than
-    max_skip_fraction of a source's rows would be dropped. `replay` rows (replay.replay_conversations)
-    are trained beside the sources', never held out; one of them that does not fit data.max_length is
-    skipped and counted. `cache`: a folder for the tokenized cache (cache_root()); None = none."""
+    data.train / data.val: one source or a mixture (config.source_configs). Without data.val, each
+    source's data.val_split share is held out (by `seed`) before its rows are weighted.
+    data.on_error: "error" stops at the first bad row; "skip" drops bad rows, counting them by kind,
+    and stops only when more than data.max_skip_fraction of a source's rows would be dropped. `replay`
+    rows (replay.replay_conversations) are trained beside the sources', never held out; one of them
+    that does not fit data.max_length is skipped and counted. `cache`: a folder for the tokenized
+    cache (cache_root()); None = none (data.cache is the run's choice, not read here)."""
+    train, val, max_length = data.train, data.val, data.max_length
+
     def prepare(source):
-        return prepare_source(tokenizer, source, max_length=max_length, system_prompt=system_prompt,
-                              train_on=train_on, strict=on_error == "error", cache=cache)
+        return prepare_source(tokenizer, source, max_length=max_length, system_prompt=data.system_prompt,
+                              train_on=data.train_on, strict=data.on_error == "error", cache=cache)
+
+    def sources(spec, key):
+        return source_configs(spec, key, fmt=data.format, columns=data.columns) if spec is not None else []
 
     splits = {"train": ([], DataStats()), "val": ([], DataStats())}
-    for source in source_configs(train, "data.train", fmt=fmt, columns=columns):
-        prepared = check_rejects(prepare(source), max_skip_fraction)
+    for source in sources(train, "data.train"):
+        prepared = check_rejects(prepare(source), data.max_skip_fraction)
         rows = list(range(len(prepared.conversations)))
-        kept, held = (rows, []) if val is not None else split_validation(rows, val_split, seed, prepared.label)
+        kept, held = (rows, []) if val is not None else split_validation(rows, data.val_split, seed, prepared.label)
         _add(splits["train"], prepared, kept, weight=source.weight, seed=seed, reading=True)
         _add(splits["val"], prepared, held, weight=1.0, seed=seed, reading=False)
-    for source in source_configs(val, "data.val", fmt=fmt, columns=columns) if val is not None else []:
-        prepared = check_rejects(prepare(source), max_skip_fraction)
+    for source in sources(val, "data.val"):
+        prepared = check_rejects(prepare(source), data.max_skip_fraction)
         _add(splits["val"], prepared, list(range(len(prepared.conversations))), weight=1.0, seed=seed, reading=True)
     (train_examples, train_stats), (val_examples, val_stats) = splits["train"], splits["val"]
     if not train_examples:

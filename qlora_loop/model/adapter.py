@@ -9,6 +9,7 @@ import torch
 from peft import AdaLoraConfig, LoraConfig, PeftModel, get_peft_model
 from peft.tuners.adalora import AdaLoraModel
 
+from qlora_loop.config import AdapterConfig
 from qlora_loop.errors import ModelError
 from qlora_loop.model.fused_lora import share_lora_inputs
 
@@ -27,31 +28,32 @@ def find_linear4bit_targets(model, layer: type = bnb.nn.Linear4bit) -> list[str]
     return suffixes if len(matched) == len(full) else full
 
 
-def add_adapter(model, kind: str = "lora", *, r: int = 16, alpha: float = 32.0, dropout: float = 0.05,
-                target_modules: str | list[str] = "auto", total_steps: int | None = None,
-                init_r: int | None = None, tinit: float = 0.1, tfinal: float = 0.2, delta_t: int = 1,
-                orth_reg_weight: float = 0.5, extra: dict | None = None, shared_inputs: bool = True) -> PeftModel:
-    """Wrap the prepared base in a LoRA or AdaLoRA adapter. AdaLoRA needs `total_steps` (optimizer
-    steps of the whole run) to schedule its rank budget; tinit/tfinal are fractions of it.
-    shared_inputs: on a CPU, the LoRA layers that read the same input (q/k/v, gate/up) share one A
-    matmul and one dropout mask of that input (qlora_loop.model.fused_lora), with fewer copies than peft's
-    forward; False keeps peft's, each layer with its own mask."""
+def add_adapter(model, adapter: AdapterConfig | None = None, *, total_steps: int | None = None) -> PeftModel:
+    """Wrap the prepared base in the LoRA or AdaLoRA adapter `adapter` describes (config.AdapterConfig;
+    None = its defaults). adapter.target_modules "auto" = every Linear4bit but lm_head. AdaLoRA needs
+    `total_steps` (optimizer steps of the whole run) to schedule its rank budget; adapter.tinit /
+    adapter.tfinal are fractions of it. adapter.shared_inputs: on a CPU, the LoRA layers that read the
+    same input (q/k/v, gate/up) share one A matmul and one dropout mask of that input
+    (qlora_loop.model.fused_lora), with fewer copies than peft's forward; False keeps peft's, each layer
+    with its own mask."""
+    a = adapter or AdapterConfig()
+    kind, r, target_modules = a.kind, a.r, a.target_modules
     targets = find_linear4bit_targets(model) if target_modules == "auto" else list(target_modules)
-    common = dict(lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM",
-                  **(extra or {}))
+    common = dict(lora_alpha=a.alpha, lora_dropout=a.dropout, target_modules=targets, task_type="CAUSAL_LM",
+                  **(a.extra or {}))
     try:
         if kind == "lora":
             config = LoraConfig(r=r, **common)
         else:
             if not total_steps:
                 raise ModelError("AdaLoRA needs the run's total optimizer steps to schedule its rank budget")
-            t_init, t_final = int(tinit * total_steps), int(tfinal * total_steps)
+            t_init, t_final = int(a.tinit * total_steps), int(a.tfinal * total_steps)
             if t_init >= total_steps - t_final:
                 raise ModelError(f"AdaLoRA has {total_steps} optimizer steps, too few to shrink ranks after "
-                                 f"adapter.tinit={tinit} and before adapter.tfinal={tfinal}; train more steps "
+                                 f"adapter.tinit={a.tinit} and before adapter.tfinal={a.tfinal}; train more steps "
                                  "(train.epochs) or lower adapter.tinit / adapter.tfinal")
-            config = AdaLoraConfig(target_r=r, init_r=init_r or math.ceil(1.5 * r), tinit=t_init,
-                                   tfinal=t_final, deltaT=delta_t, orth_reg_weight=orth_reg_weight,
+            config = AdaLoraConfig(target_r=r, init_r=a.init_r or math.ceil(1.5 * r), tinit=t_init,
+                                   tfinal=t_final, deltaT=a.delta_t, orth_reg_weight=a.orth_reg_weight,
                                    total_step=total_steps, **common)
     except TypeError as e:
         raise ModelError(f"adapter.extra: {e}; see peft's {'LoraConfig' if kind == 'lora' else 'AdaLoraConfig'} "
@@ -66,7 +68,7 @@ def add_adapter(model, kind: str = "lora", *, r: int = 16, alpha: float = 32.0, 
     for name, param in model.named_parameters():
         if ".ranknum." in name:
             param.requires_grad_(False)
-    if shared_inputs and kind == "lora":
+    if a.shared_inputs and kind == "lora":
         share_lora_inputs(model)
     return model
 

@@ -10,10 +10,13 @@ from __future__ import annotations
 import contextlib
 import random
 import threading
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+from qlora_loop.config import EvalConfig
 
 
 # --- one reply ----------------------------------------------------------------------------------
@@ -39,14 +42,21 @@ def stop_token_ids(model, tokenizer) -> list[int]:
     return list(dict.fromkeys(t for t in [tokenizer.eos_token_id, *own] if t is not None))
 
 
-def generation_kwargs(model, tokenizer, *, max_new_tokens: int, do_sample: bool, temperature: float, top_p: float,
-                      top_k: int) -> dict:
+@dataclass(frozen=True)
+class Sampling:
+    """Sampled decoding (top_k 0 and top_p 1.0 turn those filters off); a reply given none is greedy."""
+    temperature: float = 0.7
+    top_p: float = 0.9
+    top_k: int = 50
+
+
+def generation_kwargs(model, tokenizer, *, max_new_tokens: int, sampling: Sampling | None = None) -> dict:
     """Everything generate() needs, set explicitly: the model's generation_config (e.g. a hub
     model's sampling temperature or repetition penalty) must not leak into a greedy reply."""
-    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, num_beams=1, repetition_penalty=1.0,
+    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=sampling is not None, num_beams=1, repetition_penalty=1.0,
                   eos_token_id=stop_token_ids(model, tokenizer), pad_token_id=tokenizer.pad_token_id, use_cache=True)
-    if do_sample:
-        kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k)
+    if sampling is not None:
+        kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
     else:
         kwargs.update(temperature=None, top_p=None, top_k=None)
     return kwargs
@@ -83,25 +93,24 @@ def generation_state(model):
             m.training = training
 
 
-def generate_ids(model, tokenizer, input_ids: torch.Tensor, *, max_new_tokens: int = 256, do_sample: bool = False,
-                 temperature: float = 0.7, top_p: float = 0.9, top_k: int = 50, streamer=None,
-                 stopping_criteria=None) -> torch.Tensor:
-    """The new token ids [T'] generate() appends to `input_ids` [1, T] (the stop token included)."""
+def generate_ids(model, tokenizer, input_ids: torch.Tensor, *, max_new_tokens: int = 256,
+                 sampling: Sampling | None = None, streamer=None, stopping_criteria=None) -> torch.Tensor:
+    """The new token ids [T'] generate() appends to `input_ids` [1, T] (the stop token included);
+    greedy unless `sampling`."""
     input_ids = input_ids.to(model.device)
-    options = generation_kwargs(model, tokenizer, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                                temperature=temperature, top_p=top_p, top_k=top_k)
+    options = generation_kwargs(model, tokenizer, max_new_tokens=max_new_tokens, sampling=sampling)
     with generation_state(model):
         output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer,
                                 stopping_criteria=stopping_criteria, **options)
     return output[0, input_ids.shape[1]:].cpu()
 
 
-def generate_reply(model, tokenizer, messages: list[dict] | str, *, max_new_tokens: int = 256, do_sample: bool = False,
-                   temperature: float = 0.7, top_p: float = 0.9, top_k: int = 50, streamer=None) -> str:
-    """The model's reply to a conversation (greedy unless do_sample), special tokens removed.
+def generate_reply(model, tokenizer, messages: list[dict] | str, *, max_new_tokens: int = 256,
+                   sampling: Sampling | None = None, streamer=None) -> str:
+    """The model's reply to a conversation (greedy unless `sampling`), special tokens removed.
     `streamer` (a transformers streamer) receives the tokens as they are generated."""
     new = generate_ids(model, tokenizer, encode_chat(tokenizer, as_messages(messages)), max_new_tokens=max_new_tokens,
-                       do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k, streamer=streamer)
+                       sampling=sampling, streamer=streamer)
     return tokenizer.decode(new, skip_special_tokens=True)
 
 
@@ -112,8 +121,7 @@ def generate_replies(model, tokenizer, conversations: list[list[dict]], *, max_n
     reply can differ from generate_reply's by a token where two were nearly tied."""
     prompts = [encode_chat(tokenizer, as_messages(c))[0] for c in conversations]
     replies = []
-    options = generation_kwargs(model, tokenizer, max_new_tokens=max_new_tokens, do_sample=False, temperature=0.7,
-                                top_p=0.9, top_k=50)
+    options = generation_kwargs(model, tokenizer, max_new_tokens=max_new_tokens)
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start:start + batch_size]
         width = max(len(p) for p in batch)
@@ -136,7 +144,8 @@ class _StopWhenSet(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
-def stream_reply(model, tokenizer, messages: list[dict] | str, *, max_new_tokens: int = 256, **options):
+def stream_reply(model, tokenizer, messages: list[dict] | str, *, max_new_tokens: int = 256,
+                 sampling: Sampling | None = None):
     """Yield the reply in pieces as it is generated (generate runs in a thread, feeding a
     TextIteratorStreamer); the pieces join to exactly what generate_reply returns. Leaving the loop
     early (e.g. Ctrl-C) stops generation at the next token."""
@@ -147,7 +156,7 @@ def stream_reply(model, tokenizer, messages: list[dict] | str, *, max_new_tokens
     def run():
         try:
             generate_ids(model, tokenizer, input_ids, max_new_tokens=max_new_tokens, streamer=streamer,
-                         stopping_criteria=StoppingCriteriaList([_StopWhenSet(stop)]), **options)
+                         stopping_criteria=StoppingCriteriaList([_StopWhenSet(stop)]), sampling=sampling)
         except BaseException as e:  # re-raised in the caller's thread; end() unblocks its loop
             failure.append(e)
             streamer.end()
@@ -201,17 +210,17 @@ def held_out_prompts(rows: list[dict], n: int) -> tuple[list[list[dict]], list[s
     return prompts, references
 
 
-def sampler(runner, tokenizer, log, *, prompts: list[str], rows: list[dict], n: int, system: str | None,
-            max_new_tokens: int, general: tuple[str, str] | None = None, sharded_by: str | None = None):
-    """fit's `sample(epoch)`: greedy replies to `prompts` (eval.prompts), or else to the first `n`
+def sampler(runner, tokenizer, log, evals: EvalConfig, *, rows: list[dict], system: str | None,
+            general: tuple[str, str] | None = None, sharded_by: str | None = None):
+    """fit's `sample(epoch)`: greedy replies to eval.prompts, or else to the first eval.num_samples
     held-out `rows`, and to the `general` (prompt, base's reply) whose answer should not change,
     generated on the main process; None when there is nothing to ask. The base's reply shown is the
     one sample(0) gets (before training the adapter changes nothing), so it is decoded exactly as
     the later ones; `general`'s own reply (batched, replay.base_replies) stands in on a resumed run."""
-    if prompts:
-        asked, references = [as_messages(p, system) for p in prompts], [None] * len(prompts)
+    if evals.prompts:
+        asked, references = [as_messages(p, system) for p in evals.prompts], [None] * len(evals.prompts)
     else:
-        asked, references = held_out_prompts(rows, n)
+        asked, references = held_out_prompts(rows, evals.num_samples)
     sources = ["reference"] * len(asked)
     if general is not None:
         asked, references, sources = asked + [as_messages(general[0], system)], references + [general[1]], \
@@ -229,7 +238,7 @@ def sampler(runner, tokenizer, log, *, prompts: list[str], rows: list[dict], n: 
         # under float16 its float32 norms would otherwise meet a float16 head
         with accelerator.autocast():
             replies = sample_replies(accelerator.unwrap_model(runner.model), tokenizer, asked,
-                                     max_new_tokens=max_new_tokens)
+                                     max_new_tokens=evals.max_new_tokens)
         if epoch == 0 and general is not None:
             references[-1] = replies[-1]
         log.samples(epoch, runner.step, prompts=[p[-1]["content"] for p in asked], responses=replies,

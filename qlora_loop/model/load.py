@@ -8,6 +8,7 @@ import bitsandbytes as bnb
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
+from qlora_loop.config import ModelConfig
 from qlora_loop.errors import ModelError
 
 
@@ -40,11 +41,13 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, revisi
 
 
 def load_base_model(name_or_path: str, device: torch.device, compute_dtype: torch.dtype = torch.bfloat16, *,
-                    gradient_checkpointing: bool = True, trust_remote_code: bool = False,
-                    revision: str | None = None, attn_implementation: str | None = None,
-                    quant_storage: torch.dtype | None = None, autocast: bool = False):
+                    config: ModelConfig | None = None, gradient_checkpointing: bool = True, autocast: bool = False):
     """The base model in 4-bit NF4 with double quantisation, frozen and prepared for k-bit training.
     Each process loads onto its own device, so several ranks never share one GPU's copy.
+
+    config (config.ModelConfig; None = its defaults): trust_remote_code, revision, attn_implementation
+    and quant_storage are read from it; `name_or_path` (resolved), the compute dtype (resolved for this
+    device) and gradient checkpointing (resolved from "auto") are the caller's.
 
     quant_storage: the dtype the packed 4-bit weights are stored in; None = bitsandbytes' uint8. For
     FSDP (or DeepSpeed ZeRO-3) give a float dtype, e.g. torch.bfloat16: FSDP shards only float
@@ -60,6 +63,8 @@ def load_base_model(name_or_path: str, device: torch.device, compute_dtype: torc
     are up-cast all the same: a float16 residual stream can overflow. Without autocast a float32
     hidden state could not meet a 16-bit weight, so everything is up-cast as peft does.
     """
+    config = config or ModelConfig()
+    quant_storage = getattr(torch, config.quant_storage) if config.quant_storage else None
     sharded = quant_storage is not None and quant_storage.is_floating_point
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                       bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype,
@@ -68,8 +73,8 @@ def load_base_model(name_or_path: str, device: torch.device, compute_dtype: torc
     try:
         model = AutoModelForCausalLM.from_pretrained(
             name_or_path, quantization_config=quantization, device_map=device_map,
-            dtype=quant_storage if sharded else compute_dtype, trust_remote_code=trust_remote_code,
-            revision=revision, attn_implementation=attn_implementation)
+            dtype=quant_storage if sharded else compute_dtype, trust_remote_code=config.trust_remote_code,
+            revision=config.revision, attn_implementation=config.attn_implementation)
     except (OSError, ValueError) as e:  # no config.json or weights; a config transformers cannot read
         raise ModelError(f"model.name_or_path={name_or_path!r}: cannot load the model "
                          f"({str(e).splitlines()[0]})") from None

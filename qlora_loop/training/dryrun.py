@@ -11,12 +11,14 @@ by the same model.adapter.add_adapter, so the counts are those of the real run.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
 from accelerate import init_empty_weights
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from qlora_loop.config import Config
 from qlora_loop.cpu import resolve_compute_dtype
 from qlora_loop.errors import ModelError
 from qlora_loop.model.adapter import add_adapter, find_linear4bit_targets, trainable_parameters
@@ -49,35 +51,36 @@ class DryRun:
     gpu_total: int | None = None  # on a CPU: the same batch's total on a GPU under bfloat16 autocast
 
 
-def dry_run(name_or_path: str, adapter: dict, batch_size: int, max_length: int, *,
-            gradient_checkpointing: bool = True, compute_dtype: str = "bfloat16",
-            optimizer: str = "paged_adamw_32bit", trust_remote_code: bool = False, revision: str | None = None,
-            attn_implementation: str | None = None, logits_chunk: int | None | str = "auto",
-            packing: bool = False, autocast: bool = True) -> DryRun:
-    """`adapter`: add_adapter's keyword arguments (kind, r, alpha, dropout, target_modules, init_r,
-    tinit, tfinal, delta_t, orth_reg_weight, extra). `logits_chunk`: None for a loss that computes
-    all logits at once (loss.causal_lm_loss), N for one that computes them N tokens at a time
-    (loss.chunked_lm_loss), "auto" for the loss a run picks (loss.default_loss).
-    `packing`: the batch is one packed row (data.packing). `autocast`: a GPU run's autocast in the
-    compute dtype (train.mixed_precision=auto); without it (a CPU run) every weight beside the 4-bit ones,
-    and so the residual stream, is float32. Reads config.json only."""
+def dry_run(name_or_path: str, cfg: Config, *, compute_dtype: str = "bfloat16",
+            logits_chunk: int | None | str = "auto", autocast: bool = True) -> DryRun:
+    """The peak memory of one training step of `cfg` (its adapter, model.gradient_checkpointing,
+    model.attn_implementation, train.batch_size, train.optimizer, data.max_length, data.packing) on
+    the model at `name_or_path` (cfg.model.name_or_path resolved). `logits_chunk`: None for a loss
+    that computes all logits at once (loss.causal_lm_loss), N for one that computes them N tokens at
+    a time (loss.chunked_lm_loss), "auto" for the loss a run picks (loss.default_loss). `autocast`: a
+    GPU run's autocast in the compute dtype (train.mixed_precision=auto); without it (a CPU run)
+    every weight beside the 4-bit ones, and so the residual stream, is float32. Reads config.json only."""
+    m, adapter = cfg.model, cfg.adapter
+    batch_size, max_length, packing = cfg.train.batch_size, cfg.data.max_length, cfg.data.packing
+    attn_implementation = m.attn_implementation
+    gradient_checkpointing = m.gradient_checkpointing is not False
     try:
-        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, revision=revision)
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=m.trust_remote_code, revision=m.revision)
     except (OSError, ValueError) as e:
         raise ModelError(f"model.name_or_path={name_or_path!r}: cannot read its config "
                          f"({str(e).splitlines()[0]})") from None
     with init_empty_weights():  # parameters on the meta device: shapes only, no memory
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=m.trust_remote_code)
     quantized = {name: module.weight.numel() for name, module in model.named_modules()
                  if isinstance(module, torch.nn.Linear) and name.split(".")[-1] != "lm_head"}
     largest_linear = max(quantized.values(), default=0)
     base_total = sum(p.numel() for p in model.parameters())
     # Embeddings and lm_head stay in the compute dtype under a GPU's autocast (model.load.load_base_model).
     embeddings = sum(p.numel() for p in embedding_parameters(model))
-    targets = find_linear4bit_targets(model, torch.nn.Linear) if adapter.get("target_modules", "auto") == "auto" \
-        else adapter["target_modules"]
+    targets = find_linear4bit_targets(model, torch.nn.Linear) if adapter.target_modules == "auto" \
+        else adapter.target_modules
     with init_empty_weights():
-        model = add_adapter(model, **{**adapter, "target_modules": targets}, total_steps=NOMINAL_STEPS)
+        model = add_adapter(model, dataclasses.replace(adapter, target_modules=targets), total_steps=NOMINAL_STEPS)
     trainable, total = trainable_parameters(model)
     if logits_chunk == "auto":
         chunked = default_loss(model) is chunked_lm_loss
@@ -106,7 +109,7 @@ def dry_run(name_or_path: str, adapter: dict, batch_size: int, max_length: int, 
         "base_4bit": int(sum(quantized.values()) * NF4_BYTES),
         "embeddings_and_head": embeddings * act,
         "norms_and_biases": (base_total - sum(quantized.values()) - embeddings) * stream,
-        "adapter_and_optimizer": trainable * (FP32 + FP32 + OPTIMIZER_BYTES.get(optimizer, 8)),
+        "adapter_and_optimizer": trainable * (FP32 + FP32 + OPTIMIZER_BYTES.get(cfg.train.optimizer, 8)),
         "activations": held + one_layer,
         # logits in the compute dtype, their float32 copy, log-softmax kept for backward, and its gradient
         "logits": min(tokens, logits_chunk or tokens) * vocab * (act + 3 * FP32),
@@ -135,29 +138,19 @@ def activation_bytes(tokens: int, *, hidden: int, intermediate: int, kv_width: i
     return layers * one_layer, 0
 
 
-def dry_run_config(cfg, model_path: str, logits_chunk: int | None | str = "auto",
+def dry_run_config(cfg: Config, model_path: str, logits_chunk: int | None | str = "auto",
                    device: torch.device | None = None) -> DryRun:
     """dry_run for a loaded config.Config on `device` (None: a GPU if this machine has one, else the
     CPU), in the compute dtype the run would resolve there; `model_path` is cfg.model.name_or_path
-    resolved (builtin.resolve_model_path)."""
-    a = cfg.adapter
-    adapter = dict(kind=a.kind, r=a.r, alpha=a.alpha, dropout=a.dropout, target_modules=a.target_modules,
-                   init_r=a.init_r, tinit=a.tinit, tfinal=a.tfinal, delta_t=a.delta_t,
-                   orth_reg_weight=a.orth_reg_weight, extra=a.extra)
+    resolved (builtin.resolve_model_path). On a CPU, the same batch's total on a GPU beside it."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype, why = resolve_compute_dtype(cfg.model.compute_dtype, device)
     precision = cfg.train.mixed_precision
-    options = dict(gradient_checkpointing=cfg.model.gradient_checkpointing is not False,
-                   optimizer=cfg.train.optimizer, trust_remote_code=cfg.model.trust_remote_code,
-                   revision=cfg.model.revision, attn_implementation=cfg.model.attn_implementation,
-                   logits_chunk=logits_chunk, packing=cfg.data.packing)
-    run = dry_run(model_path, adapter, cfg.train.batch_size, cfg.data.max_length,
-                  compute_dtype=str(dtype).removeprefix("torch."), **options,
+    run = dry_run(model_path, cfg, compute_dtype=str(dtype).removeprefix("torch."), logits_chunk=logits_chunk,
                   autocast=precision != "no" if precision != "auto" else device.type == "cuda")
     run.device, run.dtype_why = device.type, why
     if device.type == "cpu":
-        run.gpu_total = dry_run(model_path, adapter, cfg.train.batch_size, cfg.data.max_length,
-                                compute_dtype="bfloat16", **options).memory["total"]
+        run.gpu_total = dry_run(model_path, cfg, compute_dtype="bfloat16", logits_chunk=logits_chunk).memory["total"]
     return run
 
 

@@ -16,10 +16,12 @@ import signal
 import stat
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
+from qlora_loop.config import TrainConfig
 from qlora_loop.data.batches import steps_per_epoch
 from qlora_loop.training.checkpoint import CheckpointError
 from qlora_loop.training.loss import default_loss, target_mask
@@ -39,28 +41,42 @@ class Interrupted(RuntimeError):
 
 
 @dataclass
-class EarlyStopping:
-    """Stop after `patience` evaluations in a row without improvement of `monitor` (patience 0
-    never stops). NaN never counts as an improvement."""
-    patience: int
+class Plan:
+    """How fit() trains: `epochs` of optimizer steps of `grad_accum` micro-batches; evaluation at
+    each epoch end and every `eval_every` steps; a checkpoint at each epoch end and every `save_every`
+    steps; early stopping after `patience` evaluations in a row without improvement of `monitor` in
+    `mode` (patience 0 never stops); up to `skip_nonfinite` non-finite steps in a row skipped; an
+    evaluation whose drift is above `max_drift` never kept as the best. Plan.of(cfg.train, ...) is a
+    run's."""
+    epochs: int
+    grad_accum: int = 1
+    patience: int = 0
+    monitor: str = "val_loss"  # val_loss | train_loss
     mode: str = "min"
-    monitor: str = "val_loss"
-    best: float | None = None
-    bad_evals: int = 0
+    eval_every: int = 0
+    save_every: int = 0
+    skip_nonfinite: int = 0
+    max_drift: float | None = None
 
-    def update(self, value: float) -> bool:
-        """Record one evaluation; True if it is the best so far."""
-        improved = not math.isnan(value) and (
-            self.best is None or (value < self.best if self.mode == "min" else value > self.best))
-        if improved:
-            self.best, self.bad_evals = value, 0
-        else:
-            self.bad_evals += 1
-        return improved
+    @classmethod
+    def of(cls, train: TrainConfig, *, grad_accum: int) -> "Plan":
+        """The plan of config.TrainConfig; `grad_accum` resolved by the launch (train.global_batch_size)."""
+        return cls(train.epochs, grad_accum, patience=train.patience, monitor=train.monitor, mode=train.mode,
+                   eval_every=train.eval_every, save_every=train.save_every, skip_nonfinite=train.skip_nonfinite,
+                   max_drift=train.max_drift)
 
-    @property
-    def should_stop(self) -> bool:
-        return self.patience > 0 and self.bad_evals >= self.patience
+    def improves(self, value: float, best: float | None) -> bool:
+        """Whether an evaluation's `value` beats `best` in `mode`; NaN never does."""
+        return not math.isnan(value) and (best is None or (value < best if self.mode == "min" else value > best))
+
+
+@dataclass
+class Watch:
+    """What fit measures and shows beside the loss, each optional: `drift()` (forgetting.drift.Drift)
+    at every evaluation, `sample(epoch)` (model.generate.sampler) before the first step (epoch 0)
+    and after each epoch."""
+    drift: Callable[[], float] | None = None
+    sample: Callable[[int], None] | None = None
 
 
 @dataclass
@@ -116,8 +132,8 @@ class LoopState:
     stopped: bool = False  # early stopping has decided; a resumed run ends at once
     nonfinite_in_row: int = 0
     skipped_steps: int = 0
-    best: float | None = None  # EarlyStopping's state
-    bad_evals: int = 0
+    best: float | None = None  # the best monitored value so far
+    bad_evals: int = 0  # evaluations in a row without improvement
     epoch_meter: Meter = field(default_factory=Meter)
     run_meter: Meter = field(default_factory=Meter)
 
@@ -183,51 +199,50 @@ def epoch_batches(dataloader, epoch: int, skip: int, accelerator):
     return dataloader
 
 
-def fit(runner, train_dl, val_dl, log, *, save_best, checkpoints=None, epochs: int, grad_accum: int,
-        stopper: EarlyStopping, eval_every: int = 0, save_every: int = 0, skip_nonfinite: int = 0,
-        state: LoopState | None = None, sample=None, drift=None, max_drift: float | None = None) -> dict:
-    """Train up to `epochs` from `state` (a fresh run without one). `save_best()` runs each time the
-    monitored value improves; `checkpoints` (checkpoint.Checkpoints) is saved every `save_every`
-    steps and at each epoch end; `sample(epoch)` shows replies before the first step (epoch 0) and
-    after each epoch. Non-finite steps are skipped, at most `skip_nonfinite` in a row. `drift()`
-    (drift.Drift) is measured at every evaluation; with `max_drift`, an evaluation above it is
-    never kept as the best."""
+def fit(runner, loaders, plan: Plan, *, log, save_best, checkpoints=None, state: LoopState | None = None,
+        watch: Watch | None = None) -> dict:
+    """Train `loaders` = (train_dl, val_dl or None) by `plan` from `state` (a fresh run without one).
+    `save_best()` runs each time the monitored value improves; `checkpoints`
+    (checkpoint.Checkpoints) is saved every plan.save_every steps and at each epoch end."""
     accelerator, started = runner.accelerator, time.perf_counter()
-    state = state or LoopState()
-    stopper.best, stopper.bad_evals = state.best, state.bad_evals
-    steps = steps_per_epoch(len(train_dl), grad_accum)
+    train_dl, val_dl = loaders
+    state, watch = state or LoopState(), watch or Watch()
+    steps = steps_per_epoch(len(train_dl), plan.grad_accum)
 
     def check(epoch: int) -> tuple[float | None, float | None]:
         """Evaluate (loss, drift); keep the adapter if it is the best yet; decide whether to stop."""
         val_loss = evaluate(runner.model, val_dl, accelerator, runner.loss_fn)
-        moved = drift() if drift is not None else None
-        value = val_loss if stopper.monitor == "val_loss" else state.epoch_meter.loss
-        if max_drift is not None and moved is not None and moved > max_drift:
+        moved = watch.drift() if watch.drift is not None else None
+        value = val_loss if plan.monitor == "val_loss" else state.epoch_meter.loss
+        if plan.max_drift is not None and moved is not None and moved > plan.max_drift:
             value = math.nan  # too far from the base to be kept; counts as no improvement
-        if stopper.update(value):
+        if plan.improves(value, state.best):
+            state.best, state.bad_evals = value, 0
             state.best_epoch, state.best_step = epoch, runner.step
             save_best()
-        state.best, state.bad_evals, state.stopped = stopper.best, stopper.bad_evals, stopper.should_stop
+        else:
+            state.bad_evals += 1
+        state.stopped = plan.patience > 0 and state.bad_evals >= plan.patience
         return val_loss, moved
 
     def checkpoint():
         if checkpoints is not None:
             checkpoints.save(runner, dataclasses.asdict(state))
 
-    if sample is not None and runner.step == 0 and state.batches_done == 0 and state.epoch == 1:
-        sample(0)  # what the base answers, before any training
-    for epoch in range(state.epoch, epochs + 1):
+    if watch.sample is not None and runner.step == 0 and state.batches_done == 0 and state.epoch == 1:
+        watch.sample(0)  # what the base answers, before any training
+    for epoch in range(state.epoch, plan.epochs + 1):
         if state.stopped:
             break
-        log.epoch_start(epoch, epochs, steps, done=math.ceil(state.batches_done / grad_accum))
+        log.epoch_start(epoch, plan.epochs, steps, done=math.ceil(state.batches_done / plan.grad_accum))
         val_loss = moved = None
         # forward/backward/update: one StepRunner call per optimizer step
-        for window in windows(epoch_batches(train_dl, epoch, state.batches_done, accelerator), grad_accum):
+        for window in windows(epoch_batches(train_dl, epoch, state.batches_done, accelerator), plan.grad_accum):
             t0 = time.perf_counter()
             result = runner(window)
             state.batches_done += len(window)
             if not result.finite:
-                _skip_nonfinite(state, result, runner, log, skip_nonfinite, checkpoints)
+                _skip_nonfinite(state, result, runner, log, plan.skip_nonfinite, checkpoints)
                 continue
             state.nonfinite_in_row = 0
             state.epoch_meter.add(result, time.perf_counter() - t0)
@@ -238,11 +253,11 @@ def fit(runner, train_dl, val_dl, log, *, save_best, checkpoints=None, epochs: i
                 checkpoint()
                 raise Interrupted(f"stopped by a signal after step {runner.step}")
             mid_epoch = state.batches_done < len(train_dl)
-            if eval_every and runner.step % eval_every == 0 and mid_epoch:
+            if plan.eval_every and runner.step % plan.eval_every == 0 and mid_epoch:
                 val_loss, moved = check(epoch)
             if state.stopped:
                 break
-            if save_every and runner.step % save_every == 0 and mid_epoch:
+            if plan.save_every and runner.step % plan.save_every == 0 and mid_epoch:
                 checkpoint()
         # end of epoch: evaluate, keep the best, log, checkpoint the position of the next epoch
         if not state.stopped:
@@ -253,14 +268,14 @@ def fit(runner, train_dl, val_dl, log, *, save_best, checkpoints=None, epochs: i
                        "lr": meter.lr, "grad_norm": meter.grad_norm_sum / max(meter.steps, 1),
                        "train_tokens": meter.tokens, "seconds": meter.seconds, **meter.rates(),
                        "peak_memory_bytes": peak_memory_bytes(accelerator.device)})
-        if sample is not None:
-            sample(epoch)
+        if watch.sample is not None:
+            watch.sample(epoch)
         state.epoch, state.batches_done, state.epoch_meter = epoch + 1, 0, Meter()
         checkpoint()
 
     run = state.run_meter
-    return {"best_epoch": state.best_epoch, "best_step": state.best_step, "best_metric": stopper.best,
-            "monitor": stopper.monitor, "epochs_run": min(state.epoch - 1, epochs),
+    return {"best_epoch": state.best_epoch, "best_step": state.best_step, "best_metric": state.best,
+            "monitor": plan.monitor, "epochs_run": min(state.epoch - 1, plan.epochs),
             "stopped_early": state.stopped, "steps": runner.step, "skipped_steps": state.skipped_steps,
             "train_loss": run.loss, "train_tokens": run.tokens, "train_target_tokens": run.targets,
             "train_seconds": time.perf_counter() - started, "step_seconds": run.seconds, **run.rates(),

@@ -9,7 +9,7 @@ import argparse
 from rich.console import Console
 from rich.text import Text
 
-from qlora_loop.model.generate import as_messages, stream_reply
+from qlora_loop.model.generate import Sampling, as_messages, stream_reply
 from qlora_loop.use.inference import load_for_inference, read_prompt_lines, run_config
 
 
@@ -48,8 +48,8 @@ def main(argv: list[str] | None = None) -> None:
     what = "bare base" if args.no_adapter or args.adapter is None else f"adapter {args.adapter}"
     status.print(f"[dim]{model.name_or_path} (4-bit) + {what}, on {model.device}")
     system = args.system if args.system is not None else run_config(args.adapter).get("data", {}).get("system_prompt")
-    options = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
-                   top_p=args.top_p, top_k=args.top_k)
+    options = dict(max_new_tokens=args.max_new_tokens,
+                   sampling=Sampling(args.temperature, args.top_p, args.top_k) if args.sample else None)
 
     if prompts:  # scripted: each prompt on its own, no history
         for prompt in prompts:

@@ -17,7 +17,7 @@ import yaml
 from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig
 
-from qlora_loop.config import TrainConfig
+from qlora_loop.config import ModelConfig, TrainConfig
 from qlora_loop.cpu import resolve_compute_dtype
 from qlora_loop.data.mixtures import held_out_conversations
 from qlora_loop.errors import ModelError
@@ -172,8 +172,9 @@ def load_for_inference(adapter_dir: str | Path | None = None, base: str | None =
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         model = load_base_model(found.name, device, resolve_compute_dtype(found.compute_dtype, device)[0],
-                                gradient_checkpointing=False, trust_remote_code=found.trust_remote_code,
-                                revision=found.revision, attn_implementation=found.attn_implementation)
+                                config=ModelConfig(trust_remote_code=found.trust_remote_code, revision=found.revision,
+                                                   attn_implementation=found.attn_implementation),
+                                gradient_checkpointing=False)
     except ModelError as e:
         raise InferenceError(f"base model {found.name!r} ({found.source}): {str(e).split(': ', 1)[-1]}") from None
     if adapter_dir is not None and not no_adapter:
