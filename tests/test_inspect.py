@@ -118,3 +118,22 @@ def test_a_broken_template_shows_in_the_audit_verdict(script, tmp_path, tiny_lla
                                          f"{train}:2: user text ('Where do you come from?') is trained; only "
                                          "assistant turns and their end-of-turn token may be"]
     assert "label-mask audit: 2 problem(s) in 2 of 2 train rows:" in out
+
+
+def test_a_second_start_reads_the_first_starts_tokenized_cache(script, tmp_path, tiny_qwen2, monkeypatch):
+    """The command path end to end: what one start writes under the cache folder, the next start of
+    the same command reads back (each source says so) and adds nothing."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    sources = []
+    for name in ("a", "b"):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in ROWS), encoding="utf-8")
+        sources.append(str(path))
+    argv = ["--n", "0", f"model.name_or_path={tiny_qwen2}", f"data.train=[{','.join(sources)}]",
+            "data.max_length=256"]
+    _, first = run(script, argv)
+    entries = sorted(p.name for p in (tmp_path / "cache" / "qlora_loop" / "data").iterdir())
+    _, second = run(script, argv)
+    assert len(entries) == 2 and "(tokenized cache)" not in first
+    assert second.count("(tokenized cache)") == 2
+    assert sorted(p.name for p in (tmp_path / "cache" / "qlora_loop" / "data").iterdir()) == entries
