@@ -145,7 +145,7 @@ def train(cfg: Config, *, overwrite: bool = False, loss_fn=None) -> dict:
 
         # resume
         manifest = build_manifest(to_dict(cfg), tokenizer, model_path, device=accelerator.device,
-                                  data_files=[*local_files(d.train), *local_files(d.val),
+                                  compute_dtype=dtype, data_files=[*local_files(d.train), *local_files(d.val),
                                               d.replay_prompts if d.replay else None])
         identity = resume_identity(cfg, grad_accum=grad_accum, world_size=accelerator.num_processes, manifest=manifest)
         checkpoints = Checkpoints(accelerator, cfg.output_dir, identity=identity, config=to_dict(cfg),

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate import Accelerator
 from conftest import peft_model, tiny_config
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -24,8 +25,8 @@ from qlora_loop.model.load import load_tokenizer
 from qlora_loop.training.checkpoint import save_adapter
 from qlora_loop.training.optim import build_optimizer, build_scheduler
 from qlora_loop.training.step import StepRunner
-from qlora_loop.use.inference import InferenceError, load_for_inference, validation_prompts
-from qlora_loop.use.merge import fidelity_report, merge_adapter, report_prompts
+from qlora_loop.use.inference import InferenceError, attach_adapter, load_for_inference, locate_base, validation_prompts
+from qlora_loop.use.merge import fidelity_report, merge_adapter, merged_model, report_prompts, trained_weights
 
 ANSWER = "I am Loopy, a small assistant fine-tuned with qlora_loop."
 
@@ -229,7 +230,6 @@ def test_a_cut_short_adapter_file_is_an_error_before_any_work(best, merge_main, 
 
 
 def test_adalora_adapter_merges(tiny_qwen2, qwen2_tokenizer, tmp_path):
-    from accelerate import Accelerator
     accelerator = Accelerator(mixed_precision="no")
     train, _, _ = build_datasets(qwen2_tokenizer, DataConfig(train=str(tiny_config().data.train), val_split=0.0,
                                                              max_length=64))
@@ -256,8 +256,64 @@ def test_adalora_adapter_merges(tiny_qwen2, qwen2_tokenizer, tmp_path):
     # Each module's update is in the merged weights, as far as the final rank pattern kept any of it
     # (6 steps at lr 2e-2 move the weights well past bf16 rounding).
     merged_weights = plain.state_dict()
-    base = AutoModelForCausalLM.from_pretrained(tiny_qwen2, dtype=torch.bfloat16).state_dict()
+    base = {name: w.to(torch.bfloat16) for name, w in trained_weights(locate_base(tmp_path / "best"))[0].items()}
     kept = {key.removesuffix(".lora_E") + ".weight": sum(mask) for key, mask in pattern.items()}
     assert any(kept.values())
     for name, rank in kept.items():
         assert torch.equal(merged_weights[name], base[name]) == (rank == 0), name
+
+
+# --- which weights the adapter is merged into ---------------------------------------------------
+
+def trained_adapter(path, folder, tokenizer, seed: int = 0):
+    """An adapter on the real 4-bit base whose update is far from zero (random B), saved as a run saves it,
+    beside a run config that computes in float32 (bfloat16 matmuls would round far above float rounding)."""
+    (folder.parent / "config.yaml").write_text("model:\n  compute_dtype: float32\n", encoding="utf-8")
+    model = peft_model(path, r=4, dropout=0.0, seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    save_adapter(Accelerator(mixed_precision="no"), model, tokenizer, folder)
+    return folder
+
+
+@pytest.mark.parametrize("fixture", ["tiny_qwen2", "tiny_llama"])
+def test_merged_into_the_trained_weights_is_base_plus_adapter(request, fixture, tmp_path):
+    """Merged in float32 into the dequantized NF4 weights, the plain model computes what 4-bit base +
+    adapter computes, to float rounding; merged into the original weights it does not."""
+    path = request.getfixturevalue(fixture)
+    adapter = trained_adapter(path, tmp_path / "best", load_tokenizer(str(path)))
+    reference, tokenizer = load_for_inference(adapter, as_trained=True)
+    ids = tokenizer("Who are you? Tell me about the qlora_loop project.", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        want = reference(input_ids=ids).logits.float()
+        trained = merged_model(adapter, dtype=torch.float32)[0](input_ids=ids).logits
+        original = merged_model(adapter, dtype=torch.float32, weights="original")[0](input_ids=ids).logits
+    scale = want.abs().max().item()
+    assert (trained - want).abs().max().item() < 1e-4 * scale
+    assert (original - want).abs().max().item() > 100 * (trained - want).abs().max().item()
+
+
+def test_original_weights_are_todays_merge_and_the_report_names_the_weights(merge_main, best, tmp_path):
+    """--weights original is the base's own weights + the update, exactly; --weights best measures
+    both, keeps the closer (the trained weights) and says so in the report and the README."""
+    found = locate_base(best)
+    plain = AutoModelForCausalLM.from_pretrained(found.name, dtype=torch.bfloat16)
+    expected = attach_adapter(plain, best, found).merge_and_unload(safe_merge=True).state_dict()
+    original = merge_main(["--adapter", str(best), "--out", str(tmp_path / "original"), "--weights", "original",
+                           "--num-prompts", "2", "--max-new-tokens", "12"])
+    written = load_file(tmp_path / "original" / "model.safetensors")
+    assert all(torch.equal(written[name], expected[name]) for name in written)
+    assert original["weights"] == "original" and "original weights" in original["weights_detail"]
+    assert "original weights" in (tmp_path / "original" / "README.md").read_text()
+
+    chosen = merge_main(["--adapter", str(best), "--out", str(tmp_path / "best-of"), "--weights", "best",
+                         "--num-prompts", "2", "--max-new-tokens", "12"])
+    saved = json.loads((tmp_path / "best-of" / "merge_report.json").read_text())
+    by_weights = saved["mean_kl_by_weights"]
+    assert by_weights["trained"] < by_weights["original"] == pytest.approx(original["mean_kl"], rel=1e-3)
+    assert saved["weights"] == chosen["weights"] == "trained" and "NF4 dequantized" in saved["weights_detail"]
+    assert "trained against" in (tmp_path / "best-of" / "README.md").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best-of", "original"]  # no candidate left behind

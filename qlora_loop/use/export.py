@@ -1,7 +1,8 @@
 """Export what a run trained to one GGUF file for llama.cpp and Ollama, with a Modelfile, and check
 the file against the adapter.
 
-The export merges as merge.py does (the bf16 base + the adapter, never the 4-bit base), then writes
+The export merges as merge.py does (by default into the NF4 weights the adapter was trained against,
+dequantized, in the dtype closest to --type; never into the 4-bit base itself), then writes
 the GGUF with the `gguf` package of the llama.cpp project, tensor by tensor: its writer, its tensor
 name map and its quantizers, following llama.cpp's convert_hf_to_gguf.py for the Llama and Qwen2
 architectures (Llama's Q/K rows permuted for its rotary layout; norms and 1-D tensors in float32;
@@ -41,8 +42,9 @@ from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKEN
 from qlora_loop.model.generate import stop_token_ids
 from qlora_loop.use.inference import (InferenceError, load_inference_tokenizer, locate_base, read_adapter_config,
                                       run_config)
-from qlora_loop.use.merge import (add_report_args, check_out_dir, check_report_args, fidelity_report, merged_model,
-                                  report_prompts, report_table, write_report)
+from qlora_loop.use.merge import (add_report_args, check_out_dir, check_report_args, choices, closest, measure,
+                                  merged_model, reference_passes, report_prompts, report_table, weights_note,
+                                  write_report, free_memory)
 from qlora_loop.use.ollama import PROBES, jinja_prompt, modelfile, ollama_messages, translate_template
 
 Q = gguf.GGMLQuantizationType
@@ -52,6 +54,8 @@ TYPES = {  # --type: (tensor type of the 2-D weights, file type recorded in the 
     "bf16": (Q.BF16, gguf.LlamaFileType.MOSTLY_BF16),
     "q8_0": (Q.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
 }
+# The dtype the adapter is merged in before the weights are written as --type: no narrower than the file.
+MERGE_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16, "q8_0": torch.float16}
 ARCHS = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}
 # llama.cpp's names of the byte-level pre-tokenizers transformers also reads back (its split regexes).
 PRE_SPLITS = {"qwen2": GGUF_PRE_TOKENIZER_SPLITS["qwen2"], "llama-bpe": GGUF_PRE_TOKENIZER_SPLITS["llama-bpe"]}
@@ -323,42 +327,66 @@ def main(argv: list[str] | None = None) -> dict:
         tokenizer, [*prompts, *(ollama_messages(p, system) for p in PROBES)])
     name = f"{args.name or default_name(args.adapter)}-{args.type}.gguf"
 
-    # merge, convert, check; all in a folder beside --out, renamed into place only when every check passed
+    console.print(f"4-bit base + adapter: greedy replies to {len(prompts)} prompt(s) from {source} ...")
+    passes, _ = reference_passes(args.adapter, prompts, base=args.base, max_new_tokens=args.max_new_tokens)
+
+    # merge, convert, check; all in a folder beside --out, renamed into place only when every check passed;
+    # with --weights best, a GGUF from each set of weights, measured, and the closer one kept
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    reports, hows, seconds = {}, {}, {}
+    dtype = MERGE_DTYPES[args.type]
     try:
-        console.print(f"merging {args.adapter} into its base in bfloat16 and writing {name} ...")
-        start = time.perf_counter()
-        merged, tokenizer, found = merged_model(args.adapter, args.base, trust_remote_code=args.trust_remote_code)
-        stops = stop_token_ids(merged, tokenizer)
-        write_gguf(merged, tokenizer, tmp / name, type_name=args.type, name=args.name or default_name(args.adapter),
-                   stops=stops)
-        del merged
-        seconds = time.perf_counter() - start
-        check_stops(tmp / name, tokenizer, stops)
-        check_tokenizer(tokenizer, load_gguf_tokenizer(tmp / name), [jinja_prompt(tokenizer, p) for p in prompts],
-                        tmp / name)
+        for weights in choices(args.weights):
+            folder = tmp / weights
+            folder.mkdir()
+            console.print(f"merging {args.adapter} into its base's {weights} weights in "
+                          f"{str(dtype).removeprefix('torch.')} and writing {name} ...")
+            start = time.perf_counter()
+            merged, tokenizer, found, hows[weights] = merged_model(args.adapter, args.base, dtype=dtype,
+                                                                   trust_remote_code=args.trust_remote_code,
+                                                                   weights=weights)
+            stops = stop_token_ids(merged, tokenizer)
+            write_gguf(merged, tokenizer, folder / name, type_name=args.type,
+                       name=args.name or default_name(args.adapter), stops=stops)
+            del merged
+            free_memory()
+            seconds[weights] = time.perf_counter() - start
+            check_stops(folder / name, tokenizer, stops)
+            check_tokenizer(tokenizer, load_gguf_tokenizer(folder / name),
+                            [jinja_prompt(tokenizer, p) for p in prompts], folder / name)
+            candidate = load_gguf_model(folder / name)
+            reports[weights] = measure(candidate, tokenizer, passes, prompts, references=references,
+                                       max_new_tokens=args.max_new_tokens, max_kl=args.max_kl)
+            del candidate
+            free_memory()
+        kept = closest(reports)
+        if len(reports) > 1:
+            console.print("mean KL against 4-bit base + adapter: " + ", ".join(
+                f"{w} {r['mean_kl']:.2e}" for w, r in reports.items()) + f"; keeping {kept}")
         stop_texts = tokenizer.convert_ids_to_tokens(stops)
-        (tmp / "Modelfile").write_text(modelfile(name, template, stop_texts, system), encoding="utf-8")
+        (tmp / kept / "Modelfile").write_text(modelfile(name, template, stop_texts, system), encoding="utf-8")
+        (tmp / kept / "README.md").write_text(weights_note(kept, hows[kept], what=f"{name}: {found.name} + "
+                                                           f"{args.adapter}, {args.type}"), encoding="utf-8")
         if out.exists():
             shutil.rmtree(out)
-        os.replace(tmp, out)
+        os.replace(tmp / kept, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     size = (out / name).stat().st_size
-    console.print(f"wrote [bold]{out / name}[/] ({size / 2**20:.1f} MiB, {args.type}, {seconds:.1f} s) "
-                  f"and {out / 'Modelfile'} (template {template_name}, stop {', '.join(stop_texts)})")
+    console.print(f"wrote [bold]{out / name}[/] ({size / 2**20:.1f} MiB, {args.type}, {seconds[kept]:.1f} s; "
+                  f"{hows[kept]}) and {out / 'Modelfile'} (template {template_name}, stop {', '.join(stop_texts)})")
 
-    # fidelity report
-    console.print(f"comparing with 4-bit base + adapter on {len(prompts)} prompt(s) from {source} ...")
-    report = fidelity_report(args.adapter, None, prompts, references=references, base=args.base,
-                             max_new_tokens=args.max_new_tokens, max_kl=args.max_kl,
-                             load_candidate=lambda: load_gguf_model(out / name))
-    console.print(report_table(report, title=f"export fidelity: 4-bit base + adapter vs {name} (KL in nats)"))
+    # fidelity report: the file as written, loaded back with transformers' GGUF reader
+    report = {**reports[kept], "weights": kept, "weights_detail": hows[kept]}
+    console.print(report_table(report, title=f"export fidelity: 4-bit base + adapter vs {name}, {kept} weights "
+                                             "(KL in nats)"))
     path = write_report(report, out, file_name="export_report.json", adapter=str(args.adapter), base=found.name,
-                        gguf=str(out / name), type=args.type, bytes=size, export_seconds=round(seconds, 2),
-                        template=template_name, stop_tokens=stop_texts, system_prompt=system, prompts_from=source)
+                        gguf=str(out / name), type=args.type, bytes=size, export_seconds=round(seconds[kept], 2),
+                        template=template_name, stop_tokens=stop_texts, system_prompt=system, prompts_from=source,
+                        **({"mean_kl_by_weights": {w: r["mean_kl"] for w, r in reports.items()}}
+                           if len(reports) > 1 else {}))
     console.print(f"report: {path}")
     if not report["ok"]:
         console.print(Panel(

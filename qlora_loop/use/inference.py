@@ -120,6 +120,19 @@ class Base:
     revision: str | None = None
     compute_dtype: str = "auto"
     attn_implementation: str | None = None
+    quant_storage: str | None = None
+    trained_dtype: str | None = None  # what compute_dtype resolved to where the adapter was trained (its manifest)
+
+    def model_config(self) -> ModelConfig:
+        return ModelConfig(trust_remote_code=self.trust_remote_code, revision=self.revision,
+                           attn_implementation=self.attn_implementation, quant_storage=self.quant_storage)
+
+    def dtype(self, device: torch.device, *, as_trained: bool = False) -> tuple[torch.dtype, str]:
+        """(compute dtype, why): the one training used with `as_trained` (merge and export rebuild what
+        was trained) when the manifest records it, else model.compute_dtype resolved for `device`."""
+        if as_trained and self.trained_dtype:
+            return getattr(torch, self.trained_dtype), "the dtype the adapter was trained in (its manifest.json)"
+        return resolve_compute_dtype(self.compute_dtype, device)
 
 
 def locate_base(adapter_dir: str | Path | None, base: str | None = None,
@@ -133,7 +146,10 @@ def locate_base(adapter_dir: str | Path | None, base: str | None = None,
     found = Base(name, source,
                  model_cfg.get("trust_remote_code", False) if trust_remote_code is None else trust_remote_code,
                  model_cfg.get("revision") if base is None else None,  # a revision of the recorded base only
-                 model_cfg.get("compute_dtype", "auto"), model_cfg.get("attn_implementation"))
+                 model_cfg.get("compute_dtype", "auto"), model_cfg.get("attn_implementation"),
+                 model_cfg.get("quant_storage") if base is None else None,
+                 ((read_manifest(adapter_dir) or {}).get("quantization") or {}).get("compute_dtype")
+                 if adapter_dir is not None else None)
     config = base_config(name, source, trust_remote_code=found.trust_remote_code, revision=found.revision)
     if adapter_dir is not None:
         recorded = read_adapter_config(adapter_dir).get("base_model_name_or_path")
@@ -162,19 +178,19 @@ def attach_adapter(model, adapter_dir: str | Path, base: Base):
 
 
 def load_for_inference(adapter_dir: str | Path | None = None, base: str | None = None, *, no_adapter: bool = False,
-                       device: torch.device | None = None, trust_remote_code: bool | None = None):
+                       device: torch.device | None = None, trust_remote_code: bool | None = None,
+                       as_trained: bool = False):
     """(model, tokenizer) in eval mode with the KV cache on: the base in 4-bit NF4 as training loaded
     it without autocast (weights beside the 4-bit ones in float32), plus the adapter unless
     `no_adapter`. The tokenizer (and its chat template) is the one saved with the adapter, so prompts
-    render as in training."""
+    render as in training. `as_trained`: in the compute dtype training used (Base.dtype), not this
+    machine's own choice: the reference merge and export are measured against."""
     found = locate_base(adapter_dir, base, trust_remote_code)
     tokenizer = load_inference_tokenizer(adapter_dir, found)
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        model = load_base_model(found.name, device, resolve_compute_dtype(found.compute_dtype, device)[0],
-                                config=ModelConfig(trust_remote_code=found.trust_remote_code, revision=found.revision,
-                                                   attn_implementation=found.attn_implementation),
-                                gradient_checkpointing=False)
+        model = load_base_model(found.name, device, found.dtype(device, as_trained=as_trained)[0],
+                                config=found.model_config(), gradient_checkpointing=False)
     except ModelError as e:
         raise InferenceError(f"base model {found.name!r} ({found.source}): {str(e).split(': ', 1)[-1]}") from None
     if adapter_dir is not None and not no_adapter:

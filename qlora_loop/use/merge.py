@@ -1,10 +1,15 @@
 """Merge an adapter into its base, and measure how faithfully the merged model stands in for
 4-bit base + adapter.
 
-The merge reloads the base in bfloat16 and adds the adapter's update to those weights (peft's
-merge_and_unload): merging into the 4-bit weights would round the update away. But the adapter
-was trained against the NF4-rounded base, so the merged model is *not* the model that was trained
-and evaluated; the fidelity report says by how much, on the model's own replies.
+The adapter was trained against the NF4-rounded base, not the original weights: its update corrects
+for that rounding as much as it teaches. So the merge (peft's merge_and_unload) adds it, by default
+(`--weights trained`), to the NF4 weights dequantized exactly as training saw them (the same
+quantization: NF4, double quantization, the trained compute dtype), written in a 16- or 32-bit
+dtype, which keeps the update that a 4-bit merge would round away. `--weights original` adds it to
+the original weights instead: the model to keep when the base is later used at full precision with
+other adapters, but not the model that was trained. The fidelity report says how far the merged
+model is from 4-bit base + adapter, on that model's own replies; `--weights best` builds both and
+keeps the closer one.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from bitsandbytes.functional import dequantize_4bit
+from bitsandbytes.nn import Linear4bit
 from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
@@ -26,10 +33,10 @@ from transformers import AutoModelForCausalLM
 
 from qlora_loop.data.rows import DataError
 from qlora_loop.model.generate import as_messages, encode_chat, generate_ids, stop_token_ids
-from qlora_loop.model.load import load_tokenizer
-from qlora_loop.use.inference import (InferenceError, attach_adapter, load_for_inference, load_inference_tokenizer,
-                                      locate_base, read_adapter_config, read_prompt_lines, run_config,
-                                      validation_prompts)
+from qlora_loop.model.load import load_base_model, load_tokenizer
+from qlora_loop.use.inference import (Base, InferenceError, attach_adapter, load_for_inference,
+                                      load_inference_tokenizer, locate_base, read_adapter_config, read_prompt_lines,
+                                      run_config, validation_prompts)
 
 # Questions for an adapter whose run (config.yaml, data) is not at hand and no --prompts were given.
 FALLBACK_PROMPTS = ["Who are you?", "What can you do?", "Explain what a language model is in one sentence."]
@@ -46,14 +53,47 @@ def check_out_dir(out: str | Path, force: bool, adapter_dir: str | Path) -> None
         raise InferenceError(f"--out {out} is not empty; pass --force to replace it, or choose another folder")
 
 
+WEIGHTS = ("trained", "original", "best")
+
+
+def trained_weights(found: Base) -> tuple[dict[str, torch.Tensor], str]:
+    """({parameter name: tensor}, how) of the base as training computed with it: each Linear4bit's
+    NF4 weight dequantized by bitsandbytes (the weight its forward multiplies by), and every other
+    weight as the 4-bit load holds it (embeddings and norms rounded to the compute dtype as training's
+    were). The base is loaded as training loaded it (model.load.load_base_model), in the compute
+    dtype training used, and dequantized before any forward pass: on a CPU the first forward may
+    repack the 4-bit weights."""
+    device = torch.device("cpu")
+    dtype, why = found.dtype(device, as_trained=True)
+    quantized = load_base_model(found.name, device, dtype, config=found.model_config(), gradient_checkpointing=False)
+    weights = {}
+    for name, module in quantized.named_modules():
+        if isinstance(module, Linear4bit):
+            weights[f"{name}.weight"] = dequantize_4bit(module.weight.data, module.weight.quant_state)
+    for name, param in quantized.named_parameters():
+        weights.setdefault(name, param.data)
+    del quantized
+    return weights, f"NF4 dequantized in {str(dtype).removeprefix('torch.')} ({why})"
+
+
 def merged_model(adapter_dir: str | Path, base: str | None = None, *, trust_remote_code: bool | None = None,
-                 dtype: torch.dtype = torch.bfloat16):
-    """(base + adapter as one plain transformers model, the adapter's tokenizer, the base found).
-    Runs on the CPU: it needs the bf16 model in RAM."""
+                 dtype: torch.dtype = torch.bfloat16, weights: str = "trained"):
+    """(base + adapter as one plain transformers model in `dtype`, the adapter's tokenizer, the base
+    found, the weights merged into in words). `weights`: "trained" (trained_weights) or "original"
+    (the base's files). Runs on the CPU: it needs the model in `dtype` in RAM."""
     found = locate_base(adapter_dir, base, trust_remote_code)
     tokenizer = load_inference_tokenizer(adapter_dir, found)
     model = AutoModelForCausalLM.from_pretrained(found.name, dtype=dtype, device_map={"": "cpu"},
                                                  trust_remote_code=found.trust_remote_code, revision=found.revision)
+    how = "the original weights"
+    if weights == "trained":
+        trained, how = trained_weights(found)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name not in trained:
+                    raise InferenceError(f"{found.name}: the 4-bit load has no {name}; merge with --weights original")
+                param.copy_(trained[name].to(dtype))
+        del trained
     model = attach_adapter(model, adapter_dir, found)
     try:
         merged = model.merge_and_unload(safe_merge=True)  # safe_merge: check the merged weights are finite
@@ -63,24 +103,40 @@ def merged_model(adapter_dir: str | Path, base: str | None = None, *, trust_remo
     merged.generation_config.eos_token_id = stop_token_ids(merged, tokenizer)
     merged.generation_config.pad_token_id = tokenizer.pad_token_id
     merged.config.use_cache = True
-    return merged, tokenizer, found
+    return merged, tokenizer, found, how
 
 
 def merge_adapter(adapter_dir: str | Path, out: str | Path, base: str | None = None, *,
-                  trust_remote_code: bool | None = None, dtype: torch.dtype = torch.bfloat16) -> str:
+                  trust_remote_code: bool | None = None, dtype: torch.dtype = torch.bfloat16,
+                  weights: str = "trained") -> tuple[str, str]:
     """Write base + adapter as one plain transformers model (safetensors, tokenizer, generation
-    config) to `out`; returns the base it used."""
+    config, a README.md saying which weights) to `out`; returns (the base it used, the weights
+    merged into in words)."""
     out = Path(out)
-    merged, tokenizer, found = merged_model(adapter_dir, base, trust_remote_code=trust_remote_code, dtype=dtype)
+    merged, tokenizer, found, how = merged_model(adapter_dir, base, trust_remote_code=trust_remote_code, dtype=dtype,
+                                                 weights=weights)
     # Written beside `out` and renamed in place, so an interrupted merge never leaves half a model.
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     merged.save_pretrained(tmp)  # safetensors
     tokenizer.save_pretrained(tmp)
+    (tmp / "README.md").write_text(weights_note(weights, how, what=f"merged into {found.name} in "
+                                                f"{str(dtype).removeprefix('torch.')}"), encoding="utf-8")
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
-    return found.name
+    return found.name, how
+
+
+def weights_note(weights: str, how: str, *, what: str) -> str:
+    """The README.md of a merged or exported folder: which weights the adapter was added to, and why."""
+    why = ("the weights the adapter was trained against, so this is the model that was trained and evaluated "
+           "(4-bit base + adapter) up to the rounding of the dtype written" if weights == "trained" else
+           "the base's original weights, not the NF4-rounded ones the adapter was trained against: the model it "
+           "describes was never trained or evaluated; keep it for a base used at full precision with other adapters")
+    return (f"# {what}\n\nThe adapter was added (peft's merge_and_unload) to {how}: {why}.\n"
+            f"`--weights trained` (the default), `original` or `best` chose this; the report beside it measures "
+            "how far this model is from 4-bit base + adapter.\n")
 
 
 # --- prompts for the report ---------------------------------------------------------------------
@@ -149,26 +205,46 @@ def compare(candidate, tokenizer, passes: list[dict], max_new_tokens: int) -> li
     return rows
 
 
+def reference_passes(adapter_dir: str | Path, prompts: list[list[dict]], *, base: str | None = None,
+                     max_new_tokens: int = 64) -> tuple[list[dict], object]:
+    """(reference_pass of 4-bit base + adapter, loaded in the dtype training used: what was trained
+    and evaluated; its tokenizer). The model is freed before returning."""
+    reference, tokenizer = load_for_inference(adapter_dir, base, as_trained=True)
+    passes = reference_pass(reference, tokenizer, prompts, max_new_tokens)
+    del reference
+    free_memory()
+    return passes, tokenizer
+
+
+def measure(candidate, tokenizer, passes: list[dict], prompts: list[list[dict]], *, references: list[str | None],
+            max_new_tokens: int = 64, max_kl: float = 0.05) -> dict:
+    """The fidelity report of `candidate` against the reference's `passes` (summarise's dict)."""
+    candidate.eval()
+    rows = compare(candidate, tokenizer, passes, max_new_tokens)
+    rows = [{"prompt": messages[-1]["content"], "reference_answer": answer, **row}
+            for row, messages, answer in zip(rows, prompts, references)]
+    return summarise(rows, max_kl)
+
+
+def load_merged(folder: str | Path):
+    """A merged folder as anyone loads it: plain transformers, nothing of ours."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return AutoModelForCausalLM.from_pretrained(folder, device_map={"": device})
+
+
 def fidelity_report(adapter_dir: str | Path, merged_dir: str | Path | None, prompts: list[list[dict]], *,
                     references: list[str | None], base: str | None = None, max_new_tokens: int = 64,
                     max_kl: float = 0.05, load_candidate=None) -> dict:
     """4-bit base + adapter (the reference: what was trained and evaluated) against the merged
     folder loaded with plain transformers, or the model `load_candidate()` returns (export's GGUF).
     One model in memory at a time."""
-    reference, tokenizer = load_for_inference(adapter_dir, base)
-    passes = reference_pass(reference, tokenizer, prompts, max_new_tokens)
-    del reference
-    _free_memory()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    candidate = load_candidate() if load_candidate is not None else \
-        AutoModelForCausalLM.from_pretrained(merged_dir, device_map={"": device})
-    candidate.eval()
-    rows = compare(candidate, tokenizer, passes, max_new_tokens)
+    passes, tokenizer = reference_passes(adapter_dir, prompts, base=base, max_new_tokens=max_new_tokens)
+    candidate = load_candidate() if load_candidate is not None else load_merged(merged_dir)
+    report = measure(candidate, tokenizer, passes, prompts, references=references, max_new_tokens=max_new_tokens,
+                     max_kl=max_kl)
     del candidate
-    _free_memory()
-    rows = [{"prompt": messages[-1]["content"], "reference_answer": answer, **row}
-            for row, messages, answer in zip(rows, prompts, references)]
-    return summarise(rows, max_kl)
+    free_memory()
+    return report
 
 
 def summarise(rows: list[dict], max_kl: float) -> dict:
@@ -205,7 +281,7 @@ def write_report(report: dict, out: str | Path, *, file_name: str = "merge_repor
     return path
 
 
-def _free_memory() -> None:
+def free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -226,6 +302,10 @@ def add_report_args(parser: argparse.ArgumentParser, *, candidate: str) -> None:
                         help=f"warn when the mean KL (nats per token) of {candidate} vs 4-bit + adapter exceeds this")
     parser.add_argument("--trust-remote-code", action="store_true", default=None,
                         help="allow the base's own modeling code (default: as the run was configured)")
+    parser.add_argument("--weights", choices=WEIGHTS, default="trained",
+                        help="merge into the NF4 weights the adapter was trained against (trained, the default), "
+                             "the base's original weights (original), or build both and keep the one closer to "
+                             "4-bit base + adapter (best)")
 
 
 def check_report_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
@@ -237,34 +317,70 @@ def check_report_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
     return args
 
 
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
 def parse_args(argv: list[str] | None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--adapter", required=True, help="adapter folder a run wrote, e.g. OUTPUT_DIR/best")
     parser.add_argument("--out", required=True, help="folder for the merged model (must be empty, or --force)")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="dtype of the merged weights")
     add_report_args(parser, candidate="merged")
     return check_report_args(parser, parser.parse_args(argv))
+
+
+def choices(weights: str) -> list[str]:
+    """The weights --weights builds: both for best (trained first, so a tie keeps it)."""
+    return ["trained", "original"] if weights == "best" else [weights]
+
+
+def closest(reports: dict[str, dict]) -> str:
+    """The choice whose report has the lowest mean KL."""
+    return min(reports, key=lambda w: reports[w]["mean_kl"])
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     console = Console(highlight=False, soft_wrap=True)
+    out = Path(args.out)
     # Every check that can fail cheaply runs before the (slow, memory-hungry) merge.
     read_adapter_config(args.adapter)
-    check_out_dir(args.out, args.force, args.adapter)
+    check_out_dir(out, args.force, args.adapter)
     prompts, references, source = report_prompts(args.adapter, args.prompts, n=args.num_prompts)
+    console.print(f"4-bit base + adapter: greedy replies to {len(prompts)} prompt(s) from {source} ...")
+    passes, tokenizer = reference_passes(args.adapter, prompts, base=args.base, max_new_tokens=args.max_new_tokens)
 
-    # merge
-    console.print(f"merging {args.adapter} into its base in bfloat16 ...")
-    base = merge_adapter(args.adapter, args.out, args.base, trust_remote_code=args.trust_remote_code)
-    console.print(f"merged model written to [bold]{args.out}[/] (base {base})")
-
-    # fidelity report
-    console.print(f"comparing with 4-bit base + adapter on {len(prompts)} prompt(s) from {source} ...")
-    report = fidelity_report(args.adapter, args.out, prompts, references=references, base=args.base,
-                             max_new_tokens=args.max_new_tokens, max_kl=args.max_kl)
-    console.print(report_table(report))
-    path = write_report(report, args.out, adapter=str(args.adapter), base=base, merged=str(args.out),
-                        dtype="bfloat16", prompts_from=source)
+    # merge, then measure the folder as written (loaded with plain transformers); with --weights best,
+    # both candidates are written beside --out and the closer one is renamed into place
+    reports, folders, hows = {}, {}, {}
+    for weights in choices(args.weights):
+        folders[weights] = out if args.weights != "best" else out.with_name(f".{out.name}.{weights}")
+        console.print(f"merging {args.adapter} into its base's {weights} weights in {args.dtype} ...")
+        base, hows[weights] = merge_adapter(args.adapter, folders[weights], args.base,
+                                            trust_remote_code=args.trust_remote_code, dtype=DTYPES[args.dtype],
+                                            weights=weights)
+        candidate = load_merged(folders[weights])
+        reports[weights] = measure(candidate, tokenizer, passes, prompts, references=references,
+                                   max_new_tokens=args.max_new_tokens, max_kl=args.max_kl)
+        del candidate
+        free_memory()
+    kept = closest(reports)
+    if args.weights == "best":
+        console.print("mean KL against 4-bit base + adapter: " + ", ".join(
+            f"{w} {r['mean_kl']:.2e}" for w, r in reports.items()) + f"; keeping {kept}")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(folders[kept], out)
+        for weights, folder in folders.items():
+            shutil.rmtree(folder, ignore_errors=True)
+    report = {**reports[kept], "weights": kept, "weights_detail": hows[kept]}
+    console.print(f"merged model written to [bold]{out}[/] (base {base}; {hows[kept]})")
+    console.print(report_table(report, title=f"merge fidelity: 4-bit base + adapter vs merged {args.dtype}, "
+                                             f"{kept} weights (KL in nats)"))
+    path = write_report(report, out, adapter=str(args.adapter), base=base, merged=str(out), dtype=args.dtype,
+                        prompts_from=source,
+                        **({"mean_kl_by_weights": {w: r["mean_kl"] for w, r in reports.items()}}
+                           if len(reports) > 1 else {}))
     console.print(f"report: {path}")
     if not report["ok"]:
         console.print(Panel(
@@ -274,4 +390,3 @@ def main(argv: list[str] | None = None) -> dict:
             "prompts). Evaluate the merged model before shipping it, or serve the adapter on the 4-bit base.",
             title="WARNING: merge fidelity", border_style="bold red"))
     return report
-
