@@ -23,6 +23,7 @@ from qlora_loop.model.tiny import build_tiny_model
 from qlora_loop.run import train
 from qlora_loop.use.export import ExportError, check_supported, load_gguf_model, load_gguf_tokenizer
 from qlora_loop.use.inference import InferenceError, load_for_inference
+from qlora_loop.use.llama_server import llama_server, server_binary, served_reply
 from qlora_loop.use.merge import merged_model
 from qlora_loop.use.ollama import (PROBES, TemplateError, jinja_prompt, ollama_messages, read_modelfile, render_go,
                                    translate_template)
@@ -55,9 +56,9 @@ def fields(path: Path) -> dict:
     return found
 
 
-def same_weights(gguf_path: Path, adapter: Path) -> None:
-    """Every weight read back from the file equals the bf16 merge of the adapter."""
-    merged = merged_model(adapter)[0].state_dict()
+def same_weights(gguf_path: Path, adapter: Path, dtype: torch.dtype = torch.bfloat16) -> None:
+    """Every weight read back from the file equals the merge of the adapter in `dtype`."""
+    merged = merged_model(adapter, dtype=dtype)[0].state_dict()
     loaded = load_gguf_model(gguf_path).state_dict()
     assert set(loaded) == set(merged)
     for name, tensor in merged.items():
@@ -73,7 +74,7 @@ def qwen_q8(best, export_main, tmp_path_factory):
 def test_tiny_qwen2_q8_0_file_answers_like_the_adapter(qwen_q8, best, tiny_run):
     out, report = qwen_q8
     name = f"{tiny_run[0].name}-q8_0.gguf"
-    assert sorted(p.name for p in out.iterdir()) == sorted([name, "Modelfile", "export_report.json"])
+    assert sorted(p.name for p in out.iterdir()) == sorted([name, "Modelfile", "README.md", "export_report.json"])
     meta = fields(out / name)
     trained = AutoTokenizer.from_pretrained(best)
     assert meta["general.architecture"] == "qwen2" and meta["tokenizer.ggml.model"] == "gpt2"
@@ -124,7 +125,7 @@ def test_tiny_llama_f32_file_holds_the_permuted_weights_and_answers_like_the_ada
     out = tmp_path / "gguf"
     report = export_main(["--adapter", str(run / "best"), "--out", str(out), "--type", "f32", "--num-prompts", "3",
                           "--max-new-tokens", "24"])
-    same_weights(out / "llama-f32.gguf", run / "best")  # Q/K permuted on writing, back on reading
+    same_weights(out / "llama-f32.gguf", run / "best", torch.float32)  # Q/K permuted on writing, back on reading
     assert report["greedy_match"] == report["prompts"] == 3 and report["mean_kl"] < 0.01
     found = read_modelfile((out / "Modelfile").read_text())
     assert found["stops"] == ["</s>"] and found["system"] is None
@@ -133,6 +134,21 @@ def test_tiny_llama_f32_file_holds_the_permuted_weights_and_answers_like_the_ada
     reference, ref_tokenizer = load_for_inference(run / "best")
     assert plain_greedy(model, tokenizer, "Who are you?", 24) == \
         generate_reply(reference, ref_tokenizer, "Who are you?", max_new_tokens=24)
+
+
+needs_llama_server = pytest.mark.skipif(server_binary() is None, reason="llama-server is not on PATH and "
+                                        "$QLORA_LOOP_LLAMA_SERVER is unset (build llama.cpp's server to run this)")
+
+
+@needs_llama_server
+def test_llama_cpp_serves_the_file_with_the_adapters_greedy_replies(qwen_q8, tiny_run):
+    """llama.cpp's own runtime (not transformers' reader): the template, the stop token and the
+    weights as it reads them give the adapter's greedy reply to the run's validation prompts."""
+    out, report = qwen_q8
+    with llama_server(out / f"{tiny_run[0].name}-q8_0.gguf") as url:
+        served = [served_reply(url, [{"role": "user", "content": row["prompt"]}], max_tokens=64)
+                  for row in report["rows"]]
+    assert [s.strip() for s in served] == [row["reply_reference"].strip() for row in report["rows"]]
 
 
 # --- templates ----------------------------------------------------------------------------------------
@@ -250,3 +266,7 @@ def test_smollm2_gguf_gives_the_adapters_greedy_reply_to_an_unseen_prompt(smollm
     found = read_modelfile((out / "Modelfile").read_text())
     assert found["stops"] == ["<|im_end|>"] and "SmolLM" in found["template"]
     assert fields(out / "smol-f16.gguf")["general.architecture"] == "llama"
+    if server_binary() is not None:  # and in llama.cpp itself, where users run it
+        with llama_server(out / "smol-f16.gguf") as url:
+            assert served_reply(url, [{"role": "user", "content": unseen}], max_tokens=24).strip() == \
+                row["reply_reference"].strip()
