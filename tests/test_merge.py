@@ -312,8 +312,9 @@ def test_original_weights_are_todays_merge_and_the_report_names_the_weights(merg
     chosen = merge_main(["--adapter", str(best), "--out", str(tmp_path / "best-of"), "--weights", "best",
                          "--num-prompts", "2", "--max-new-tokens", "12"])
     saved = json.loads((tmp_path / "best-of" / "merge_report.json").read_text())
-    by_weights = saved["mean_kl_by_weights"]
-    assert by_weights["trained"] < by_weights["original"] == pytest.approx(original["mean_kl"], rel=1e-3)
+    candidates = saved["by_weights"]
+    assert candidates["trained"]["mean_kl"] < candidates["original"]["mean_kl"] == \
+        pytest.approx(original["mean_kl"], rel=1e-3)
     assert saved["weights"] == chosen["weights"] == "trained" and "NF4 dequantized" in saved["weights_detail"]
     assert "trained against" in (tmp_path / "best-of" / "README.md").read_text()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best-of", "original"]  # no candidate left behind

@@ -42,9 +42,9 @@ from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKEN
 from qlora_loop.model.generate import stop_token_ids
 from qlora_loop.use.inference import (InferenceError, load_inference_tokenizer, locate_base, read_adapter_config,
                                       run_config)
-from qlora_loop.use.merge import (add_report_args, check_out_dir, check_report_args, choices, closest, measure,
-                                  merged_model, reference_passes, report_prompts, report_table, weights_note,
-                                  write_report, free_memory)
+from qlora_loop.use.merge import (add_report_args, by_weights, check_out_dir, check_report_args, choices, closest,
+                                  free_memory, measure, merged_model, reference_passes, report_prompts, report_table,
+                                  weights_note, write_report)
 from qlora_loop.use.ollama import PROBES, jinja_prompt, modelfile, ollama_messages, translate_template
 
 Q = gguf.GGMLQuantizationType
@@ -385,7 +385,7 @@ def main(argv: list[str] | None = None) -> dict:
     path = write_report(report, out, file_name="export_report.json", adapter=str(args.adapter), base=found.name,
                         gguf=str(out / name), type=args.type, bytes=size, export_seconds=round(seconds[kept], 2),
                         template=template_name, stop_tokens=stop_texts, system_prompt=system, prompts_from=source,
-                        **({"mean_kl_by_weights": {w: r["mean_kl"] for w, r in reports.items()}}
+                        **({"by_weights": by_weights(reports)}
                            if len(reports) > 1 else {}))
     console.print(f"report: {path}")
     if not report["ok"]:

@@ -334,6 +334,11 @@ def choices(weights: str) -> list[str]:
     return ["trained", "original"] if weights == "best" else [weights]
 
 
+def by_weights(reports: dict[str, dict]) -> dict[str, dict]:
+    """Each candidate's summary numbers, for the report of --weights best."""
+    return {w: {k: r[k] for k in ("mean_kl", "max_kl", "top1_agreement", "greedy_match")} for w, r in reports.items()}
+
+
 def closest(reports: dict[str, dict]) -> str:
     """The choice whose report has the lowest mean KL."""
     return min(reports, key=lambda w: reports[w]["mean_kl"])
@@ -379,7 +384,7 @@ def main(argv: list[str] | None = None) -> dict:
                                              f"{kept} weights (KL in nats)"))
     path = write_report(report, out, adapter=str(args.adapter), base=base, merged=str(out), dtype=args.dtype,
                         prompts_from=source,
-                        **({"mean_kl_by_weights": {w: r["mean_kl"] for w, r in reports.items()}}
+                        **({"by_weights": by_weights(reports)}
                            if len(reports) > 1 else {}))
     console.print(f"report: {path}")
     if not report["ok"]:
