@@ -19,9 +19,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from qlora_loop.bench.orchestrate import run_bench
-from qlora_loop.bench.report import print_report
-from qlora_loop.bench.settings import DEFAULT_PEERS, PEERS, BenchError, Settings
+from qlora_loop.cli import as_script  # noqa: E402  (first: it quiets bitsandbytes' import-time log line)
+from qlora_loop.bench.orchestrate import run_bench  # noqa: E402
+from qlora_loop.bench.report import print_report  # noqa: E402
+from qlora_loop.bench.settings import DEFAULT_PEERS, PEERS, Settings  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> Settings:
@@ -76,11 +77,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
 def main(argv: list[str] | None = None) -> dict:
     settings = parse_args(argv)
     command = "python scripts/bench.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    try:
-        report = run_bench(settings, command=command)
-    except BenchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    report = run_bench(settings, command=command)
     if report["runs"]:
         print_report(report)
     if report["failed"]:
@@ -91,4 +88,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    with as_script():  # a bad flag, or no GPU for --gpu-7b: one `error:` line and exit 2
+        main()

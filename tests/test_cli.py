@@ -16,6 +16,7 @@ import pytest
 
 from qlora_loop.cli import COMMANDS, as_script, command_main, main
 from qlora_loop.data import inspector
+from qlora_loop.errors import ConfigError, DataError, Interrupted, NonFiniteError, exit_line
 from qlora_loop.observe import plot
 from qlora_loop.use import chat, export, merge
 
@@ -32,6 +33,25 @@ def test_a_script_turns_a_disk_error_anywhere_into_one_line_and_exit_2(error, sa
         raise error
     assert exited.value.code == 2
     assert re.fullmatch(f"error: {says}.*\n", capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("error, line, status", [
+    (ConfigError("train.lr=-1 must be > 0"), "error: train.lr=-1 must be > 0", 2),
+    (DataError("d.jsonl:3: missing field 'output'", "missing_field"), "error: d.jsonl:3: missing field 'output'", 2),
+    (NonFiniteError("non-finite loss (nan) at step 3", [0, 1]), "error: non-finite loss (nan) at step 3", 3),
+    (Interrupted("stopped by a signal after step 4"), "interrupted: stopped by a signal after step 4", 75),
+])
+def test_errors_py_gives_each_error_its_line_and_status(error, line, status, capsys):
+    assert exit_line(error) == (line, status)
+    with pytest.raises(SystemExit) as exited, as_script():
+        raise error
+    assert exited.value.code == status and capsys.readouterr().err == line + "\n"
+
+
+def test_a_bug_keeps_its_traceback():
+    assert exit_line(KeyError("x")) is None
+    with pytest.raises(KeyError), as_script():
+        raise KeyError("x")
 
 
 def test_a_script_lets_other_os_errors_through():

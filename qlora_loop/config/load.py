@@ -13,7 +13,8 @@ from typing import Any
 
 import yaml
 
-from qlora_loop.config.sections import CHOICES, Config, ConfigError, SourceConfig
+from qlora_loop.config.sections import CHOICES, Config, SourceConfig
+from qlora_loop.errors import ConfigError
 
 
 # Names other trainers use (transformers' TrainingArguments, peft) that string similarity alone

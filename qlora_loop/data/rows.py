@@ -19,13 +19,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
-class DataError(ValueError):
-    """Bad input data; the message names file:line, the field and the fix; `kind` groups the counts."""
-
-    def __init__(self, message: str, kind: str = "invalid"):
-        super().__init__(message)
-        self.kind = kind
+from qlora_loop.errors import DataError
 
 
 @dataclass

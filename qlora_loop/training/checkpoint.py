@@ -23,6 +23,7 @@ import torch
 from accelerate.utils import DistributedType
 from safetensors.torch import load_file, save_file
 
+from qlora_loop.errors import CheckpointError
 from qlora_loop.manifest import FILE as MANIFEST, check_manifest, text_hash, write_manifest
 from qlora_loop.model.adapter import adalora_of
 from qlora_loop.training.disk import WRITE_ERRORS, describe
@@ -30,10 +31,6 @@ from qlora_loop.training.disk import WRITE_ERRORS, describe
 MARKER = "COMPLETE"
 SHARDED = (DistributedType.FSDP, DistributedType.DEEPSPEED)
 FORMAT = 1
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be written or resumed; the message names the path and what to do."""
 
 
 # --- the best adapter ---------------------------------------------------------------------------

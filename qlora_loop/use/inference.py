@@ -20,15 +20,11 @@ from transformers import AutoConfig
 from qlora_loop.config import TrainConfig
 from qlora_loop.cpu import resolve_compute_dtype
 from qlora_loop.data.mixtures import held_out_conversations
-from qlora_loop.errors import ModelError
+from qlora_loop.errors import InferenceError, ModelError
 from qlora_loop.manifest import check_manifest, read_manifest
 from qlora_loop.model.builtin import resolve_model_path
 from qlora_loop.model.generate import held_out_prompts
 from qlora_loop.model.load import load_base_model, load_tokenizer
-
-
-class InferenceError(ValueError):
-    """The adapter, its base or the prompts cannot be used; the message names the flag or folder and the fix."""
 
 
 def read_adapter_config(adapter_dir: str | Path) -> dict:
