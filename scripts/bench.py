@@ -15,14 +15,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from qlora_loop.cli import as_script  # noqa: E402  (first: it quiets bitsandbytes' import-time log line)
-from qlora_loop.bench.orchestrate import run_bench  # noqa: E402
-from qlora_loop.bench.report import print_report  # noqa: E402
-from qlora_loop.bench.settings import DEFAULT_PEERS, PEERS, Settings  # noqa: E402
+from qlora_loop.cli import as_script  # first: it quiets bitsandbytes' import-time log line
+from qlora_loop.bench.orchestrate import run_bench
+from qlora_loop.bench.report import print_report
+from qlora_loop.bench.settings import DEFAULT_PEERS, PEERS, Settings
 
 
 def parse_args(argv: list[str] | None = None) -> Settings:

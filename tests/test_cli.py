@@ -107,6 +107,15 @@ def test_the_console_script_is_declared():
     assert setup["options.entry_points"]["console_scripts"].strip() == "qlora-loop = qlora_loop.cli:main"
 
 
+def test_a_script_runs_from_the_checkout_on_this_checkouts_package(tmp_path):
+    where = subprocess.run([sys.executable, "-c", "import qlora_loop; print(qlora_loop.__file__)"], cwd=tmp_path,
+                           capture_output=True, text=True)
+    assert Path(where.stdout.strip()).resolve() == ROOT / "qlora_loop" / "__init__.py", \
+        "the installed qlora_loop is another copy: run `pip install -e .` in this checkout"
+    done = subprocess.run([sys.executable, "scripts/train.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.startswith("usage: train.py"), done.stderr[-2000:]
+
+
 def test_the_package_face_is_cheap():
     code = ("import sys, qlora_loop; assert 'torch' not in sys.modules, 'import qlora_loop loaded torch'; "
             "from qlora_loop import load_config, train; from qlora_loop.run import train as run_train; "

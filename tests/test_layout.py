@@ -1,5 +1,6 @@
 """The package's layout, read from the real source with `ast` (imports inside functions included): one
-concern per folder, no import circle, floors that import only downward, and modules short enough to read."""
+concern per folder, no import circle, floors that import only downward, and modules short enough to read;
+scripts that are thin shells over the installed package."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 import qlora_loop
 
 PACKAGE = Path(qlora_loop.__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]
 # Lower floors never import higher ones; concerns on one floor never import each other. Modules at the
 # top of the package not named here (run, cli) put the concerns together and may import any of them.
 FLOORS = [{"qlora_loop.errors", "qlora_loop.paths", "qlora_loop.cpu", "qlora_loop.config", "qlora_loop.manifest"},
@@ -124,3 +126,13 @@ def test_no_module_over_400_lines():
     long = {name: n for name, path in modules().items()
             if (n := len(path.read_text(encoding="utf-8").splitlines())) > 400}
     assert long == {}
+
+
+def test_scripts_run_on_the_installed_package_without_touching_sys_path():
+    """`pip install -e .` puts this checkout's package on the path; a script that edits sys.path would
+    import another copy than the one installed, and tests would not see it."""
+    assert (ROOT / "scripts" / "train.py").is_file()
+    editing = [str(path.relative_to(ROOT)) for path in sorted([*ROOT.glob("scripts/*.py"), *ROOT.glob("tests/*.py")])
+               for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+               if isinstance(node, ast.Attribute) and ast.unparse(node) in ("sys.path.insert", "sys.path.append")]
+    assert editing == []
