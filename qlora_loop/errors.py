@@ -78,3 +78,10 @@ def exit_line(error: BaseException) -> tuple[str, int] | None:
         return f"error: {error}", 2
     return None
 
+
+def not_utf8(path, data: bytes, error: UnicodeDecodeError, start: int = 0) -> str:
+    """`path:LINE: not UTF-8 text (byte 0xe9 at offset N); re-save the file as UTF-8`, for `data`, the
+    file's bytes, whose decoding from offset `start` failed with `error`."""
+    at = start + error.start
+    line = data[:at].count(b"\n") + 1
+    return f"{path}:{line}: not UTF-8 text (byte 0x{data[at]:02x} at offset {at}); re-save the file as UTF-8"

@@ -198,6 +198,24 @@ def test_bad_input_is_one_clear_line_and_exit_2(args, says, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def latin1_config(tmp_path):
+    path = tmp_path / "x.yaml"
+    path.write_bytes("train:\n  lr: 1.0e-4  # café\n".encode("latin-1"))  # é is byte 0xe9, offset 26, line 2
+    return ["--config", str(path)], f"{path}:2: not UTF-8 text (byte 0xe9 at offset 26); re-save the file as UTF-8"
+
+
+@pytest.mark.parametrize("bad_file", [latin1_config])
+def test_a_file_that_cannot_be_read_is_one_line_naming_it_and_exit_2(bad_file, tmp_path):
+    """Each file a run reads, damaged as files are in practice: one `error:` line with the file, where in it,
+    and the fix; exit 2; no traceback."""
+    args, says = bad_file(tmp_path)
+    proc = run_script(sys.executable, "scripts/train.py", *TINY, *args, f"output_dir={tmp_path / 'out'}",
+                      env={"XDG_CACHE_HOME": str(tmp_path)})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == f"error: {says}"
+    assert "Traceback" not in proc.stderr
+
+
 def test_the_run_says_where_it_writes_at_start_and_end(train_main, tmp_path, capsys):
     out = tmp_path / "out"
     train_main([f"output_dir={out}", "train.epochs=1", "train.patience=0", "eval.num_samples=0"])

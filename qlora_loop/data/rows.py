@@ -19,7 +19,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qlora_loop.errors import DataError
+from qlora_loop.errors import DataError, not_utf8
 
 
 @dataclass
@@ -64,7 +64,7 @@ def read_rows(path: str | Path, rejects: Rejects | None = None) -> list[tuple[in
     raw = path.read_bytes()
     bom = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
     if raw[bom:].lstrip().startswith(b"["):
-        rows = _read_json_array(_decode(raw, bom, path), path)
+        rows = _read_json_array(decode(raw, path), path)
     else:
         rows = _read_jsonl(raw, bom, path, rejects)
     if not rows and not rejects.count:
@@ -72,14 +72,13 @@ def read_rows(path: str | Path, rejects: Rejects | None = None) -> list[tuple[in
     return rows
 
 
-def _decode(raw: bytes, start: int, path: Path) -> str:
+def decode(raw: bytes, path: Path) -> str:
+    """A text file's bytes as text, without a UTF-8 BOM; bytes that are not UTF-8 are an error naming their line."""
+    start = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
     try:
         return raw[start:].decode("utf-8")
     except UnicodeDecodeError as e:
-        at = start + e.start  # counted from the start of the file, BOM included
-        line = raw[:at].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not UTF-8 text ({e.reason} at byte {at}); "
-                        "re-save the file as UTF-8", "not_utf8") from None
+        raise DataError(not_utf8(path, raw, e, start), "not_utf8") from None
 
 
 def _read_jsonl(raw: bytes, bom: int, path: Path, rejects: Rejects) -> list[tuple[int, object]]:
@@ -87,12 +86,11 @@ def _read_jsonl(raw: bytes, bom: int, path: Path, rejects: Rejects) -> list[tupl
     # split on b"\n" only: JSON strings may hold U+2028, U+0085 or \f, which splitlines() breaks on.
     for number, line_bytes in enumerate(raw.split(b"\n"), start=1):
         start, offset = offset, offset + len(line_bytes) + 1
+        skip = bom if number == 1 else 0
         try:
-            line = line_bytes[bom if number == 1 else 0:].decode("utf-8")
+            line = line_bytes[skip:].decode("utf-8")
         except UnicodeDecodeError as e:
-            at = start + (bom if number == 1 else 0) + e.start
-            rejects.reject(DataError(f"{path}:{number}: not UTF-8 text ({e.reason} at byte {at}); re-save the "
-                                     "file as UTF-8", "not_utf8"))
+            rejects.reject(DataError(not_utf8(path, raw, e, start + skip), "not_utf8"))
             continue
         if not line.strip():
             continue

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from qlora_loop.config import SourceConfig, source_configs
-from qlora_loop.data.rows import Conversation, DataError, Rejects, read_rows, to_conversations
+from qlora_loop.data.rows import Conversation, DataError, Rejects, decode, read_rows, to_conversations
 
 DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".arrow")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -85,13 +85,7 @@ def _read_text(path: Path, rejects: Rejects) -> list[tuple[str, object]]:
 def _read_csv(path: Path, rejects: Rejects) -> list[tuple[str, object]]:
     """A header row, then one row per record; an empty cell is a missing field. A record's line is
     the line it starts on (a quoted cell may hold newlines)."""
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = path.read_bytes()[:e.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not UTF-8 text ({e.reason} at byte {e.start}); re-save the file as UTF-8",
-                        "not_utf8") from None
-    stream = io.StringIO(text, newline="")
+    stream = io.StringIO(decode(path.read_bytes(), path), newline="")
     reader = csv.DictReader(stream)
     rows, start = [], 2
     try:

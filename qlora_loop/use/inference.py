@@ -20,7 +20,7 @@ from transformers import AutoConfig
 from qlora_loop.config import TrainConfig
 from qlora_loop.cpu import resolve_compute_dtype
 from qlora_loop.data.mixtures import held_out_conversations
-from qlora_loop.errors import InferenceError, ModelError
+from qlora_loop.errors import InferenceError, ModelError, not_utf8
 from qlora_loop.manifest import check_manifest, read_manifest
 from qlora_loop.model.builtin import resolve_model_path
 from qlora_loop.model.generate import held_out_prompts
@@ -188,11 +188,11 @@ def read_prompt_lines(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise InferenceError(f"--prompts {path}: no such file; give a text file with one prompt per line")
+    raw = path.read_bytes()
     try:
-        text = path.read_text(encoding="utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = path.read_bytes()[:e.start].count(b"\n") + 1
-        raise InferenceError(f"--prompts {path}:{line}: not UTF-8 text; save the file as UTF-8") from None
+        raise InferenceError(f"--prompts {not_utf8(path, raw, e)}") from None
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     if not lines:
         raise InferenceError(f"--prompts {path}: no prompts in it; write one per line")
