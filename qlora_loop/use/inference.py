@@ -22,7 +22,7 @@ from qlora_loop.cpu import resolve_compute_dtype
 from qlora_loop.data.mixtures import held_out_conversations
 from qlora_loop.errors import InferenceError, ModelError, not_utf8
 from qlora_loop.manifest import check_manifest, read_manifest
-from qlora_loop.model.builtin import resolve_model_path
+from qlora_loop.model.builtin import check_weights, resolve_model_path
 from qlora_loop.model.generate import held_out_prompts
 from qlora_loop.model.load import load_base_model, load_tokenizer
 
@@ -67,6 +67,8 @@ def base_config(name: str, source: str, *, trust_remote_code: bool = False, revi
     if looks_local and not Path(name).expanduser().is_dir():
         raise InferenceError(f"base model {name} ({source}): no such folder; pass --base with the model the "
                              "adapter was trained on")
+    if looks_local:
+        check_weights(name)
     try:
         return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code, revision=revision)
     except (OSError, ValueError) as e:
