@@ -215,7 +215,15 @@ def truncated_model(tmp_path):
         re.escape(f"; {len(whole) // 2:,} bytes); download the model again, or save it again with save_pretrained"))
 
 
-@pytest.mark.parametrize("bad_file", [latin1_config, truncated_model])
+def one_line_array(tmp_path):
+    rows = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(8)]
+    del rows[5]["output"]
+    path = tmp_path / "arr.json"
+    path.write_text(json.dumps(rows), encoding="utf-8")  # every row on line 1
+    return [f"data.train={path}"], re.escape(f"{path}: row 5 (line 1): missing field 'output'")
+
+
+@pytest.mark.parametrize("bad_file", [latin1_config, truncated_model, one_line_array])
 def test_a_file_that_cannot_be_read_is_one_line_naming_it_and_exit_2(bad_file, tmp_path):
     """Each file a run reads, damaged as files are in practice: one `error:` line with the file, where in it,
     and the fix; exit 2; no traceback."""

@@ -1,5 +1,6 @@
-"""Rows -> chat messages, every fault named by its row (file:line, or the row index of a columnar
-source) and field; JSON and JSONL files read here, the other sources in sources.py.
+"""Rows -> chat messages, every fault named by its row and field; JSON and JSONL files read here, the
+other sources in sources.py. A row is named `file:line` in a JSONL file, `file: row N (line L)` in a
+JSON array (N its index, from 0 as for the columnar sources' `file row N`: one line may hold them all).
 
 Three row formats, detected per source from its first row, or given with data.format:
   alpaca    {"instruction", "input"?, "output", "system"?, "history"?: [[q, a], ...]}
@@ -55,8 +56,8 @@ class Rejects:
 
 # --- reading ------------------------------------------------------------------------------------
 
-def read_rows(path: str | Path, rejects: Rejects | None = None) -> list[tuple[int, object]]:
-    """(line, row) pairs from a JSON array or a JSONL file. In a JSONL file each line is decoded on
+def read_rows(path: str | Path, rejects: Rejects | None = None) -> list[tuple[str, object]]:
+    """(where, row) pairs from a JSON array or a JSONL file. In a JSONL file each line is decoded on
     its own, so a bad line can be skipped; a broken JSON array is an error of the whole file."""
     path, rejects = Path(path), rejects or Rejects()
     if not path.is_file():
@@ -81,7 +82,7 @@ def decode(raw: bytes, path: Path) -> str:
         raise DataError(not_utf8(path, raw, e, start), "not_utf8") from None
 
 
-def _read_jsonl(raw: bytes, bom: int, path: Path, rejects: Rejects) -> list[tuple[int, object]]:
+def _read_jsonl(raw: bytes, bom: int, path: Path, rejects: Rejects) -> list[tuple[str, object]]:
     rows, offset = [], 0
     # split on b"\n" only: JSON strings may hold U+2028, U+0085 or \f, which splitlines() breaks on.
     for number, line_bytes in enumerate(raw.split(b"\n"), start=1):
@@ -95,20 +96,20 @@ def _read_jsonl(raw: bytes, bom: int, path: Path, rejects: Rejects) -> list[tupl
         if not line.strip():
             continue
         try:
-            rows.append((number, json.loads(line)))
+            rows.append((f"{path}:{number}", json.loads(line)))
         except json.JSONDecodeError as e:
             rejects.reject(DataError(f"{path}:{number}: invalid JSON ({e.msg}, column {e.colno})", "invalid_json"))
     return rows
 
 
-def _read_json_array(text: str, path: Path) -> list[tuple[int, object]]:
-    """Parse `[obj, obj, ...]` element by element so each row keeps the line it starts on."""
+def _read_json_array(text: str, path: Path) -> list[tuple[str, object]]:
+    """Parse `[obj, obj, ...]` element by element so each row keeps its index and the line it starts on."""
     decoder = json.JSONDecoder()
     rows, i = [], _skip_space(text, text.index("[") + 1)
     try:
         while i < len(text) and text[i] != "]":
             row, end = decoder.raw_decode(text, i)
-            rows.append((text.count("\n", 0, i) + 1, row))
+            rows.append((f"{path}: row {len(rows)} (line {text.count(chr(10), 0, i) + 1})", row))
             i = _skip_space(text, end)
             if i < len(text) and text[i] == ",":
                 i = _skip_space(text, i + 1)

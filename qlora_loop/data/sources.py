@@ -2,8 +2,9 @@
 
 A source (config.SourceConfig) is a JSON / JSONL / CSV / Parquet / Arrow file, a folder written by
 `datasets`' save_to_disk, a folder of data files laid out as a hub dataset repo, or a hub dataset
-id (datasets.load_dataset; offline it must already be in the datasets cache). Rows of text files
-are named file:line, rows of columnar sources by their row index ("data.parquet row 17").
+id (datasets.load_dataset; offline it must already be in the datasets cache). Rows of JSONL and CSV
+files are named file:line, rows of a JSON array by index and line ("d.json: row 4 (line 1)"), rows
+of columnar sources by their index ("data.parquet row 17").
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def open_source(source: str | Path | SourceConfig) -> Opened:
     limit = source.max_rows
     if path.is_file():
         suffix = path.suffix.lower()
-        reader = {".csv": _read_csv, ".parquet": _read_parquet, ".arrow": _read_arrow}.get(suffix, _read_text)
+        reader = {".csv": _read_csv, ".parquet": _read_parquet, ".arrow": _read_arrow}.get(suffix, read_rows)
         return Opened(source, str(path), file_digest(path), lambda rejects: reader(path, rejects)[:limit])
     if path.is_dir():
         if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
@@ -77,10 +78,6 @@ def conversations_of(opened: Opened, *, system_prompt: str | None, rejects: Reje
 
 
 # --- files --------------------------------------------------------------------------------------
-
-def _read_text(path: Path, rejects: Rejects) -> list[tuple[str, object]]:
-    return [(f"{path}:{line}", row) for line, row in read_rows(path, rejects)]
-
 
 def _read_csv(path: Path, rejects: Rejects) -> list[tuple[str, object]]:
     """A header row, then one row per record; an empty cell is a missing field. A record's line is
