@@ -13,7 +13,8 @@ PACKAGE = Path(qlora_loop.__file__).resolve().parent
 ROOT = Path(__file__).resolve().parents[1]
 # Lower floors never import higher ones; concerns on one floor never import each other. Modules at the
 # top of the package not named here (run, cli) put the concerns together and may import any of them.
-FLOORS = [{"qlora_loop.errors", "qlora_loop.paths", "qlora_loop.cpu", "qlora_loop.config", "qlora_loop.manifest"},
+FLOORS = [{"qlora_loop.errors", "qlora_loop.paths", "qlora_loop.files", "qlora_loop.cpu", "qlora_loop.config",
+           "qlora_loop.manifest"},
           {"qlora_loop.model"}, {"qlora_loop.data"}, {"qlora_loop.training"},
           {"qlora_loop.observe", "qlora_loop.forgetting", "qlora_loop.use"}]
 

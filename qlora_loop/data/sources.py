@@ -19,6 +19,7 @@ from typing import Callable
 
 from qlora_loop.config import SourceConfig, source_configs
 from qlora_loop.data.rows import Conversation, DataError, Rejects, decode, read_rows, to_conversations
+from qlora_loop.files import sha256_file
 
 DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".arrow")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -47,7 +48,7 @@ def open_source(source: str | Path | SourceConfig) -> Opened:
     if path.is_file():
         suffix = path.suffix.lower()
         reader = {".csv": _read_csv, ".parquet": _read_parquet, ".arrow": _read_arrow}.get(suffix, read_rows)
-        return Opened(source, str(path), file_digest(path), lambda rejects: reader(path, rejects)[:limit])
+        return Opened(source, str(path), sha256_file(path)[:20], lambda rejects: reader(path, rejects)[:limit])
     if path.is_dir():
         if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
             return Opened(source, str(path), folder_digest(path), lambda rejects: _read_saved(path, source))
@@ -151,17 +152,10 @@ def _first_line(error: Exception) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:20]
-
-
 def folder_digest(path: Path) -> str:
     files = sorted(p for p in path.rglob("*") if p.is_file())
-    return hashlib.sha256(" ".join(f"{p.relative_to(path)}={file_digest(p)}" for p in files).encode()).hexdigest()[:20]
+    listing = " ".join(f"{p.relative_to(path)}={sha256_file(p)[:20]}" for p in files)
+    return hashlib.sha256(listing.encode()).hexdigest()[:20]
 
 
 def local_files(spec) -> list[str]:

@@ -32,6 +32,7 @@ from safetensors import SafetensorError, safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from qlora_loop.errors import ModelError
+from qlora_loop.files import sha256_file
 from qlora_loop.model.tiny import BUILD_VERSION as TINY_VERSION, build_tiny_model
 from qlora_loop.paths import cache_dir
 
@@ -102,7 +103,7 @@ def resolve_gguf(name_or_path: str, gguf_file: str) -> Path:
     """A local GGUF is keyed by its content hash, a hub one by repo + file name."""
     local = next((p for p in (Path(gguf_file), Path(name_or_path) / gguf_file) if p.is_file()), None)
     if local is not None:
-        return cached_build(f"gguf-v{GGUF_VERSION}-{_sha256(local)[:16]}",
+        return cached_build(f"gguf-v{GGUF_VERSION}-{sha256_file(local)[:16]}",
                             partial(convert_gguf, str(local.parent), local.name))
     if Path(name_or_path).is_dir():
         raise ModelError(f"model.gguf_file={gguf_file!r}: no such file, neither as given nor in {name_or_path}")
@@ -144,14 +145,6 @@ def convert_gguf(name_or_path: str, gguf_file: str, out_dir: str | Path) -> Path
     tokenizer.save_pretrained(out_dir)
     console.print(f"converted in {time.perf_counter() - start:.0f} s")
     return Path(out_dir)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _sha256_text(text: str) -> str:

@@ -17,7 +17,8 @@ from rich.table import Table
 
 from qlora_loop.observe.trackers import epoch_metrics, log_samples, step_metrics
 from qlora_loop.training.disk import as_disk_error
-from qlora_loop.training.memory import GIB, peak_memory_bytes
+from qlora_loop.files import GIB
+from qlora_loop.training.memory import peak_memory_bytes
 
 STEP_COLUMNS = ("loss", "grad_norm", "lr", "tokens", "target_tokens", "positions")
 HISTORY_COLUMNS = ("epoch", "step", "train_loss", "val_loss", "drift", "lr", "grad_norm", "train_tokens", "seconds",

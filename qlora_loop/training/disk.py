@@ -16,7 +16,7 @@ from pathlib import Path
 from safetensors import SafetensorError
 
 from qlora_loop.errors import ConfigError, DiskError
-from qlora_loop.training.memory import GIB
+from qlora_loop.files import GIB
 
 WRITE_ERRORS = (OSError, SafetensorError)
 # errors of the place written to, not of the run: each gets one line and exit 2 (cli.py)

@@ -38,6 +38,7 @@ from rich.panel import Panel
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
 
+from qlora_loop.files import replace_dir
 from qlora_loop.model.generate import stop_token_ids
 from qlora_loop.use.inference import (InferenceError, load_inference_tokenizer, locate_base, read_adapter_config,
                                       run_config)
@@ -341,9 +342,7 @@ def main(argv: list[str] | None = None) -> dict:
                         tmp / name)
         stop_texts = tokenizer.convert_ids_to_tokens(stops)
         (tmp / "Modelfile").write_text(modelfile(name, template, stop_texts, system), encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     size = (out / name).stat().st_size

@@ -13,7 +13,6 @@ import argparse
 import gc
 import json
 import math
-import os
 import shutil
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from rich.table import Table
 from transformers import AutoModelForCausalLM
 
 from qlora_loop.data.rows import DataError
+from qlora_loop.files import replace_dir
 from qlora_loop.model.generate import as_messages, encode_chat, generate_ids, stop_token_ids
 from qlora_loop.model.load import load_tokenizer
 from qlora_loop.use.inference import (InferenceError, attach_adapter, load_for_inference, load_inference_tokenizer,
@@ -77,9 +77,7 @@ def merge_adapter(adapter_dir: str | Path, out: str | Path, base: str | None = N
     shutil.rmtree(tmp, ignore_errors=True)
     merged.save_pretrained(tmp)  # safetensors
     tokenizer.save_pretrained(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    replace_dir(tmp, out)
     return found.name
 
 
