@@ -50,8 +50,12 @@ class Rejects:
 
     def summary(self, shown: int = 3) -> str:
         """'2 invalid_json, 1 too_long; first: a.jsonl:2: ...; a.jsonl:5: ...'"""
-        kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(self.by_kind.items()))
-        return f"{kinds}; first: " + "; ".join(self.where[:shown])
+        return f"{per_kind(self.by_kind)}; first: " + "; ".join(self.where[:shown])
+
+
+def per_kind(counts: dict[str, int]) -> str:
+    """'2 invalid_json, 1 too_long': counts by kind, in the kinds' order."""
+    return ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items()))
 
 
 # --- reading ------------------------------------------------------------------------------------
