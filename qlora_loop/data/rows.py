@@ -139,6 +139,7 @@ def _skip_space(text: str, i: int) -> int:
 
 # --- rows -> messages ---------------------------------------------------------------------------
 
+MESSAGE_ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
                   "chatgpt": "assistant", "system": "system"}
 
@@ -254,39 +255,35 @@ def _from_alpaca(row: dict, where: str) -> list[dict]:
 
 
 def _from_messages(row: dict, where: str) -> list[dict]:
-    messages = []
-    for k, message in enumerate(_field(row, "messages", list, where)):
-        if not isinstance(message, dict):
-            raise DataError(f"{where}: field 'messages'[{k}] must be an object with 'role' and 'content'",
-                            "wrong_type")
-        role = _field(message, "role", str, f"{where}: messages[{k}]")
-        content = _field(message, "content", str, f"{where}: messages[{k}]")
-        train = _field(message, "train", bool, f"{where}: messages[{k}]", required=False)
-        if role not in ("system", "user", "assistant"):
-            raise DataError(f"{where}: messages[{k}].role is {role!r}; expected system, user or assistant",
-                            "bad_role")
-        if role == "assistant":
-            _answer(content, where, f"messages[{k}].content")
-        messages.append(_message(role, content, train))
-    return messages
+    return _turns(row, where, key="messages", speaker="role", text="content", role_of=MESSAGE_ROLES.get,
+                  unknown="; expected system, user or assistant")
 
 
 def _from_sharegpt(row: dict, where: str) -> list[dict]:
     system = _field(row, "system", str, where, required=False)
-    messages = [{"role": "system", "content": system}] if system else []
-    for k, turn in enumerate(_field(row, "conversations", list, where)):
+    turns = _turns(row, where, key="conversations", speaker="from", text="value",
+                   role_of=lambda who: SHAREGPT_ROLES.get(who.lower()),
+                   unknown=", a turn that cannot be trained here (function calls and tool results are not "
+                           "supported); expected human/user, gpt/assistant/model or system; drop such rows")
+    return ([{"role": "system", "content": system}] if system else []) + turns
+
+
+def _turns(row: dict, where: str, *, key: str, speaker: str, text: str, role_of, unknown: str) -> list[dict]:
+    """The messages of row[key], a list of {speaker: ..., text: ..., "train"?: bool} objects (messages:
+    role/content; ShareGPT: from/value); role_of maps a speaker to our role, None for one we cannot
+    train on, which is an error ending in `unknown`."""
+    messages = []
+    for k, turn in enumerate(_field(row, key, list, where)):
         if not isinstance(turn, dict):
-            raise DataError(f"{where}: field 'conversations'[{k}] must be an object with 'from' and 'value'",
+            raise DataError(f"{where}: field {key!r}[{k}] must be an object with {speaker!r} and {text!r}",
                             "wrong_type")
-        speaker = _field(turn, "from", str, f"{where}: conversations[{k}]")
-        value = _field(turn, "value", str, f"{where}: conversations[{k}]")
-        train = _field(turn, "train", bool, f"{where}: conversations[{k}]", required=False)
-        role = SHAREGPT_ROLES.get(speaker.lower())
+        who = _field(turn, speaker, str, f"{where}: {key}[{k}]")
+        content = _field(turn, text, str, f"{where}: {key}[{k}]")
+        train = _field(turn, "train", bool, f"{where}: {key}[{k}]", required=False)
+        role = role_of(who)
         if role is None:
-            raise DataError(f"{where}: conversations[{k}].from is {speaker!r}, a turn that cannot be trained here "
-                            "(function calls and tool results are not supported); expected human/user, "
-                            "gpt/assistant/model or system; drop such rows", "bad_role")
+            raise DataError(f"{where}: {key}[{k}].{speaker} is {who!r}{unknown}", "bad_role")
         if role == "assistant":
-            _answer(value, where, f"conversations[{k}].value")
-        messages.append(_message(role, value, train))
+            _answer(content, where, f"{key}[{k}].{text}")
+        messages.append(_message(role, content, train))
     return messages
