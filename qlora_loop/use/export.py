@@ -34,7 +34,6 @@ import numpy as np
 import torch
 import transformers
 from rich.console import Console
-from rich.panel import Panel
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
 
@@ -43,7 +42,7 @@ from qlora_loop.model.generate import stop_token_ids
 from qlora_loop.use.inference import (InferenceError, load_inference_tokenizer, locate_base, read_adapter_config,
                                       run_config)
 from qlora_loop.use.merge import (add_report_args, check_out_dir, check_report_args, fidelity_report, merged_model,
-                                  report_prompts, report_table, write_report)
+                                  report_prompts, report_table, warn_fidelity, write_report)
 from qlora_loop.use.ollama import PROBES, jinja_prompt, modelfile, ollama_messages, translate_template
 
 Q = gguf.GGMLQuantizationType
@@ -360,10 +359,6 @@ def main(argv: list[str] | None = None) -> dict:
                         template=template_name, stop_tokens=stop_texts, system_prompt=system, prompts_from=source)
     console.print(f"report: {path}")
     if not report["ok"]:
-        console.print(Panel(
-            f"mean KL {report['mean_kl']:.3g} nats/token is above --max-kl {args.max_kl:g}: {name} does not behave "
-            f"like the 4-bit base + adapter that was trained and evaluated (top-1 agreement "
-            f"{report['top1_agreement']:.1%}, greedy replies the same on {report['greedy_match']}/{report['prompts']} "
-            "prompts). Try a wider --type, or evaluate the file before shipping it.",
-            title="WARNING: export fidelity", border_style="bold red"))
+        warn_fidelity(console, report, what="export", candidate=name,
+                      advice="Try a wider --type, or evaluate the file before shipping it.")
     return report

@@ -196,6 +196,16 @@ def report_table(report: dict, *,
     return table
 
 
+def warn_fidelity(console: Console, report: dict, *, what: str, candidate: str, advice: str) -> None:
+    """A red panel for a report whose mean KL is above --max-kl: by how much, and what to do about it."""
+    panel = Panel(
+        f"mean KL {report['mean_kl']:.3g} nats/token is above --max-kl {report['max_kl_threshold']:g}: {candidate} "
+        f"does not behave like the 4-bit base + adapter that was trained and evaluated (top-1 agreement "
+        f"{report['top1_agreement']:.1%}, greedy replies the same on {report['greedy_match']}/{report['prompts']} "
+        f"prompts). {advice}", title=f"WARNING: {what} fidelity", border_style="bold red")
+    console.print(panel, soft_wrap=False)  # wrapped inside the panel: a soft-wrapping console crops it to one line
+
+
 def write_report(report: dict, out: str | Path, *, file_name: str = "merge_report.json", **context) -> Path:
     path = Path(out) / file_name
     clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in report.items()}
@@ -265,11 +275,7 @@ def main(argv: list[str] | None = None) -> dict:
                         dtype="bfloat16", prompts_from=source)
     console.print(f"report: {path}")
     if not report["ok"]:
-        console.print(Panel(
-            f"mean KL {report['mean_kl']:.3g} nats/token is above --max-kl {args.max_kl:g}: the merged model does "
-            f"not behave like the 4-bit base + adapter that was trained and evaluated (top-1 agreement "
-            f"{report['top1_agreement']:.1%}, greedy replies the same on {report['greedy_match']}/{report['prompts']} "
-            "prompts). Evaluate the merged model before shipping it, or serve the adapter on the 4-bit base.",
-            title="WARNING: merge fidelity", border_style="bold red"))
+        warn_fidelity(console, report, what="merge", candidate="the merged model",
+                      advice="Evaluate the merged model before shipping it, or serve the adapter on the 4-bit base.")
     return report
 
