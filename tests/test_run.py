@@ -187,16 +187,17 @@ def test_accelerate_launch_entry_point_uses_every_core(tmp_path):
 
 @pytest.mark.parametrize("args, says", [
     (["--config", "no/such.yaml"], "config file no/such.yaml does not exist"),
-    (["train.lrr=1"], "unknown config key 'train.lrr'; did you mean train.lr?"),
+    (["train.lrr=1"], "override 'train.lrr=1': unknown config key 'train.lrr'; did you mean train.lr?"),
     (["data.train=missing.jsonl"], "missing.jsonl: data file does not exist"),
-    (["model.name_or_path=/no/such/model"], "model.name_or_path='/no/such/model': no such folder"),
+    (["model.name_or_path=./no/such/model"], "model.name_or_path='./no/such/model': no such folder; give a model "
+                                             "folder (with config.json) or a hub id such as Qwen/Qwen2.5-7B-Instruct"),
 ])
 def test_bad_input_is_one_clear_line_and_exit_2(args, says, tmp_path):
     proc = run_script(sys.executable, "scripts/train.py", *TINY, *args, f"output_dir={tmp_path / 'out'}",
                       env={"XDG_CACHE_HOME": str(tmp_path)})
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1] == f"error: {says}" or says in proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == f"error: {says}"  # the last line, whole
+    assert proc.stderr.count("error: ") == 1 and "Traceback" not in proc.stderr
 
 
 def latin1_config(tmp_path):
