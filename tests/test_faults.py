@@ -234,15 +234,37 @@ def test_a_signal_to_accelerate_launch_checkpoints_the_trainer_and_leaves_no_orp
     assert not (out / ".qlora_loop.lock").exists()
 
 
-def test_second_signal_gets_the_default_action():
+def test_the_first_signal_asks_to_stop_and_the_callers_handlers_come_back():
     accelerator = Accelerator(mixed_precision="no")
     before = signal.getsignal(signal.SIGINT)
     with stop_on_signals(accelerator):
-        signal.raise_signal(signal.SIGINT)  # the first: only asks to stop after the step
+        signal.raise_signal(signal.SIGINT)  # only asks to stop after the step
         assert accelerator.check_trigger()
         assert signal.getsignal(signal.SIGINT) == signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
-    assert signal.getsignal(signal.SIGINT) == before  # the caller's handlers come back
+    assert signal.getsignal(signal.SIGINT) == before
 
+
+SECOND_SIGNAL = """
+import signal
+from accelerate import Accelerator
+from qlora_loop.training.fit import stop_on_signals
+
+accelerator = Accelerator(mixed_precision="no")
+with stop_on_signals(accelerator):
+    for sig in (signal.{first}, signal.{second}):
+        signal.raise_signal(sig)
+        print("asked to stop" if accelerator.check_trigger() else "running", flush=True)
+"""
+
+
+@pytest.mark.parametrize("first, second", [("SIGINT", "SIGINT"), ("SIGTERM", "SIGINT"), ("SIGTERM", "SIGTERM")])
+def test_a_second_signal_ends_the_process_at_once(first, second):
+    """Ctrl-C twice, or a scheduler's SIGTERM followed by another: the first asks to stop after the step;
+    the second ends the process by that signal, without waiting for the step or the checkpoint."""
+    done = subprocess.run([sys.executable, "-c", SECOND_SIGNAL.format(first=first, second=second)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == -getattr(signal, second), done.stderr[-2000:]
+    assert done.stdout == "asked to stop\n"  # printed after the first; nothing after the second
 
 
 @pytest.mark.parametrize("quiet", [False, True])
