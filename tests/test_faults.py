@@ -268,15 +268,16 @@ def test_a_second_signal_ends_the_process_at_once(first, second):
 
 
 @pytest.mark.parametrize("quiet", [False, True])
-def test_under_accelerate_launch_a_bad_input_ends_as_the_readme_says(quiet):
+def test_under_accelerate_launch_a_bad_input_is_our_one_line_and_a_failed_launch(quiet):
+    """What is ours under the launcher: the trainer's one `error:` line with no traceback of ours before
+    it, and a launch that fails; with --quiet that line is the last. What accelerate prints after it, and
+    its own exit status, are accelerate's (the trainer's 2 is pinned on a plain run in test_run)."""
     launcher = [sys.executable, "-m", "accelerate.commands.launch", *(["--quiet"] if quiet else [])]
     done = subprocess.run([*launcher, "scripts/train.py", "train.seed=-1"], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
     lines = done.stderr.strip().splitlines()
     ours = "error: train.seed=-1 must be in [0, 2**32), as numpy's and torch's seeds are"
-    assert done.returncode == 1 and ours in lines and "Traceback" not in done.stderr.split(ours)[0]
+    assert done.returncode != 0 and lines.count(ours) == 1
+    assert "Traceback" not in done.stderr.split(ours)[0]
     if quiet:
         assert lines[-1] == ours
-    else:
-        assert lines[-1].startswith("subprocess.CalledProcessError: Command ")
-        assert lines[-1].endswith("returned non-zero exit status 2.")
