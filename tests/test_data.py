@@ -15,7 +15,7 @@ import torch
 from qlora_loop.data.batches import (EpochSampler, build_dataloaders, collate, collate_packed, model_inputs,
                                      steps_per_epoch)
 from qlora_loop.data.examples import (IGNORE, build_examples, render_with_spans, tokenize_by_pieces,
-                                      tokenize_conversation)
+                                      tokenize_conversation, tokenize_rows)
 from qlora_loop.data.mixtures import build_datasets
 from qlora_loop.data.rows import DataError, Rejects, read_rows
 from qlora_loop.data.sources import load_conversations
@@ -116,6 +116,26 @@ def check_runs(tokenizer, messages, expected):
     assert ids == tokenizer(tokenizer.apply_chat_template(messages, tokenize=False),
                             add_special_tokens=False)["input_ids"]
     return ids, labels
+
+
+def test_the_runs_path_trains_the_assistant_text_and_masks_the_prompt(qwen2_tokenizer, tmp_path):
+    """tokenize_rows, which prepares every source of a run, on rows read from a file: the trained labels
+    decode to the assistant turns, each with its <|im_end|>, and every other token (system and user
+    text, the template's markup) has label -100."""
+    path = write_jsonl(tmp_path / "d.jsonl", [
+        {"messages": chat("Who are you?", "I am Loopy.", "Who made you?", "The qlora_loop authors.", system="Be brief.")},
+        {"messages": chat("你好", "你好！有什么可以帮你？")}])
+    conversations = load_conversations(path)
+    for conversation, result in zip(conversations, tokenize_rows(qwen2_tokenizer, conversations, max_length=256)):
+        ids, labels = result["input_ids"], result["labels"]
+        answers = [m["content"] for m in conversation.messages if m["role"] == "assistant"]
+        assert all(label in (IGNORE, tok) for tok, label in zip(ids, labels))
+        assert qwen2_tokenizer.decode([label for label in labels if label != IGNORE]) == \
+            "".join(f"{answer}<|im_end|>" for answer in answers)
+        prompt = qwen2_tokenizer.apply_chat_template(conversation.messages, tokenize=False)
+        for answer in answers:
+            prompt = prompt.replace(f"{answer}<|im_end|>", "", 1)
+        assert qwen2_tokenizer.decode([tok for tok, label in zip(ids, labels) if label == IGNORE]) == prompt
 
 
 @pytest.mark.parametrize("case", CHATML_CASES)
