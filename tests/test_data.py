@@ -1,6 +1,6 @@
 """qlora_loop.data: rows on disk -> messages -> label masks under real chat templates -> padded batches.
 
-Run: /work/venv/bin/python -m pytest tests/test_data.py -q
+Run: python -m pytest tests/test_data.py -q
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ architectures and templates are errors that leave --out as it was."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -181,7 +182,7 @@ def test_our_renderer_agrees_with_gos_text_template(qwen2_tokenizer, llama_token
              for t in templates for c in conversations]
     (tmp_path / "main.go").write_text(GO_PROGRAM)
     done = subprocess.run(["go", "run", "main.go"], cwd=tmp_path, input=json.dumps(cases), capture_output=True,
-                          text=True, timeout=120, env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin",
+                          text=True, timeout=120, env={"HOME": str(tmp_path), "PATH": os.environ["PATH"],
                                                        "GOCACHE": str(tmp_path / "cache")})
     assert done.returncode == 0, done.stderr
     ours = [render_go(t, {"Messages": c}) for t in templates for c in conversations]
