@@ -5,9 +5,8 @@ deprecation notices are kept off the terminal (chat's conversation, merge's repo
 `qlora-loop COMMAND ...` runs the same main(argv) as scripts/COMMAND.py (inspect: scripts/inspect_data.py,
 export: scripts/export_gguf.py).
 
-Exit status: 0 done; 2 bad config, data, model, checkpoint, launch, flag or folder, a full or
-read-only disk, or a batch that does not fit in memory; 3 non-finite loss; 75 stopped by SIGTERM/SIGINT
-after writing a checkpoint."""
+Exit status: 0 done; otherwise the error's, as qlora_loop/errors.py lists them (2 a user's error,
+3 non-finite loss, 75 stopped by a signal after writing a checkpoint)."""
 
 from __future__ import annotations
 
@@ -25,18 +24,8 @@ for library in ("bitsandbytes", "kernels"):
 
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from qlora_loop.config import ConfigError  # noqa: E402
-from qlora_loop.data.rows import DataError  # noqa: E402
-from qlora_loop.errors import ModelError  # noqa: E402
-from qlora_loop.training.checkpoint import CheckpointError  # noqa: E402
-from qlora_loop.training.disk import WRITE_ERRORS, DiskError, as_disk_error, is_disk_error  # noqa: E402
-from qlora_loop.training.distributed import LaunchError  # noqa: E402
-from qlora_loop.training.fit import Interrupted, NonFiniteError  # noqa: E402
-from qlora_loop.training.memory import OutOfMemory  # noqa: E402
-from qlora_loop.use.inference import InferenceError  # noqa: E402
-
-USER_ERRORS = (ConfigError, DataError, ModelError, CheckpointError, LaunchError, OutOfMemory, InferenceError,
-               DiskError, FileNotFoundError)
+from qlora_loop.errors import exit_line  # noqa: E402
+from qlora_loop.training.disk import WRITE_ERRORS, as_disk_error, is_disk_error  # noqa: E402
 
 
 # Library notices that ask nothing of a user: the libraries' deprecations of each other's APIs (peft and
@@ -59,20 +48,15 @@ def as_script(*, quiet: bool = False):
         warnings.filterwarnings("ignore", category=DeprecationWarning)
     try:
         yield
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except WRITE_ERRORS as e:  # a full or read-only disk anywhere a run writes (logs, curves, the summary)
-        if not is_disk_error(e):
+    except Exception as e:  # exit_line tells a user's error from a bug, which keeps its traceback
+        if isinstance(e, WRITE_ERRORS) and is_disk_error(e):  # a full or read-only disk anywhere a run writes
+            e = as_disk_error(e)
+        ending = exit_line(e)
+        if ending is None:
             raise
-        print(f"error: {as_disk_error(e)}", file=sys.stderr)
-        sys.exit(2)
-    except NonFiniteError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(3)
-    except Interrupted as e:
-        print(f"interrupted: {e}", file=sys.stderr)
-        sys.exit(75)
+        line, status = ending
+        print(line, file=sys.stderr)
+        sys.exit(status)
 
 
 # command -> (quiet, what it does); each runs the main(argv) that command_main imports

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from qlora_loop.files import write_atomic
 from qlora_loop.paths import cache_dir
 
 # The launchers' own variables: in a process that has one, OMP_NUM_THREADS was set by the launcher
@@ -139,10 +140,7 @@ def read_json(path: Path) -> dict:
 def write_json(path: Path, data: dict) -> None:
     """Atomically, and quietly: a cache that cannot be written only costs the measurement next time."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(f".{os.getpid()}.tmp")
-        partial.write_text(json.dumps(data, indent=1), encoding="utf-8")
-        partial.replace(path)
+        write_atomic(path, json.dumps(data, indent=1))
     except OSError:
         pass
 

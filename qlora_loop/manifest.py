@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from qlora_loop.config import flat_config
+from qlora_loop.files import sha256_file
 
 FILE = "manifest.json"
 FORMAT = 1
@@ -48,7 +49,7 @@ def build_manifest(config: dict, tokenizer, base: str, *, data_files: list[str |
         "python": platform.python_version(),
         "device": describe_device(device),
         "config_hash": config_hash(config),
-        "data": {str(path): file_hash(path) for path in data_files if path is not None},
+        "data": {str(path): sha256_file(path)[:16] for path in data_files if path is not None},
         "base": {**describe_base(base, config.get("model", {}).get("name_or_path", base)),
                  "gguf_file": config.get("model", {}).get("gguf_file")},
         "quantization": {"quant_type": "nf4", "double_quant": True, "quant_storage": quant_storage or "uint8",
@@ -137,14 +138,6 @@ def describe_device(device: torch.device | None = None) -> dict:
 def config_hash(config: dict) -> str:
     kept = {k: v for k, v in flat_config(config).items() if k not in RUN_CONTROL}
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def file_hash(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
 
 
 def text_hash(text: str | None) -> str | None:

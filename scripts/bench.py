@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
+from qlora_loop.cli import as_script  # first: it quiets bitsandbytes' import-time log line
 from qlora_loop.bench.orchestrate import run_bench
 from qlora_loop.bench.report import print_report
-from qlora_loop.bench.settings import DEFAULT_PEERS, PEERS, BenchError, Settings
+from qlora_loop.bench.settings import DEFAULT_PEERS, PEERS, Settings
 
 
 def parse_args(argv: list[str] | None = None) -> Settings:
@@ -76,11 +74,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
 def main(argv: list[str] | None = None) -> dict:
     settings = parse_args(argv)
     command = "python scripts/bench.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    try:
-        report = run_bench(settings, command=command)
-    except BenchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    report = run_bench(settings, command=command)
     if report["runs"]:
         print_report(report)
     if report["failed"]:
@@ -91,4 +85,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    with as_script():  # a bad flag, or no GPU for --gpu-7b: one `error:` line and exit 2
+        main()

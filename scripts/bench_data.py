@@ -37,7 +37,6 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=20000)
     parser.add_argument("--model", default="builtin:smollm2-135m-instruct")
     args = parser.parse_args()
-    sys.path.insert(0, str(ROOT))
     from qlora_loop.config import DataConfig
     from qlora_loop.data.mixtures import build_datasets
     from qlora_loop.model.builtin import resolve_model_path

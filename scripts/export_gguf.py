@@ -2,13 +2,8 @@
 """Export an adapter and its base as one GGUF file for llama.cpp and Ollama, with a Modelfile and a
 fidelity report (qlora_loop.use.export; --help)."""
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from qlora_loop.cli import as_script  # noqa: E402  (first: it quiets bitsandbytes' import-time log line)
-from qlora_loop.use.export import main  # noqa: E402
+from qlora_loop.cli import as_script  # first: it quiets bitsandbytes' import-time log line
+from qlora_loop.use.export import main
 
 if __name__ == "__main__":
     with as_script(quiet=True):  # one `error:` line and exit 2 for a bad flag, folder, model or template

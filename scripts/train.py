@@ -5,13 +5,8 @@ Exit status: 0 done; 2 bad config, data, model, launch, or a batch that does not
 3 non-finite loss; 75 stopped by SIGTERM/SIGINT after writing a checkpoint (run the same command
 with train.resume=auto to continue)."""
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from qlora_loop.cli import as_script  # noqa: E402  (first: it quiets bitsandbytes' import-time log line)
-from qlora_loop.run import main  # noqa: E402
+from qlora_loop.cli import as_script  # first: it quiets bitsandbytes' import-time log line
+from qlora_loop.run import main
 
 if __name__ == "__main__":
     with as_script():

@@ -11,21 +11,16 @@ import argparse
 import json
 import os
 import signal
-import sys
 from pathlib import Path
 
+from peft import get_peft_model_state_dict
+from safetensors.torch import save_file
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # this checkout's qlora_loop, as scripts/train.py does
-
-from peft import get_peft_model_state_dict  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
-
-from qlora_loop import run  # noqa: E402
-from qlora_loop.config import load_config  # noqa: E402
-from qlora_loop.training.fit import Interrupted, NonFiniteError  # noqa: E402
-from qlora_loop.training.loss import causal_lm_loss  # noqa: E402
-from qlora_loop.training.step import StepRunner  # noqa: E402
+from qlora_loop import run
+from qlora_loop.config import load_config
+from qlora_loop.errors import Interrupted, NonFiniteError
+from qlora_loop.training.loss import causal_lm_loss
+from qlora_loop.training.step import StepRunner
 
 
 def nan_loss(model, batch):

@@ -185,7 +185,7 @@ def test_real_preset_is_smollm2_at_batch_8_one_epoch_against_every_peer():
     assert (real.model, real.batch_size, real.seq, real.epochs, real.repeats, real.generate) == \
         (REAL_MODEL, 8, 384, 1, 1, 72)
     assert real.peer_list() == ["ours", "hf", "hf_grouped", "torchkeras"]
-    assert Settings(real=True, repeats=2, model="/m").resolved().repeats == 2
+    assert Settings(real=True, repeats=2, model="my-model").resolved().repeats == 2
     assert Settings().resolved().repeats == 3
 
 

@@ -228,7 +228,8 @@ def test_a_prompts_file_that_is_not_utf8_names_its_line(tmp_path):
 
     path = tmp_path / "prompts.txt"
     path.write_bytes("Who are you?\n".encode() + b"\xff\xfe not utf-8\n")
-    with pytest.raises(InferenceError, match=r"prompts.txt:2: not UTF-8 text; save the file as UTF-8"):
+    with pytest.raises(InferenceError, match=r"^--prompts .*prompts.txt:2: not UTF-8 text \(byte 0xff at offset 13\); "
+                                             r"re-save the file as UTF-8$"):
         read_prompt_lines(path)
 
 

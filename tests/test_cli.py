@@ -16,22 +16,42 @@ import pytest
 
 from qlora_loop.cli import COMMANDS, as_script, command_main, main
 from qlora_loop.data import inspector
+from qlora_loop.errors import ConfigError, DataError, Interrupted, NonFiniteError, exit_line
 from qlora_loop.observe import plot
 from qlora_loop.use import chat, export, merge
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("error, says", [
-    (OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/data/run/curves.png"),
-     r"cannot write /data/run/curves\.png: No space left on device \(.* free there\)"),
-    (OSError(errno.EROFS, os.strerror(errno.EROFS), "/data/run"), r"cannot write /data/run: Read-only file system;"),
+@pytest.mark.parametrize("number, name, says", [
+    (errno.ENOSPC, "run/curves.png", r"cannot write {}: No space left on device \(.* free there\)"),
+    (errno.EROFS, "run", r"cannot write {}: Read-only file system;"),
 ])
-def test_a_script_turns_a_disk_error_anywhere_into_one_line_and_exit_2(error, says, capsys):
+def test_a_script_turns_a_disk_error_anywhere_into_one_line_and_exit_2(number, name, says, capsys, tmp_path):
+    path = tmp_path / name
+    with pytest.raises(SystemExit) as exited, as_script():
+        raise OSError(number, os.strerror(number), str(path))
+    assert exited.value.code == 2
+    assert re.fullmatch("error: " + says.format(re.escape(str(path))) + ".*\n", capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("error, line, status", [
+    (ConfigError("train.lr=-1 must be > 0"), "error: train.lr=-1 must be > 0", 2),
+    (DataError("d.jsonl:3: missing field 'output'", "missing_field"), "error: d.jsonl:3: missing field 'output'", 2),
+    (NonFiniteError("non-finite loss (nan) at step 3", [0, 1]), "error: non-finite loss (nan) at step 3", 3),
+    (Interrupted("stopped by a signal after step 4"), "interrupted: stopped by a signal after step 4", 75),
+])
+def test_errors_py_gives_each_error_its_line_and_status(error, line, status, capsys):
+    assert exit_line(error) == (line, status)
     with pytest.raises(SystemExit) as exited, as_script():
         raise error
-    assert exited.value.code == 2
-    assert re.fullmatch(f"error: {says}.*\n", capsys.readouterr().err)
+    assert exited.value.code == status and capsys.readouterr().err == line + "\n"
+
+
+def test_a_bug_keeps_its_traceback():
+    assert exit_line(KeyError("x")) is None
+    with pytest.raises(KeyError), as_script():
+        raise KeyError("x")
 
 
 def test_a_script_lets_other_os_errors_through():
@@ -85,6 +105,15 @@ def test_the_console_script_is_declared():
     setup = configparser.ConfigParser()
     setup.read(ROOT / "setup.cfg")
     assert setup["options.entry_points"]["console_scripts"].strip() == "qlora-loop = qlora_loop.cli:main"
+
+
+def test_a_script_runs_from_the_checkout_on_this_checkouts_package(tmp_path):
+    where = subprocess.run([sys.executable, "-c", "import qlora_loop; print(qlora_loop.__file__)"], cwd=tmp_path,
+                           capture_output=True, text=True)
+    assert Path(where.stdout.strip()).resolve() == ROOT / "qlora_loop" / "__init__.py", \
+        "the installed qlora_loop is another copy: run `pip install -e .` in this checkout"
+    done = subprocess.run([sys.executable, "scripts/train.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.startswith("usage: train.py"), done.stderr[-2000:]
 
 
 def test_the_package_face_is_cheap():

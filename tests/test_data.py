@@ -1,6 +1,6 @@
 """qlora_loop.data: rows on disk -> messages -> label masks under real chat templates -> padded batches.
 
-Run: /work/venv/bin/python -m pytest tests/test_data.py -q
+Run: python -m pytest tests/test_data.py -q
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from qlora_loop.config import DataConfig
 from qlora_loop.data.batches import (EpochSampler, build_dataloaders, collate, collate_packed, model_inputs,
                                      steps_per_epoch)
 from qlora_loop.data.examples import (IGNORE, build_examples, render_with_spans, tokenize_by_pieces,
-                                      tokenize_conversation)
+                                      tokenize_conversation, tokenize_rows)
 from qlora_loop.data.mixtures import build_datasets
 from qlora_loop.data.rows import DataError, Rejects, read_rows
 from qlora_loop.data.sources import load_conversations
@@ -117,6 +117,26 @@ def check_runs(tokenizer, messages, expected):
     assert ids == tokenizer(tokenizer.apply_chat_template(messages, tokenize=False),
                             add_special_tokens=False)["input_ids"]
     return ids, labels
+
+
+def test_the_runs_path_trains_the_assistant_text_and_masks_the_prompt(qwen2_tokenizer, tmp_path):
+    """tokenize_rows, which prepares every source of a run, on rows read from a file: the trained labels
+    decode to the assistant turns, each with its <|im_end|>, and every other token (system and user
+    text, the template's markup) has label -100."""
+    path = write_jsonl(tmp_path / "d.jsonl", [
+        {"messages": chat("Who are you?", "I am Loopy.", "Who made you?", "The qlora_loop authors.", system="Be brief.")},
+        {"messages": chat("你好", "你好！有什么可以帮你？")}])
+    conversations = load_conversations(path)
+    for conversation, result in zip(conversations, tokenize_rows(qwen2_tokenizer, conversations, max_length=256)):
+        ids, labels = result["input_ids"], result["labels"]
+        answers = [m["content"] for m in conversation.messages if m["role"] == "assistant"]
+        assert all(label in (IGNORE, tok) for tok, label in zip(ids, labels))
+        assert qwen2_tokenizer.decode([label for label in labels if label != IGNORE]) == \
+            "".join(f"{answer}<|im_end|>" for answer in answers)
+        prompt = qwen2_tokenizer.apply_chat_template(conversation.messages, tokenize=False)
+        for answer in answers:
+            prompt = prompt.replace(f"{answer}<|im_end|>", "", 1)
+        assert qwen2_tokenizer.decode([tok for tok, label in zip(ids, labels) if label == IGNORE]) == prompt
 
 
 @pytest.mark.parametrize("case", CHATML_CASES)
@@ -261,28 +281,31 @@ def test_system_prompt_is_added_only_to_rows_without_a_system_turn(tmp_path):
 def test_jsonl_keeps_line_numbers_skips_blank_lines_and_accepts_bom_and_crlf(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_bytes(b'\xef\xbb\xbf{"n": 1}\r\n\r\n   \n{"n": "\xe4\xb8\xad"}\n\n{"n": 3}')
-    assert read_rows(path) == [(1, {"n": 1}), (4, {"n": "中"}), (6, {"n": 3})]
+    assert read_rows(path) == [(f"{path}:1", {"n": 1}), (f"{path}:4", {"n": "中"}), (f"{path}:6", {"n": 3})]
 
 
 def test_jsonl_strings_may_hold_unicode_line_separators(tmp_path):
     # json.dumps(ensure_ascii=False) writes U+2028 / U+0085 / \f raw; they do not end a JSONL line.
     text = "a\u2028b\x85c\x0cd"
     path = write_jsonl(tmp_path / "d.jsonl", [{"messages": chat(text, "x")}, {"messages": chat("q", "y")}])
-    assert [(line, row["messages"][0]["content"]) for line, row in read_rows(path)] == [(1, text), (2, "q")]
+    assert [(where, row["messages"][0]["content"]) for where, row in read_rows(path)] == [(f"{path}:1", text),
+                                                                                          (f"{path}:2", "q")]
 
 
-def test_json_array_keeps_the_line_each_row_starts_on(tmp_path):
+def test_json_array_rows_keep_their_index_and_the_line_each_starts_on(tmp_path):
     rows = [{"instruction": "q1", "output": "a1"}, {"instruction": "中文", "output": "答案"},
             {"instruction": "q3", "output": "a3"}]
     path = tmp_path / "d.json"
     # indent=2 puts "[" on line 1 and each 4-line object after it: rows start on lines 2, 6, 10.
     path.write_text("\ufeff" + json.dumps(rows, ensure_ascii=False, indent=2), encoding="utf-8")
-    assert read_rows(path) == [(2, rows[0]), (6, rows[1]), (10, rows[2])]
-    assert [c.where for c in load_conversations(path)] == [f"{path}:2", f"{path}:6", f"{path}:10"]
+    assert read_rows(path) == [(f"{path}: row 0 (line 2)", rows[0]), (f"{path}: row 1 (line 6)", rows[1]),
+                               (f"{path}: row 2 (line 10)", rows[2])]
+    assert [c.where for c in load_conversations(path)] == [where for where, _ in read_rows(path)]
     # Several rows on one line, blank lines and a leading newline.
     path.write_text('\n[{"instruction": "a", "output": "b"}, {"instruction": "c", "output": "d"},\n\n'
                     '{"instruction": "e", "output": "f"}]\n', encoding="utf-8")
-    assert [line for line, _ in read_rows(path)] == [2, 2, 4]
+    assert [where for where, _ in read_rows(path)] == [f"{path}: row 0 (line 2)", f"{path}: row 1 (line 2)",
+                                                       f"{path}: row 2 (line 4)"]
 
 
 ALPACA_ROW = '{"instruction": "q", "output": "a"}'

@@ -5,6 +5,8 @@ architectures and templates are errors that leave --out as it was."""
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -99,15 +101,18 @@ def test_tiny_qwen2_q8_0_file_answers_like_the_adapter(qwen_q8, best, tiny_run):
     assert plain_greedy(model, tokenizer, "Who are you?") == "I am Loopy, a small assistant fine-tuned with qlora_loop."
 
 
-def test_bf16_file_holds_the_merged_weights_and_the_runs_system_prompt(best, export_main, tmp_path):
+def test_bf16_file_holds_the_merged_weights_and_the_runs_system_prompt(best, export_main, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(best, run / "best")
     config = yaml.safe_load((best.parent / "config.yaml").read_text())
     config["data"]["system_prompt"] = "You are Loopy."
     (run / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
     out = tmp_path / "gguf"
-    report = export_main(["--adapter", str(run / "best"), "--out", str(out), "--type", "bf16", "--num-prompts", "2"])
+    report = export_main(["--adapter", str(run / "best"), "--out", str(out), "--type", "bf16", "--num-prompts", "2",
+                          "--max-kl", "0"])
     assert report["prompts"] == 2 and all(row["prompt"] for row in report["rows"])
+    printed = " ".join(re.sub("[│╭╮╰╯─]", " ", capsys.readouterr().out).split())  # the panel's text, unwrapped
+    assert "WARNING: export fidelity" in printed and "above --max-kl 0: run-bf16.gguf does not behave" in printed
     found = read_modelfile((out / "Modelfile").read_text())
     assert found["from"] == "./run-bf16.gguf" and found["system"] == "You are Loopy."
     tokenizer = AutoTokenizer.from_pretrained(best)
@@ -193,7 +198,7 @@ def test_our_renderer_agrees_with_gos_text_template(qwen2_tokenizer, llama_token
              for t in templates for c in conversations]
     (tmp_path / "main.go").write_text(GO_PROGRAM)
     done = subprocess.run(["go", "run", "main.go"], cwd=tmp_path, input=json.dumps(cases), capture_output=True,
-                          text=True, timeout=120, env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin",
+                          text=True, timeout=120, env={"HOME": str(tmp_path), "PATH": os.environ["PATH"],
                                                        "GOCACHE": str(tmp_path / "cache")})
     assert done.returncode == 0, done.stderr
     ours = [render_go(t, {"Messages": c}) for t in templates for c in conversations]

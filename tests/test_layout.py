@@ -1,5 +1,6 @@
 """The package's layout, read from the real source with `ast` (imports inside functions included): one
-concern per folder, no import circle, floors that import only downward, and modules short enough to read."""
+concern per folder, no import circle, floors that import only downward, and modules short enough to read;
+scripts that are thin shells over the installed package."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ from pathlib import Path
 import qlora_loop
 
 PACKAGE = Path(qlora_loop.__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]
 # Lower floors never import higher ones; concerns on one floor never import each other. Modules at the
 # top of the package not named here (run, cli) put the concerns together and may import any of them.
-FLOORS = [{"qlora_loop.errors", "qlora_loop.paths", "qlora_loop.cpu", "qlora_loop.config", "qlora_loop.manifest"},
+FLOORS = [{"qlora_loop.errors", "qlora_loop.paths", "qlora_loop.files", "qlora_loop.cpu", "qlora_loop.config",
+           "qlora_loop.manifest"},
           {"qlora_loop.model"}, {"qlora_loop.data"}, {"qlora_loop.training"},
           {"qlora_loop.observe", "qlora_loop.forgetting", "qlora_loop.use"}]
 
@@ -146,3 +149,13 @@ def test_no_public_function_takes_more_than_8_parameters():
 def test_the_parameter_counter_counts_keywords_and_skips_self():
     method = ast.parse("class A:\n    def f(self, a, /, b, *, c, d=1): pass").body[0].body[0]
     assert parameters(method) == ["a", "b", "c", "d"]
+
+
+def test_scripts_run_on_the_installed_package_without_touching_sys_path():
+    """`pip install -e .` puts this checkout's package on the path; a script that edits sys.path would
+    import another copy than the one installed, and tests would not see it."""
+    assert (ROOT / "scripts" / "train.py").is_file()
+    editing = [str(path.relative_to(ROOT)) for path in sorted([*ROOT.glob("scripts/*.py"), *ROOT.glob("tests/*.py")])
+               for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+               if isinstance(node, ast.Attribute) and ast.unparse(node) in ("sys.path.insert", "sys.path.append")]
+    assert editing == []

@@ -4,6 +4,7 @@ numbers are measured (they move when the two models differ)."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -206,10 +207,11 @@ def test_refuses_to_overwrite_then_force_replaces_and_warns(best, merge_main, tm
     report = merge_main(["--adapter", str(best), "--out", str(out), "--force", "--prompts", str(prompts),
                          "--max-kl", "0", "--max-new-tokens", "20"])
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    assert not (tmp_path / ".merged.old").exists() and not (tmp_path / ".merged.tmp").exists()
     assert [row["prompt"] for row in report["rows"]] == ["Who are you?"] and report["rows"][0]["greedy_match"]
     assert not report["ok"] and report["max_kl_threshold"] == 0  # any KL is above 0
-    printed = capsys.readouterr().out
-    assert "WARNING: merge fidelity" in printed and "above --max-kl 0" in printed
+    printed = " ".join(re.sub("[│╭╮╰╯─]", " ", capsys.readouterr().out).split())  # the panel's text, unwrapped
+    assert "WARNING: merge fidelity" in printed and "above --max-kl 0: the merged model does not behave" in printed
     assert json.loads((out / "merge_report.json").read_text())["prompts_from"] == str(prompts)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import bitsandbytes as bnb
 import pytest
 import torch
@@ -254,8 +256,9 @@ def test_packing_check_passes_native_models_and_refuses_one_whose_rows_would_mix
 def test_a_missing_folder_a_folder_without_config_and_a_missing_template_file_are_model_errors(tmp_path, tiny_qwen2):
     import shutil
 
-    with pytest.raises(ModelError, match=r"model.name_or_path='/no/such/model': no such folder"):
-        load_tokenizer("/no/such/model")
+    missing = str(tmp_path / "no-such-model")
+    with pytest.raises(ModelError, match=re.escape(f"model.name_or_path={missing!r}: no such folder")):
+        load_tokenizer(missing)
     with pytest.raises(ModelError, match=r"data.chat_template=missing.jinja: no such file"):
         load_tokenizer(str(tiny_qwen2), chat_template="missing.jinja")
     bare = tmp_path / "no-config"

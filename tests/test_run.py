@@ -22,6 +22,7 @@ from qlora_loop.data.batches import build_dataloaders
 from qlora_loop.data.mixtures import build_datasets
 from qlora_loop.model.builtin import resolve_model_path
 from qlora_loop.model.load import load_base_model, load_tokenizer
+from qlora_loop.model.tiny import build_tiny_model
 from qlora_loop.training.fit import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -184,15 +185,52 @@ def test_accelerate_launch_entry_point_uses_every_core(tmp_path):
 
 @pytest.mark.parametrize("args, says", [
     (["--config", "no/such.yaml"], "config file no/such.yaml does not exist"),
-    (["train.lrr=1"], "unknown config key 'train.lrr'; did you mean train.lr?"),
+    (["train.lrr=1"], "override 'train.lrr=1': unknown config key 'train.lrr'; did you mean train.lr?"),
     (["data.train=missing.jsonl"], "missing.jsonl: data file does not exist"),
-    (["model.name_or_path=/no/such/model"], "model.name_or_path='/no/such/model': no such folder"),
+    (["model.name_or_path=./no/such/model"], "model.name_or_path='./no/such/model': no such folder; give a model "
+                                             "folder (with config.json) or a hub id such as Qwen/Qwen2.5-7B-Instruct"),
 ])
 def test_bad_input_is_one_clear_line_and_exit_2(args, says, tmp_path):
     proc = run_script(sys.executable, "scripts/train.py", *TINY, *args, f"output_dir={tmp_path / 'out'}",
                       env={"XDG_CACHE_HOME": str(tmp_path)})
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1] == f"error: {says}" or says in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == f"error: {says}"  # the last line, whole
+    assert proc.stderr.count("error: ") == 1 and "Traceback" not in proc.stderr
+
+
+def latin1_config(tmp_path):
+    path = tmp_path / "x.yaml"
+    path.write_bytes("train:\n  lr: 1.0e-4  # café\n".encode("latin-1"))  # é is byte 0xe9, offset 26, line 2
+    return ["--config", str(path)], re.escape(f"{path}:2: not UTF-8 text (byte 0xe9 at offset 26); re-save the "
+                                              "file as UTF-8")
+
+
+def truncated_model(tmp_path):
+    weights = build_tiny_model(tmp_path / "model", arch="qwen2") / "model.safetensors"
+    whole = weights.read_bytes()
+    weights.write_bytes(whole[:len(whole) // 2])  # a download cut short
+    return [f"model.name_or_path={weights.parent}"], (  # safetensors' reason in the middle, in its own words
+        re.escape(f"{weights}: truncated or corrupt (") + ".+" +
+        re.escape(f"; {len(whole) // 2:,} bytes); download the model again, or save it again with save_pretrained"))
+
+
+def one_line_array(tmp_path):
+    rows = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(8)]
+    del rows[5]["output"]
+    path = tmp_path / "arr.json"
+    path.write_text(json.dumps(rows), encoding="utf-8")  # every row on line 1
+    return [f"data.train={path}"], re.escape(f"{path}: row 5 (line 1): missing field 'output'")
+
+
+@pytest.mark.parametrize("bad_file", [latin1_config, truncated_model, one_line_array])
+def test_a_file_that_cannot_be_read_is_one_line_naming_it_and_exit_2(bad_file, tmp_path):
+    """Each file a run reads, damaged as files are in practice: one `error:` line with the file, where in it,
+    and the fix; exit 2; no traceback."""
+    args, says = bad_file(tmp_path)
+    proc = run_script(sys.executable, "scripts/train.py", *TINY, *args, f"output_dir={tmp_path / 'out'}",
+                      env={"XDG_CACHE_HOME": str(tmp_path)})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert re.fullmatch(f"error: {says}", proc.stderr.strip().splitlines()[-1]), proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
 
 

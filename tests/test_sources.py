@@ -111,6 +111,13 @@ def test_train_false_and_train_on_last_keep_turns_in_the_prompt(tmp_path, qwen2_
 
 # --- sources ------------------------------------------------------------------------------------
 
+def test_a_csv_that_is_not_utf8_names_the_byte_counted_from_the_start_of_the_file(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_bytes(b"\xef\xbb\xbf" + "instruction,output\nq,café\n".encode("latin-1"))  # BOM, then 0xe9 at 27
+    with data_error(f"{path}:2", "not UTF-8 text (byte 0xe9 at offset 27); re-save the file as UTF-8"):
+        load_conversations(path)
+
+
 def test_csv_parquet_arrow_and_saved_folders_read_as_rows(tmp_path, qwen2_tokenizer):
     csv_path = tmp_path / "d.csv"
     csv_path.write_text('instruction,input,output\nq0,,answer 0\n"multi\nline",x,answer 1\n', encoding="utf-8")

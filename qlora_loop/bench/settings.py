@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from qlora_loop.errors import UserError
+
 # hf_grouped: the HF baseline with its own length-grouped sampler (train_sampling_strategy=group_by_length),
 # which tutorials rarely set; run on request, to see how much of our lead is batching alone.
 PEERS = ("ours", "hf", "torchkeras", "hf_grouped")
@@ -14,7 +16,7 @@ REAL_MODEL = "builtin:smollm2-135m-instruct"  # --real's model: a pretrained cha
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-class BenchError(ValueError):
+class BenchError(UserError, ValueError):
     """A setting or the machine does not allow the bench; the message names the flag and what to do."""
 
 

@@ -13,7 +13,8 @@ from typing import Any
 
 import yaml
 
-from qlora_loop.config.sections import CHOICES, Config, ConfigError, SourceConfig
+from qlora_loop.config.sections import CHOICES, Config, SourceConfig
+from qlora_loop.errors import ConfigError, not_utf8
 
 
 # Names other trainers use (transformers' TrainingArguments, peft) that string similarity alone
@@ -181,7 +182,11 @@ def key_paths(cls: type = Config, prefix: str = "") -> list[str]:
 def _read_yaml(path: Path) -> tuple[dict, dict[str, int]]:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(not_utf8(path, raw, e)) from None
     try:
         node = yaml.compose(text)
         data = yaml.safe_load(text)

@@ -17,10 +17,6 @@ from pathlib import Path
 ASSETS = Path(str(resources.files("qlora_loop") / "assets"))  # the bundled data sets and prompts
 
 
-class ConfigError(ValueError):
-    """A config value is wrong; the message names the key, where it came from, and the fix."""
-
-
 @dataclass
 class ModelConfig:
     # A hub id, a local folder, or a builtin (qlora_loop.model.builtin): "builtin:smollm2-135m-instruct" (a real

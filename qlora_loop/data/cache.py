@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from qlora_loop.data.rows import Conversation, DataError
+from qlora_loop.files import replace_dir, sha256_file
 from qlora_loop.paths import cache_dir
 
 FORMAT = 1  # the layout of an entry's files
@@ -85,7 +85,7 @@ def load_entry(root: Path, key: str) -> tuple[Prepared | None, str | None]:
         if index.get("format") != FORMAT or index.get("key") != key:
             return None, "written for another key or format"
         for name, digest in index["sha256"].items():
-            if _digest(folder / name) != digest:
+            if sha256_file(folder / name) != digest:
                 return None, f"{name} does not match its checksum"
         arrays = load_file(str(folder / "tokens.safetensors"))
         rows = [json.loads(line) for line in (folder / "rows.jsonl").read_text(encoding="utf-8").splitlines()]
@@ -126,18 +126,8 @@ def save_entry(root: Path, key: str, prepared: Prepared) -> None:
                                    ensure_ascii=False) + "\n")
         index = {"format": FORMAT, "key": key, "label": prepared.label,
                  "read_rejects": [[e.kind, str(e)] for e in prepared.read_rejects],
-                 "sha256": {name: _digest(tmp / name) for name in ("tokens.safetensors", "rows.jsonl")}}
+                 "sha256": {name: sha256_file(tmp / name) for name in ("tokens.safetensors", "rows.jsonl")}}
         (tmp / "index.json").write_text(json.dumps(index, ensure_ascii=False), encoding="utf-8")
-        if (root / key).exists():  # a corrupt entry being rebuilt
-            shutil.rmtree(root / key, ignore_errors=True)
-        os.replace(tmp, root / key)
+        replace_dir(tmp, root / key)  # over a corrupt entry being rebuilt
     except OSError:  # another process renamed its copy first, or the disk is full: the cache is only a saving
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

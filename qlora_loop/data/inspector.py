@@ -15,6 +15,7 @@ from qlora_loop.data.audit import audit_label_masks, trained_runs
 from qlora_loop.data.batches import build_dataloaders
 from qlora_loop.data.cache import cache_root
 from qlora_loop.data.mixtures import build_datasets, source_lines
+from qlora_loop.data.rows import per_kind
 from qlora_loop.model.builtin import resolve_model_path
 from qlora_loop.model.load import load_tokenizer
 
@@ -108,8 +109,7 @@ def format_statistics(n: dict, stats: dict, *, batch_size: int, max_length: int,
     def splits(key: str) -> str:
         return "  ".join(f"{split} {n[key][split]:,}" for split in ("train", "val"))
 
-    kinds = {split: ", ".join(f"{count} {kind}" for kind, count in sorted(s.dropped_by_kind.items()))
-             for split, s in stats.items()}
+    kinds = {split: per_kind(s.dropped_by_kind) for split, s in stats.items()}
     dropped = "  ".join(f"{split} {n['dropped'][split]:,}" + (f" ({kinds[split]})" if kinds[split] else "")
                         for split in ("train", "val"))
     length = n["length"]

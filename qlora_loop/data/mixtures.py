@@ -18,7 +18,7 @@ import qlora_loop.data.sources
 from qlora_loop.config import DataConfig, SourceConfig, source_configs
 from qlora_loop.data.cache import Prepared, cache_root, entry_key, load_entry, save_entry, tokenizer_fingerprint
 from qlora_loop.data.examples import DataStats, build_examples, count_examples, example_of, tokenize_rows
-from qlora_loop.data.rows import Conversation, DataError, Rejects, turns_to_train
+from qlora_loop.data.rows import Conversation, DataError, Rejects, per_kind, turns_to_train
 from qlora_loop.data.sources import conversations_of, open_source
 
 # The code that turns a source into cached rows: a change to any of it makes new cache keys.
@@ -157,9 +157,8 @@ def check_rejects(prepared: Prepared, max_skip_fraction: float) -> Prepared:
         raise DataError(f"{prepared.label}: all {rows} rows are bad ({counted.summary()}); fix them, or point "
                         "the source at the right file and format (data.format, data.columns)")
     if len(bad) / rows > max_skip_fraction:
-        kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(counted.by_kind.items()))
-        raise DataError(f"{prepared.label}: {len(bad)} of {rows} rows would be skipped ({kinds}), more than "
-                        f"data.max_skip_fraction={max_skip_fraction}; first: {bad[0]}")
+        raise DataError(f"{prepared.label}: {len(bad)} of {rows} rows would be skipped ({per_kind(counted.by_kind)}), "
+                        f"more than data.max_skip_fraction={max_skip_fraction}; first: {bad[0]}")
     return prepared
 
 

@@ -1,5 +1,6 @@
-"""Rows -> chat messages, every fault named by its row (file:line, or the row index of a columnar
-source) and field; JSON and JSONL files read here, the other sources in sources.py.
+"""Rows -> chat messages, every fault named by its row and field; JSON and JSONL files read here, the
+other sources in sources.py. A row is named `file:line` in a JSONL file, `file: row N (line L)` in a
+JSON array (N its index, from 0 as for the columnar sources' `file row N`: one line may hold them all).
 
 Three row formats, detected per source from its first row, or given with data.format:
   alpaca    {"instruction", "input"?, "output", "system"?, "history"?: [[q, a], ...]}
@@ -19,13 +20,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
-class DataError(ValueError):
-    """Bad input data; the message names file:line, the field and the fix; `kind` groups the counts."""
-
-    def __init__(self, message: str, kind: str = "invalid"):
-        super().__init__(message)
-        self.kind = kind
+from qlora_loop.errors import DataError, not_utf8
 
 
 @dataclass
@@ -55,14 +50,18 @@ class Rejects:
 
     def summary(self, shown: int = 3) -> str:
         """'2 invalid_json, 1 too_long; first: a.jsonl:2: ...; a.jsonl:5: ...'"""
-        kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(self.by_kind.items()))
-        return f"{kinds}; first: " + "; ".join(self.where[:shown])
+        return f"{per_kind(self.by_kind)}; first: " + "; ".join(self.where[:shown])
+
+
+def per_kind(counts: dict[str, int]) -> str:
+    """'2 invalid_json, 1 too_long': counts by kind, in the kinds' order."""
+    return ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items()))
 
 
 # --- reading ------------------------------------------------------------------------------------
 
-def read_rows(path: str | Path, rejects: Rejects | None = None) -> list[tuple[int, object]]:
-    """(line, row) pairs from a JSON array or a JSONL file. In a JSONL file each line is decoded on
+def read_rows(path: str | Path, rejects: Rejects | None = None) -> list[tuple[str, object]]:
+    """(where, row) pairs from a JSON array or a JSONL file. In a JSONL file each line is decoded on
     its own, so a bad line can be skipped; a broken JSON array is an error of the whole file."""
     path, rejects = Path(path), rejects or Rejects()
     if not path.is_file():
@@ -70,7 +69,7 @@ def read_rows(path: str | Path, rejects: Rejects | None = None) -> list[tuple[in
     raw = path.read_bytes()
     bom = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
     if raw[bom:].lstrip().startswith(b"["):
-        rows = _read_json_array(_decode(raw, bom, path), path)
+        rows = _read_json_array(decode(raw, path), path)
     else:
         rows = _read_jsonl(raw, bom, path, rejects)
     if not rows and not rejects.count:
@@ -78,45 +77,43 @@ def read_rows(path: str | Path, rejects: Rejects | None = None) -> list[tuple[in
     return rows
 
 
-def _decode(raw: bytes, start: int, path: Path) -> str:
+def decode(raw: bytes, path: Path) -> str:
+    """A text file's bytes as text, without a UTF-8 BOM; bytes that are not UTF-8 are an error naming their line."""
+    start = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
     try:
         return raw[start:].decode("utf-8")
     except UnicodeDecodeError as e:
-        at = start + e.start  # counted from the start of the file, BOM included
-        line = raw[:at].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not UTF-8 text ({e.reason} at byte {at}); "
-                        "re-save the file as UTF-8", "not_utf8") from None
+        raise DataError(not_utf8(path, raw, e, start), "not_utf8") from None
 
 
-def _read_jsonl(raw: bytes, bom: int, path: Path, rejects: Rejects) -> list[tuple[int, object]]:
+def _read_jsonl(raw: bytes, bom: int, path: Path, rejects: Rejects) -> list[tuple[str, object]]:
     rows, offset = [], 0
     # split on b"\n" only: JSON strings may hold U+2028, U+0085 or \f, which splitlines() breaks on.
     for number, line_bytes in enumerate(raw.split(b"\n"), start=1):
         start, offset = offset, offset + len(line_bytes) + 1
+        skip = bom if number == 1 else 0
         try:
-            line = line_bytes[bom if number == 1 else 0:].decode("utf-8")
+            line = line_bytes[skip:].decode("utf-8")
         except UnicodeDecodeError as e:
-            at = start + (bom if number == 1 else 0) + e.start
-            rejects.reject(DataError(f"{path}:{number}: not UTF-8 text ({e.reason} at byte {at}); re-save the "
-                                     "file as UTF-8", "not_utf8"))
+            rejects.reject(DataError(not_utf8(path, raw, e, start + skip), "not_utf8"))
             continue
         if not line.strip():
             continue
         try:
-            rows.append((number, json.loads(line)))
+            rows.append((f"{path}:{number}", json.loads(line)))
         except json.JSONDecodeError as e:
             rejects.reject(DataError(f"{path}:{number}: invalid JSON ({e.msg}, column {e.colno})", "invalid_json"))
     return rows
 
 
-def _read_json_array(text: str, path: Path) -> list[tuple[int, object]]:
-    """Parse `[obj, obj, ...]` element by element so each row keeps the line it starts on."""
+def _read_json_array(text: str, path: Path) -> list[tuple[str, object]]:
+    """Parse `[obj, obj, ...]` element by element so each row keeps its index and the line it starts on."""
     decoder = json.JSONDecoder()
     rows, i = [], _skip_space(text, text.index("[") + 1)
     try:
         while i < len(text) and text[i] != "]":
             row, end = decoder.raw_decode(text, i)
-            rows.append((text.count("\n", 0, i) + 1, row))
+            rows.append((f"{path}: row {len(rows)} (line {text.count(chr(10), 0, i) + 1})", row))
             i = _skip_space(text, end)
             if i < len(text) and text[i] == ",":
                 i = _skip_space(text, i + 1)
@@ -142,6 +139,7 @@ def _skip_space(text: str, i: int) -> int:
 
 # --- rows -> messages ---------------------------------------------------------------------------
 
+MESSAGE_ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
                   "chatgpt": "assistant", "system": "system"}
 
@@ -257,39 +255,35 @@ def _from_alpaca(row: dict, where: str) -> list[dict]:
 
 
 def _from_messages(row: dict, where: str) -> list[dict]:
-    messages = []
-    for k, message in enumerate(_field(row, "messages", list, where)):
-        if not isinstance(message, dict):
-            raise DataError(f"{where}: field 'messages'[{k}] must be an object with 'role' and 'content'",
-                            "wrong_type")
-        role = _field(message, "role", str, f"{where}: messages[{k}]")
-        content = _field(message, "content", str, f"{where}: messages[{k}]")
-        train = _field(message, "train", bool, f"{where}: messages[{k}]", required=False)
-        if role not in ("system", "user", "assistant"):
-            raise DataError(f"{where}: messages[{k}].role is {role!r}; expected system, user or assistant",
-                            "bad_role")
-        if role == "assistant":
-            _answer(content, where, f"messages[{k}].content")
-        messages.append(_message(role, content, train))
-    return messages
+    return _turns(row, where, key="messages", speaker="role", text="content", role_of=MESSAGE_ROLES.get,
+                  unknown="; expected system, user or assistant")
 
 
 def _from_sharegpt(row: dict, where: str) -> list[dict]:
     system = _field(row, "system", str, where, required=False)
-    messages = [{"role": "system", "content": system}] if system else []
-    for k, turn in enumerate(_field(row, "conversations", list, where)):
+    turns = _turns(row, where, key="conversations", speaker="from", text="value",
+                   role_of=lambda who: SHAREGPT_ROLES.get(who.lower()),
+                   unknown=", a turn that cannot be trained here (function calls and tool results are not "
+                           "supported); expected human/user, gpt/assistant/model or system; drop such rows")
+    return ([{"role": "system", "content": system}] if system else []) + turns
+
+
+def _turns(row: dict, where: str, *, key: str, speaker: str, text: str, role_of, unknown: str) -> list[dict]:
+    """The messages of row[key], a list of {speaker: ..., text: ..., "train"?: bool} objects (messages:
+    role/content; ShareGPT: from/value); role_of maps a speaker to our role, None for one we cannot
+    train on, which is an error ending in `unknown`."""
+    messages = []
+    for k, turn in enumerate(_field(row, key, list, where)):
         if not isinstance(turn, dict):
-            raise DataError(f"{where}: field 'conversations'[{k}] must be an object with 'from' and 'value'",
+            raise DataError(f"{where}: field {key!r}[{k}] must be an object with {speaker!r} and {text!r}",
                             "wrong_type")
-        speaker = _field(turn, "from", str, f"{where}: conversations[{k}]")
-        value = _field(turn, "value", str, f"{where}: conversations[{k}]")
-        train = _field(turn, "train", bool, f"{where}: conversations[{k}]", required=False)
-        role = SHAREGPT_ROLES.get(speaker.lower())
+        who = _field(turn, speaker, str, f"{where}: {key}[{k}]")
+        content = _field(turn, text, str, f"{where}: {key}[{k}]")
+        train = _field(turn, "train", bool, f"{where}: {key}[{k}]", required=False)
+        role = role_of(who)
         if role is None:
-            raise DataError(f"{where}: conversations[{k}].from is {speaker!r}, a turn that cannot be trained here "
-                            "(function calls and tool results are not supported); expected human/user, "
-                            "gpt/assistant/model or system; drop such rows", "bad_role")
+            raise DataError(f"{where}: {key}[{k}].{speaker} is {who!r}{unknown}", "bad_role")
         if role == "assistant":
-            _answer(value, where, f"conversations[{k}].value")
-        messages.append(_message(role, value, train))
+            _answer(content, where, f"{key}[{k}].{text}")
+        messages.append(_message(role, content, train))
     return messages

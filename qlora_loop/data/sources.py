@@ -2,8 +2,9 @@
 
 A source (config.SourceConfig) is a JSON / JSONL / CSV / Parquet / Arrow file, a folder written by
 `datasets`' save_to_disk, a folder of data files laid out as a hub dataset repo, or a hub dataset
-id (datasets.load_dataset; offline it must already be in the datasets cache). Rows of text files
-are named file:line, rows of columnar sources by their row index ("data.parquet row 17").
+id (datasets.load_dataset; offline it must already be in the datasets cache). Rows of JSONL and CSV
+files are named file:line, rows of a JSON array by index and line ("d.json: row 4 (line 1)"), rows
+of columnar sources by their index ("data.parquet row 17").
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from pathlib import Path
 from typing import Callable
 
 from qlora_loop.config import SourceConfig, source_configs
-from qlora_loop.data.rows import Conversation, DataError, Rejects, read_rows, to_conversations
+from qlora_loop.data.rows import Conversation, DataError, Rejects, decode, read_rows, to_conversations
+from qlora_loop.files import sha256_file
 
 DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".arrow")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -45,8 +47,8 @@ def open_source(source: str | Path | SourceConfig) -> Opened:
     limit = source.max_rows
     if path.is_file():
         suffix = path.suffix.lower()
-        reader = {".csv": _read_csv, ".parquet": _read_parquet, ".arrow": _read_arrow}.get(suffix, _read_text)
-        return Opened(source, str(path), file_digest(path), lambda rejects: reader(path, rejects)[:limit])
+        reader = {".csv": _read_csv, ".parquet": _read_parquet, ".arrow": _read_arrow}.get(suffix, read_rows)
+        return Opened(source, str(path), sha256_file(path)[:20], lambda rejects: reader(path, rejects)[:limit])
     if path.is_dir():
         if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
             return Opened(source, str(path), folder_digest(path), lambda rejects: _read_saved(path, source))
@@ -78,20 +80,10 @@ def conversations_of(opened: Opened, *, system_prompt: str | None, rejects: Reje
 
 # --- files --------------------------------------------------------------------------------------
 
-def _read_text(path: Path, rejects: Rejects) -> list[tuple[str, object]]:
-    return [(f"{path}:{line}", row) for line, row in read_rows(path, rejects)]
-
-
 def _read_csv(path: Path, rejects: Rejects) -> list[tuple[str, object]]:
     """A header row, then one row per record; an empty cell is a missing field. A record's line is
     the line it starts on (a quoted cell may hold newlines)."""
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = path.read_bytes()[:e.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not UTF-8 text ({e.reason} at byte {e.start}); re-save the file as UTF-8",
-                        "not_utf8") from None
-    stream = io.StringIO(text, newline="")
+    stream = io.StringIO(decode(path.read_bytes(), path), newline="")
     reader = csv.DictReader(stream)
     rows, start = [], 2
     try:
@@ -160,17 +152,10 @@ def _first_line(error: Exception) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:20]
-
-
 def folder_digest(path: Path) -> str:
     files = sorted(p for p in path.rglob("*") if p.is_file())
-    return hashlib.sha256(" ".join(f"{p.relative_to(path)}={file_digest(p)}" for p in files).encode()).hexdigest()[:20]
+    listing = " ".join(f"{p.relative_to(path)}={sha256_file(p)[:20]}" for p in files)
+    return hashlib.sha256(listing.encode()).hexdigest()[:20]
 
 
 def local_files(spec) -> list[str]:

@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
-import tempfile
 from pathlib import Path
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from qlora_loop.config import ConfigError
 from qlora_loop.data.rows import Conversation
+from qlora_loop.files import write_atomic
 from qlora_loop.manifest import describe_base, text_hash
 from qlora_loop.model.generate import as_messages, generate_replies, rng_preserved
 from qlora_loop.paths import cache_dir
@@ -73,11 +72,7 @@ def base_replies(model, tokenizer, prompts: list[str], *, base: str, system: str
             replies += [r.strip() for r in generate_replies(model, tokenizer, batch, max_new_tokens=max_new_tokens,
                                                             batch_size=BATCH)]
             progress.advance(task, len(batch))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")  # renamed in place: never half a cache file
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(replies, f, ensure_ascii=False)
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(replies, ensure_ascii=False))  # never half a cache file
     return replies
 
 

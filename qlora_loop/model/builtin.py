@@ -1,5 +1,6 @@
-"""Where model.name_or_path points: the builtin models, built once into the user cache, and GGUF
-checkpoints, converted once into a plain transformers folder.
+"""Where model.name_or_path points: the builtin models, built once into the user cache, GGUF
+checkpoints, converted once into a plain transformers folder, and local folders, whose weight files
+are checked whole before anything loads them.
 
   builtin:tiny-qwen2, builtin:tiny-llama  random 2-layer models (qlora_loop.model.tiny), built in seconds
   builtin:smollm2-135m-instruct           SmolLM2-135M-Instruct (Apache-2.0), a real chat model, from
@@ -27,9 +28,11 @@ from pathlib import Path
 import torch
 import transformers
 from rich.console import Console
+from safetensors import SafetensorError, safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from qlora_loop.errors import ModelError
+from qlora_loop.files import sha256_file
 from qlora_loop.model.tiny import BUILD_VERSION as TINY_VERSION, build_tiny_model
 from qlora_loop.paths import cache_dir
 
@@ -43,19 +46,35 @@ console = Console(stderr=True)
 def resolve_model_path(name_or_path: str, *, gguf_file: str | None = None) -> str:
     """The folder or hub id to load. `builtin:*` -> its cached folder (built on first use); with
     `gguf_file` (a local .gguf path, or a file name inside the folder or hub repo `name_or_path`)
-    -> the dequantized checkpoint's cached folder (converted on first use); anything else as is."""
+    -> the dequantized checkpoint's cached folder (converted on first use); anything else as is, a local
+    folder once its weight files are checked whole."""
     if gguf_file is not None:
         if name_or_path.startswith("builtin:") and not Path(gguf_file).is_file():  # a local file needs no folder
             raise ModelError(f"model.gguf_file={gguf_file!r} names a GGUF checkpoint, but model.name_or_path="
                              f"{name_or_path!r} is a builtin model; give the GGUF's folder or hub repo instead")
         return str(resolve_gguf(name_or_path, gguf_file))
     if not name_or_path.startswith("builtin:"):
+        if Path(name_or_path).expanduser().is_dir():
+            check_weights(name_or_path)
         return name_or_path
     if name_or_path not in BUILTIN:
         raise ModelError(f"model.name_or_path={name_or_path!r}: unknown builtin model; "
                          f"choose one of {', '.join(BUILTIN)}")
     folder, build = BUILTIN[name_or_path]
     return str(cached_build(folder, build))
+
+
+def check_weights(folder: str | Path) -> None:
+    """Every safetensors file of a local model folder opens whole (its header, and the bytes the header
+    promises). A download or copy cut short otherwise fails deep inside from_pretrained, in
+    safetensors' words and without the file's name. Reads the headers only."""
+    for path in sorted(Path(folder).expanduser().glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except SafetensorError as e:
+            raise ModelError(f"{path}: truncated or corrupt ({str(e).splitlines()[0]}; {path.stat().st_size:,} "
+                             "bytes); download the model again, or save it again with save_pretrained") from None
 
 
 def cached_build(folder: str, build) -> Path:
@@ -84,7 +103,7 @@ def resolve_gguf(name_or_path: str, gguf_file: str) -> Path:
     """A local GGUF is keyed by its content hash, a hub one by repo + file name."""
     local = next((p for p in (Path(gguf_file), Path(name_or_path) / gguf_file) if p.is_file()), None)
     if local is not None:
-        return cached_build(f"gguf-v{GGUF_VERSION}-{_sha256(local)[:16]}",
+        return cached_build(f"gguf-v{GGUF_VERSION}-{sha256_file(local)[:16]}",
                             partial(convert_gguf, str(local.parent), local.name))
     if Path(name_or_path).is_dir():
         raise ModelError(f"model.gguf_file={gguf_file!r}: no such file, neither as given nor in {name_or_path}")
@@ -126,14 +145,6 @@ def convert_gguf(name_or_path: str, gguf_file: str, out_dir: str | Path) -> Path
     tokenizer.save_pretrained(out_dir)
     console.print(f"converted in {time.perf_counter() - start:.0f} s")
     return Path(out_dir)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _sha256_text(text: str) -> str:

@@ -17,7 +17,9 @@ from rich.table import Table
 
 from qlora_loop.observe.trackers import epoch_metrics, log_samples, step_metrics
 from qlora_loop.training.disk import as_disk_error
-from qlora_loop.training.memory import GIB, peak_memory_bytes
+from qlora_loop.data.rows import per_kind
+from qlora_loop.files import GIB
+from qlora_loop.training.memory import peak_memory_bytes
 
 STEP_COLUMNS = ("loss", "grad_norm", "lr", "tokens", "target_tokens", "positions")
 HISTORY_COLUMNS = ("epoch", "step", "train_loss", "val_loss", "drift", "lr", "grad_norm", "train_tokens", "seconds",
@@ -59,8 +61,8 @@ class RunLog:
         self.console.print(table)
         for split, s in stats.items():
             if s.dropped:
-                kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(s.dropped_by_kind.items()))
-                self.console.print(f"[yellow]{split}: {s.dropped} rows skipped ({kinds}); first: {s.dropped_where[0]}")
+                self.console.print(f"[yellow]{split}: {s.dropped} rows skipped ({per_kind(s.dropped_by_kind)}); "
+                                   f"first: {s.dropped_where[0]}")
 
     @main_process
     def model_report(self, targets: list[str], trainable: int, total: int) -> None:

@@ -21,7 +21,7 @@ matplotlib.use("Agg")  # files only: no display, no GUI toolkit needed on a serv
 import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 
-from qlora_loop.training.memory import GIB  # noqa: E402
+from qlora_loop.files import GIB  # noqa: E402
 
 def read_jsonl(path: Path) -> list[dict]:
     if not path.is_file():

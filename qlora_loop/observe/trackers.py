@@ -17,7 +17,7 @@ from pathlib import Path
 from accelerate import utils as accelerate_utils
 
 from qlora_loop.config import ConfigError, flat_config
-from qlora_loop.training.memory import GIB
+from qlora_loop.files import GIB
 
 PROJECT = "qlora_loop"  # the W&B / SwanLab / MLflow project; TensorBoard writes OUTPUT_DIR/qlora_loop/
 # name in train.log_with -> (accelerate's availability check, what to pip install)

@@ -23,6 +23,8 @@ import torch
 from accelerate.utils import DistributedType
 from safetensors.torch import load_file, save_file
 
+from qlora_loop.errors import CheckpointError
+from qlora_loop.files import replace_dir
 from qlora_loop.manifest import FILE as MANIFEST, check_manifest, text_hash, write_manifest
 from qlora_loop.model.adapter import adalora_of
 from qlora_loop.training.disk import WRITE_ERRORS, describe
@@ -30,10 +32,6 @@ from qlora_loop.training.disk import WRITE_ERRORS, describe
 MARKER = "COMPLETE"
 SHARDED = (DistributedType.FSDP, DistributedType.DEEPSPEED)
 FORMAT = 1
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be written or resumed; the message names the path and what to do."""
 
 
 # --- the best adapter ---------------------------------------------------------------------------
@@ -51,7 +49,7 @@ def save_adapter(accelerator, model, tokenizer, directory: str | Path, *, manife
 
     @accelerator.on_main_process
     def write():
-        tmp, old = directory.with_name(f".{directory.name}.tmp"), directory.with_name(f".{directory.name}.old")
+        tmp = directory.with_name(f".{directory.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             peft_model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
@@ -59,14 +57,11 @@ def save_adapter(accelerator, model, tokenizer, directory: str | Path, *, manife
             if manifest is not None:
                 write_manifest(tmp, manifest)
             _fsync_tree(tmp)
-            if directory.exists():
-                os.replace(directory, old)
-            os.replace(tmp, directory)
+            replace_dir(tmp, directory)
         except WRITE_ERRORS as e:
             shutil.rmtree(tmp, ignore_errors=True)
             raise CheckpointError(f"cannot write the best adapter to {directory}: {describe(e, directory)}; "
                                   "the previous best adapter is untouched") from None
-        shutil.rmtree(old, ignore_errors=True)
 
     write()
     accelerator.wait_for_everyone()

@@ -15,17 +15,13 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
-from qlora_loop.config import ConfigError
-from qlora_loop.training.memory import GIB
+from qlora_loop.errors import ConfigError, DiskError
+from qlora_loop.files import GIB
 
 WRITE_ERRORS = (OSError, SafetensorError)
 # errors of the place written to, not of the run: each gets one line and exit 2 (cli.py)
 FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 DISK_ERRNOS = FULL_ERRNOS | {errno.EROFS, errno.EACCES, errno.EPERM}
-
-
-class DiskError(OSError):
-    """A write the disk refused: full, read-only, not permitted. The message names the path and the free space."""
 
 
 def error_number(e: BaseException) -> int | None:

@@ -11,11 +11,9 @@ from dataclasses import dataclass
 import torch
 from accelerate.utils import DistributedType, str_to_bool
 
+from qlora_loop.errors import LaunchError
+
 SHARDABLE_STORAGE = ("bfloat16", "float16", "float32")  # FSDP shards only floating-point tensors
-
-
-class LaunchError(ValueError):
-    """The launch (number of processes, FSDP or DeepSpeed config) does not fit the run's config."""
 
 
 @dataclass

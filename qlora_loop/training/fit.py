@@ -23,21 +23,9 @@ import torch
 
 from qlora_loop.config import TrainConfig
 from qlora_loop.data.batches import steps_per_epoch
-from qlora_loop.training.checkpoint import CheckpointError
+from qlora_loop.errors import CheckpointError, Interrupted, NonFiniteError
 from qlora_loop.training.loss import default_loss, target_mask
 from qlora_loop.training.memory import peak_memory_bytes
-
-
-class NonFiniteError(RuntimeError):
-    """Training stopped on a non-finite loss or gradient norm; `sample_ids` are the step's examples."""
-
-    def __init__(self, message: str, sample_ids: list[int]):
-        super().__init__(message)
-        self.sample_ids = sample_ids
-
-
-class Interrupted(RuntimeError):
-    """A SIGTERM/SIGINT stopped training after the current step; a checkpoint was written first."""
 
 
 @dataclass

@@ -16,14 +16,9 @@ from pathlib import Path
 import torch
 
 from qlora_loop.data.batches import collate, collate_packed
+from qlora_loop.errors import OutOfMemory
+from qlora_loop.files import GIB
 from qlora_loop.model.load import set_gradient_checkpointing
-
-GIB = 1024 ** 3
-
-
-class OutOfMemory(RuntimeError):
-    """The longest batch does not fit the memory budget; the message says what to change."""
-
 
 def peak_memory_bytes(device: torch.device) -> int:
     """CUDA max allocated on a GPU; the process's peak resident set on a CPU (Linux reports KiB)."""

@@ -35,16 +35,16 @@ import numpy as np
 import torch
 import transformers
 from rich.console import Console
-from rich.panel import Panel
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
 
+from qlora_loop.files import replace_dir
 from qlora_loop.model.generate import stop_token_ids
 from qlora_loop.use.inference import (InferenceError, load_inference_tokenizer, locate_base, read_adapter_config,
                                       run_config)
 from qlora_loop.use.merge import (add_report_args, by_weights, check_out_dir, check_report_args, choices, closest,
                                   free_memory, measure, merged_model, reference_passes, report_prompts, report_table,
-                                  weights_note, write_report)
+                                  warn_fidelity, weights_note, write_report)
 from qlora_loop.use.ollama import PROBES, jinja_prompt, modelfile, ollama_messages, translate_template
 
 Q = gguf.GGMLQuantizationType
@@ -369,9 +369,7 @@ def main(argv: list[str] | None = None) -> dict:
         (tmp / kept / "Modelfile").write_text(modelfile(name, template, stop_texts, system), encoding="utf-8")
         (tmp / kept / "README.md").write_text(weights_note(kept, hows[kept], what=f"{name}: {found.name} + "
                                                            f"{args.adapter}, {args.type}"), encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp / kept, out)
+        replace_dir(tmp / kept, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     size = (out / name).stat().st_size
@@ -389,10 +387,6 @@ def main(argv: list[str] | None = None) -> dict:
                            if len(reports) > 1 else {}))
     console.print(f"report: {path}")
     if not report["ok"]:
-        console.print(Panel(
-            f"mean KL {report['mean_kl']:.3g} nats/token is above --max-kl {args.max_kl:g}: {name} does not behave "
-            f"like the 4-bit base + adapter that was trained and evaluated (top-1 agreement "
-            f"{report['top1_agreement']:.1%}, greedy replies the same on {report['greedy_match']}/{report['prompts']} "
-            "prompts). Try a wider --type, or evaluate the file before shipping it.",
-            title="WARNING: export fidelity", border_style="bold red"))
+        warn_fidelity(console, report, what="export", candidate=name,
+                      advice="Try a wider --type, or evaluate the file before shipping it.")
     return report

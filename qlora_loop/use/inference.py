@@ -20,15 +20,11 @@ from transformers import AutoConfig
 from qlora_loop.config import ModelConfig, TrainConfig
 from qlora_loop.cpu import resolve_compute_dtype
 from qlora_loop.data.mixtures import held_out_conversations
-from qlora_loop.errors import ModelError
+from qlora_loop.errors import InferenceError, ModelError, not_utf8
 from qlora_loop.manifest import check_manifest, read_manifest
-from qlora_loop.model.builtin import resolve_model_path
+from qlora_loop.model.builtin import check_weights, resolve_model_path
 from qlora_loop.model.generate import held_out_prompts
 from qlora_loop.model.load import load_base_model, load_tokenizer
-
-
-class InferenceError(ValueError):
-    """The adapter, its base or the prompts cannot be used; the message names the flag or folder and the fix."""
 
 
 def read_adapter_config(adapter_dir: str | Path) -> dict:
@@ -71,6 +67,8 @@ def base_config(name: str, source: str, *, trust_remote_code: bool = False, revi
     if looks_local and not Path(name).expanduser().is_dir():
         raise InferenceError(f"base model {name} ({source}): no such folder; pass --base with the model the "
                              "adapter was trained on")
+    if looks_local:
+        check_weights(name)
     try:
         return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code, revision=revision)
     except (OSError, ValueError) as e:
@@ -209,11 +207,11 @@ def read_prompt_lines(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise InferenceError(f"--prompts {path}: no such file; give a text file with one prompt per line")
+    raw = path.read_bytes()
     try:
-        text = path.read_text(encoding="utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = path.read_bytes()[:e.start].count(b"\n") + 1
-        raise InferenceError(f"--prompts {path}:{line}: not UTF-8 text; save the file as UTF-8") from None
+        raise InferenceError(f"--prompts {not_utf8(path, raw, e)}") from None
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     if not lines:
         raise InferenceError(f"--prompts {path}: no prompts in it; write one per line")

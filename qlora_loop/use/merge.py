@@ -18,7 +18,6 @@ import argparse
 import gc
 import json
 import math
-import os
 import shutil
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from rich.table import Table
 from transformers import AutoModelForCausalLM
 
 from qlora_loop.data.rows import DataError
+from qlora_loop.files import replace_dir
 from qlora_loop.model.generate import as_messages, encode_chat, generate_ids, stop_token_ids
 from qlora_loop.model.load import load_base_model, load_tokenizer
 from qlora_loop.use.inference import (Base, InferenceError, attach_adapter, load_for_inference,
@@ -122,9 +122,7 @@ def merge_adapter(adapter_dir: str | Path, out: str | Path, base: str | None = N
     tokenizer.save_pretrained(tmp)
     (tmp / "README.md").write_text(weights_note(weights, how, what=f"merged into {found.name} in "
                                                 f"{str(dtype).removeprefix('torch.')}"), encoding="utf-8")
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    replace_dir(tmp, out)
     return found.name, how
 
 
@@ -274,6 +272,16 @@ def report_table(report: dict, *,
     return table
 
 
+def warn_fidelity(console: Console, report: dict, *, what: str, candidate: str, advice: str) -> None:
+    """A red panel for a report whose mean KL is above --max-kl: by how much, and what to do about it."""
+    panel = Panel(
+        f"mean KL {report['mean_kl']:.3g} nats/token is above --max-kl {report['max_kl_threshold']:g}: {candidate} "
+        f"does not behave like the 4-bit base + adapter that was trained and evaluated (top-1 agreement "
+        f"{report['top1_agreement']:.1%}, greedy replies the same on {report['greedy_match']}/{report['prompts']} "
+        f"prompts). {advice}", title=f"WARNING: {what} fidelity", border_style="bold red")
+    console.print(panel, soft_wrap=False)  # wrapped inside the panel: a soft-wrapping console crops it to one line
+
+
 def write_report(report: dict, out: str | Path, *, file_name: str = "merge_report.json", **context) -> Path:
     path = Path(out) / file_name
     clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in report.items()}
@@ -373,9 +381,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.weights == "best":
         console.print("mean KL against 4-bit base + adapter: " + ", ".join(
             f"{w} {r['mean_kl']:.2e}" for w, r in reports.items()) + f"; keeping {kept}")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(folders[kept], out)
+        replace_dir(folders[kept], out)
         for weights, folder in folders.items():
             shutil.rmtree(folder, ignore_errors=True)
     report = {**reports[kept], "weights": kept, "weights_detail": hows[kept]}
@@ -388,10 +394,6 @@ def main(argv: list[str] | None = None) -> dict:
                            if len(reports) > 1 else {}))
     console.print(f"report: {path}")
     if not report["ok"]:
-        console.print(Panel(
-            f"mean KL {report['mean_kl']:.3g} nats/token is above --max-kl {args.max_kl:g}: the merged model does "
-            f"not behave like the 4-bit base + adapter that was trained and evaluated (top-1 agreement "
-            f"{report['top1_agreement']:.1%}, greedy replies the same on {report['greedy_match']}/{report['prompts']} "
-            "prompts). Evaluate the merged model before shipping it, or serve the adapter on the 4-bit base.",
-            title="WARNING: merge fidelity", border_style="bold red"))
+        warn_fidelity(console, report, what="merge", candidate="the merged model",
+                      advice="Evaluate the merged model before shipping it, or serve the adapter on the 4-bit base.")
     return report
