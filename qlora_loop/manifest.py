@@ -36,12 +36,11 @@ SAMPLE_BYTES = 1 << 16  # bytes read from the middle of each weights file for th
 
 
 def build_manifest(config: dict, tokenizer, base: str, *, data_files: list[str | None] = (),
-                   device: torch.device | None = None, compute_dtype: torch.dtype | None = None) -> dict:
+                   device: torch.device | None = None, quantization: dict | None = None) -> dict:
     """Everything worth recording about a run, computed once at its start (it hashes the data).
-    `compute_dtype`: the one model.compute_dtype resolved to on this machine; with the quantization
-    (model.load.load_base_model's) it fixes the weights the adapter was trained against, which merge
-    and export rebuild."""
-    quant_storage = config.get("model", {}).get("quant_storage")
+    `quantization`: model.load.quantization_of the loaded base; its compute dtype (model.compute_dtype
+    as resolved on this machine) fixes the weights the adapter was trained against, which merge and
+    export rebuild."""
     return {
         "format": FORMAT,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -52,8 +51,7 @@ def build_manifest(config: dict, tokenizer, base: str, *, data_files: list[str |
         "data": {str(path): sha256_file(path)[:16] for path in data_files if path is not None},
         "base": {**describe_base(base, config.get("model", {}).get("name_or_path", base)),
                  "gguf_file": config.get("model", {}).get("gguf_file")},
-        "quantization": {"quant_type": "nf4", "double_quant": True, "quant_storage": quant_storage or "uint8",
-                         "compute_dtype": str(compute_dtype).removeprefix("torch.") if compute_dtype else None},
+        "quantization": quantization,
         "chat_template_hash": text_hash(tokenizer.chat_template),
         "special_tokens": special_tokens(tokenizer),
         "git": git_state(Path(str(resources.files("qlora_loop"))).resolve().parent),  # the checkout holding the package

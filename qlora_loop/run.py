@@ -30,7 +30,7 @@ from qlora_loop.manifest import build_manifest
 from qlora_loop.model.adapter import add_adapter, find_linear4bit_targets, trainable_parameters
 from qlora_loop.model.builtin import resolve_model_path
 from qlora_loop.model.generate import as_messages, sampler
-from qlora_loop.model.load import load_base_model, load_tokenizer, set_gradient_checkpointing
+from qlora_loop.model.load import load_base_model, load_tokenizer, quantization_of, set_gradient_checkpointing
 from qlora_loop.observe.log import RunLog
 from qlora_loop.observe.plot import plot_run
 from qlora_loop.observe.rundir import check_output_dir, hold, start_run
@@ -77,6 +77,7 @@ def train(cfg: Config, *, overwrite: bool = False, loss_fn=None) -> dict:
         model = load_base_model(model_path, accelerator.device, dtype, config=m,
                                 gradient_checkpointing=m.gradient_checkpointing is True,
                                 autocast=accelerator.mixed_precision != "no")
+        quantization = quantization_of(model)
 
         # the base's own greedy replies: replay rows (trained beside data.train) and drift prompts (never
         # trained); generated once, cached, on the main process first so the others read its cache
@@ -145,7 +146,7 @@ def train(cfg: Config, *, overwrite: bool = False, loss_fn=None) -> dict:
 
         # resume
         manifest = build_manifest(to_dict(cfg), tokenizer, model_path, device=accelerator.device,
-                                  compute_dtype=dtype, data_files=[*local_files(d.train), *local_files(d.val),
+                                  quantization=quantization, data_files=[*local_files(d.train), *local_files(d.val),
                                               d.replay_prompts if d.replay else None])
         identity = resume_identity(cfg, grad_accum=grad_accum, world_size=accelerator.num_processes, manifest=manifest)
         checkpoints = Checkpoints(accelerator, cfg.output_dir, identity=identity, config=to_dict(cfg),

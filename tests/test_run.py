@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from conftest import tiny_config
 
 from qlora_loop.config import DataConfig
-from qlora_loop.cpu import physical_cores
+from qlora_loop.cpu import physical_cores, resolve_compute_dtype
 from qlora_loop.data.batches import build_dataloaders
 from qlora_loop.data.mixtures import build_datasets
 from qlora_loop.model.builtin import resolve_model_path
@@ -67,6 +67,9 @@ def test_only_the_adapter_is_written_and_as_safetensors(tiny_run):
     manifest = json.loads((best / "manifest.json").read_text())  # what it was trained with, for chat and merge
     assert manifest["base"]["model_type"] == "qwen2" and list(manifest["data"]) == [tiny_config().data.train]
     assert len(manifest["chat_template_hash"]) == 16
+    dtype = str(resolve_compute_dtype(tiny_config().model.compute_dtype, torch.device("cpu"))[0]).removeprefix("torch.")
+    assert manifest["quantization"] == {"quant_type": "nf4", "double_quant": True, "quant_storage": "uint8",
+                                        "compute_dtype": dtype}  # the weights merge and export rebuild
     assert all((p / "manifest.json").is_file() for p in (out / "checkpoints").glob("step-*"))
     assert {p.name for p in out.iterdir()} == {"best", "checkpoints", "steps.jsonl", "history.jsonl", "summary.json",
                                                "samples.jsonl", "curves.png", "config.yaml", ".qlora_loop-run"}

@@ -108,6 +108,17 @@ def set_gradient_checkpointing(model, on: bool) -> None:
         model.gradient_checkpointing_disable()
 
 
+def quantization_of(model) -> dict:
+    """How the loaded base is quantized, read from its own BitsAndBytesConfig (for the run's manifest)."""
+    q = model.config.quantization_config
+
+    def name(dtype) -> str:
+        return str(dtype).removeprefix("torch.")
+
+    return {"quant_type": q.bnb_4bit_quant_type, "double_quant": q.bnb_4bit_use_double_quant,
+            "quant_storage": name(q.bnb_4bit_quant_storage), "compute_dtype": name(q.bnb_4bit_compute_dtype)}
+
+
 def embedding_parameters(model) -> list[torch.nn.Parameter]:
     """The input embeddings' and lm_head's parameters, once each (a tied head shares the embedding's)."""
     modules = [m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None]

@@ -42,8 +42,8 @@ from qlora_loop.files import replace_dir
 from qlora_loop.model.generate import stop_token_ids
 from qlora_loop.use.inference import (InferenceError, load_inference_tokenizer, locate_base, read_adapter_config,
                                       run_config)
-from qlora_loop.use.merge import (add_report_args, by_weights, check_out_dir, check_report_args, choices, closest,
-                                  free_memory, measure, merged_model, reference_passes, report_prompts, report_table,
+from qlora_loop.use.merge import (add_report_args, check_out_dir, check_report_args, choices, free_memory,
+                                  keep_closest, measure, merged_model, reference_passes, report_prompts, report_table,
                                   warn_fidelity, weights_note, write_report)
 from qlora_loop.use.ollama import PROBES, jinja_prompt, modelfile, ollama_messages, translate_template
 
@@ -361,10 +361,7 @@ def main(argv: list[str] | None = None) -> dict:
                                        max_new_tokens=args.max_new_tokens, max_kl=args.max_kl)
             del candidate
             free_memory()
-        kept = closest(reports)
-        if len(reports) > 1:
-            console.print("mean KL against 4-bit base + adapter: " + ", ".join(
-                f"{w} {r['mean_kl']:.2e}" for w, r in reports.items()) + f"; keeping {kept}")
+        kept, candidates = keep_closest(reports, console)
         stop_texts = tokenizer.convert_ids_to_tokens(stops)
         (tmp / kept / "Modelfile").write_text(modelfile(name, template, stop_texts, system), encoding="utf-8")
         (tmp / kept / "README.md").write_text(weights_note(kept, hows[kept], what=f"{name}: {found.name} + "
@@ -383,8 +380,7 @@ def main(argv: list[str] | None = None) -> dict:
     path = write_report(report, out, file_name="export_report.json", adapter=str(args.adapter), base=found.name,
                         gguf=str(out / name), type=args.type, bytes=size, export_seconds=round(seconds[kept], 2),
                         template=template_name, stop_tokens=stop_texts, system_prompt=system, prompts_from=source,
-                        **({"by_weights": by_weights(reports)}
-                           if len(reports) > 1 else {}))
+                        **candidates)
     console.print(f"report: {path}")
     if not report["ok"]:
         warn_fidelity(console, report, what="export", candidate=name,

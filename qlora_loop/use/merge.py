@@ -133,7 +133,7 @@ def weights_note(weights: str, how: str, *, what: str) -> str:
            "the base's original weights, not the NF4-rounded ones the adapter was trained against: the model it "
            "describes was never trained or evaluated; keep it for a base used at full precision with other adapters")
     return (f"# {what}\n\nThe adapter was added (peft's merge_and_unload) to {how}: {why}.\n"
-            f"`--weights trained` (the default), `original` or `best` chose this; the report beside it measures "
+            "`--weights trained` (the default), `original` or `best` chose this; the report beside it measures "
             "how far this model is from 4-bit base + adapter.\n")
 
 
@@ -342,14 +342,16 @@ def choices(weights: str) -> list[str]:
     return ["trained", "original"] if weights == "best" else [weights]
 
 
-def by_weights(reports: dict[str, dict]) -> dict[str, dict]:
-    """Each candidate's summary numbers, for the report of --weights best."""
-    return {w: {k: r[k] for k in ("mean_kl", "max_kl", "top1_agreement", "greedy_match")} for w, r in reports.items()}
-
-
-def closest(reports: dict[str, dict]) -> str:
-    """The choice whose report has the lowest mean KL."""
-    return min(reports, key=lambda w: reports[w]["mean_kl"])
+def keep_closest(reports: dict[str, dict], console: Console) -> tuple[str, dict]:
+    """(the weights whose report has the lowest mean KL, what the written report adds about the
+    others: with --weights best, each candidate's summary numbers, also printed)."""
+    kept = min(reports, key=lambda w: reports[w]["mean_kl"])
+    if len(reports) < 2:
+        return kept, {}
+    console.print("mean KL against 4-bit base + adapter: " + ", ".join(
+        f"{w} {r['mean_kl']:.2e}" for w, r in reports.items()) + f"; keeping {kept}")
+    return kept, {"by_weights": {w: {k: r[k] for k in ("mean_kl", "max_kl", "top1_agreement", "greedy_match")}
+                                 for w, r in reports.items()}}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -377,10 +379,8 @@ def main(argv: list[str] | None = None) -> dict:
                                    max_new_tokens=args.max_new_tokens, max_kl=args.max_kl)
         del candidate
         free_memory()
-    kept = closest(reports)
+    kept, candidates = keep_closest(reports, console)
     if args.weights == "best":
-        console.print("mean KL against 4-bit base + adapter: " + ", ".join(
-            f"{w} {r['mean_kl']:.2e}" for w, r in reports.items()) + f"; keeping {kept}")
         replace_dir(folders[kept], out)
         for weights, folder in folders.items():
             shutil.rmtree(folder, ignore_errors=True)
@@ -389,9 +389,7 @@ def main(argv: list[str] | None = None) -> dict:
     console.print(report_table(report, title=f"merge fidelity: 4-bit base + adapter vs merged {args.dtype}, "
                                              f"{kept} weights (KL in nats)"))
     path = write_report(report, out, adapter=str(args.adapter), base=base, merged=str(out), dtype=args.dtype,
-                        prompts_from=source,
-                        **({"by_weights": by_weights(reports)}
-                           if len(reports) > 1 else {}))
+                        prompts_from=source, **candidates)
     console.print(f"report: {path}")
     if not report["ok"]:
         warn_fidelity(console, report, what="merge", candidate="the merged model",
