@@ -63,6 +63,7 @@ def as_script(*, quiet: bool = False):
 COMMANDS = {
     "train": (False, "train an adapter: --config FILE [key.path=value ...] [--overwrite] [--dry-run]"),
     "chat": (True, "chat with a trained adapter: --adapter OUTPUT_DIR/best [--prompt ...]"),
+    "eval": (True, "score an adapter beside its base: --adapter OUTPUT_DIR/best [--data FILE] [--tasks ...]"),
     "merge": (True, "merge an adapter into its bf16 base, with a fidelity report"),
     "export": (True, "export adapter + base as one GGUF file with an Ollama Modelfile"),
     "inspect": (False, "look at the training data as the model will see it"),
@@ -90,6 +91,8 @@ def command_main(command: str):
         from qlora_loop.run import main
     elif command == "chat":
         from qlora_loop.use.chat import main
+    elif command == "eval":
+        from qlora_loop.eval.compare import main
     elif command == "merge":
         from qlora_loop.use.merge import main
     elif command == "export":

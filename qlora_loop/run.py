@@ -24,6 +24,8 @@ from qlora_loop.data.batches import build_dataloaders, check_packing, steps_per_
 from qlora_loop.data.cache import cache_root
 from qlora_loop.data.mixtures import build_datasets, source_lines
 from qlora_loop.data.sources import local_files
+from qlora_loop.eval.during import metrics_watch
+from qlora_loop.eval.metrics import check_metrics
 from qlora_loop.forgetting.drift import Drift
 from qlora_loop.forgetting.replay import base_replies, choose, read_prompts, replay_conversations
 from qlora_loop.manifest import build_manifest
@@ -53,6 +55,7 @@ def train(cfg: Config, *, overwrite: bool = False, loss_fn=None) -> dict:
     t, d, m, a = cfg.train, cfg.data, cfg.model, cfg.adapter
     check_output_dir(cfg.output_dir, resume=t.resume, overwrite=overwrite)
     trackers = check_trackers(t.log_with)
+    check_metrics(cfg.eval.metrics)
 
     # setup: the launch is checked before anything is loaded or written
     accelerator, dtype, dtype_why, threads_why = build_accelerator(cfg, trackers)
@@ -63,7 +66,7 @@ def train(cfg: Config, *, overwrite: bool = False, loss_fn=None) -> dict:
                               max_grad_norm=t.max_grad_norm, resume=t.resume, adapter_kind=a.kind)
     set_seed(t.seed)
     with hold(accelerator, cfg.output_dir):  # one run at a time in a folder; marks the folder as a run's
-        log = RunLog(accelerator, cfg.output_dir, t.log_every)
+        log = RunLog(accelerator, cfg.output_dir, t.log_every, metrics=cfg.eval.metrics)
         log.print(f"compute dtype {str(dtype).removeprefix('torch.')} ({dtype_why})", soft_wrap=True)
         if threads_why:
             log.print(f"CPU threads {torch.get_num_threads()} per process ({threads_why})", soft_wrap=True)
@@ -167,12 +170,13 @@ def train(cfg: Config, *, overwrite: bool = False, loss_fn=None) -> dict:
         sample = sampler(runner, tokenizer, log, cfg.eval, rows=val_rows or train_rows, system=d.system_prompt,
                          general=(drift_prompts[0], drift_replies[0]) if drift_prompts else None,
                          sharded_by=launch.shards_parameters)
+        metrics = metrics_watch(runner, tokenizer, cfg.eval, rows=val_rows, sharded_by=launch.shards_parameters)
         try:
             with stop_on_signals(accelerator):
                 summary = fit(runner, (train_dl, val_dl), Plan.of(t, grad_accum=grad_accum), log=log,
                               save_best=lambda: save_adapter(accelerator, model, tokenizer, log.output_dir / "best",
                                                              manifest=manifest),
-                              checkpoints=checkpoints, state=state, watch=Watch(drift=drift, sample=sample))
+                              checkpoints=checkpoints, state=state, watch=Watch(drift=drift, metrics=metrics, sample=sample))
         except NonFiniteError as e:
             rows = ", ".join(train_rows[i]["where"] for i in sorted(set(e.sample_ids)))
             raise NonFiniteError(f"{e}; the step's rows: {rows}", e.sample_ids) from None

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FLOORS = [{"qlora_loop.errors", "qlora_loop.paths", "qlora_loop.files", "qlora_loop.cpu", "qlora_loop.config",
            "qlora_loop.manifest"},
           {"qlora_loop.model"}, {"qlora_loop.data"}, {"qlora_loop.training"},
-          {"qlora_loop.observe", "qlora_loop.forgetting", "qlora_loop.use"}]
+          {"qlora_loop.observe", "qlora_loop.forgetting", "qlora_loop.use"}, {"qlora_loop.eval"}]
 
 
 def module_name(path: Path) -> str:

@@ -86,7 +86,7 @@ def validate(cfg: Config) -> None:
                               "only shrinks ranks; set adapter.init_r >= adapter.r or leave it unset (1.5 x r)")
     if not 0 <= cfg.train.seed < 2**32:
         raise ConfigError(f"train.seed={cfg.train.seed} must be in [0, 2**32), as numpy's and torch's seeds are")
-    for key in ["data.replay_max_new_tokens", "eval.drift_max_new_tokens"]:
+    for key in ["data.replay_max_new_tokens", "eval.drift_max_new_tokens", "eval.metrics_max_new_tokens"]:
         if not _get(cfg, key) > 0:
             raise ConfigError(f"{key}={_get(cfg, key)!r} must be > 0")
     for key in ["train.global_batch_size", "train.memory_budget_gib"]:
@@ -111,12 +111,34 @@ def validate(cfg: Config) -> None:
         source_configs(cfg.data.val, "data.val", columns=cfg.data.columns)
     if not 0 <= cfg.data.max_skip_fraction <= 1:
         raise ConfigError(f"data.max_skip_fraction={cfg.data.max_skip_fraction!r} must be in [0, 1]")
-    if cfg.train.monitor == "val_loss" and cfg.data.val is None and cfg.data.val_split == 0:
-        raise ConfigError("train.monitor=val_loss needs validation data: set data.val, or data.val_split > 0, "
-                          "or monitor train_loss with train.monitor=train_loss")
+    check_monitor(cfg)
     if isinstance(cfg.adapter.target_modules, str) and cfg.adapter.target_modules != "auto":
         raise ConfigError(f"adapter.target_modules={cfg.adapter.target_modules!r}: use auto or a list of "
                           "module names, e.g. [q_proj, v_proj]")
+
+
+def check_monitor(cfg: Config) -> None:
+    """train.monitor is a loss or one of eval.metrics (scores, higher is better: mode max); each needs
+    the data it is measured on."""
+    t, metrics = cfg.train, cfg.eval.metrics
+    if not isinstance(metrics, list) or not all(isinstance(m, str) for m in metrics):
+        raise ConfigError(f"eval.metrics={metrics!r} must be a list of metric names, e.g. [exact_match, rouge_l]")
+    if t.monitor not in ("val_loss", "train_loss", *metrics):
+        close = difflib.get_close_matches(t.monitor, ["val_loss", "train_loss", *metrics], n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise ConfigError(f"train.monitor={t.monitor!r} is neither val_loss, train_loss nor a metric of "
+                          f"eval.metrics={metrics}; {hint}add it to eval.metrics to monitor it")
+    if t.monitor in metrics and t.mode != "max":
+        raise ConfigError(f"train.monitor={t.monitor} is a score, higher is better: set train.mode=max")
+    no_val = cfg.data.val is None and cfg.data.val_split == 0
+    if t.monitor == "val_loss" and no_val:
+        raise ConfigError("train.monitor=val_loss needs validation data: set data.val, or data.val_split > 0, "
+                          "or monitor train_loss with train.monitor=train_loss")
+    if metrics and no_val:
+        raise ConfigError(f"eval.metrics={metrics} scores replies to validation rows: set data.val, or "
+                          "data.val_split > 0, or eval.metrics=[]")
+    if cfg.eval.metrics_rows is not None and not cfg.eval.metrics_rows > 0:
+        raise ConfigError(f"eval.metrics_rows={cfg.eval.metrics_rows!r} must be > 0, or null for all rows")
 
 
 def source_configs(spec: str | dict | list, key: str = "data.train", *, fmt: str = "auto",

@@ -120,7 +120,7 @@ class TrainConfig:
     optimizer: str = "paged_adamw_32bit"  # paged_adamw_32bit | paged_adamw_8bit
     max_grad_norm: float = 1.0  # 0 disables clipping; the norm is logged either way
     patience: int = 2  # evaluations without improvement before stopping
-    monitor: str = "val_loss"  # val_loss | train_loss
+    monitor: str = "val_loss"  # val_loss | train_loss | a metric of eval.metrics (with mode max)
     mode: str = "min"  # min | max
     eval_every: int = 0  # also evaluate every N optimizer steps; 0 = once per epoch only
     log_every: int = 1  # a row in steps.jsonl every N optimizer steps
@@ -147,7 +147,14 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """Sample replies, generated greedily before the first step and after every epoch."""
+    """What each evaluation measures beside the loss, and the sample replies, generated greedily
+    before the first step and after every epoch."""
+    # Greedy replies to the validation rows (each cut before its last trained assistant turn), scored
+    # against that turn at every evaluation: exact_match, rouge_l, chrf, bleu (qlora_loop.eval.metrics),
+    # each in [0, 1]. Empty = none (no generation cost).
+    metrics: list[str] = field(default_factory=list)
+    metrics_rows: int | None = None  # the first N validation rows; null = all
+    metrics_max_new_tokens: int = 128
     prompts: list[str] = field(default_factory=list)  # questions to ask; empty = the first num_samples val rows
     num_samples: int = 2
     max_new_tokens: int = 48
@@ -173,7 +180,6 @@ CHOICES = {
     "adapter.kind": ("lora", "adalora"),
     "train.scheduler": ("cosine", "linear", "constant"),
     "train.optimizer": ("paged_adamw_32bit", "paged_adamw_8bit"),
-    "train.monitor": ("val_loss", "train_loss"),
     "train.mode": ("min", "max"),
     "train.mixed_precision": ("auto", "no", "bf16", "fp16"),
     "data.on_error": ("error", "skip"),

@@ -35,16 +35,25 @@ def main_process(method):
     return on_main
 
 
+# the epoch table's header of each metric of eval.metrics (history.jsonl has the names)
+METRIC_HEADERS = {"exact_match": "EM", "rouge_l": "rougeL", "chrf": "chrF", "bleu": "BLEU"}
+
+
 class RunLog:
-    def __init__(self, accelerator, output_dir: str | Path, log_every: int = 1):
+    """`metrics`: the names of eval.metrics, a column each in the epoch table and history.jsonl."""
+
+    def __init__(self, accelerator, output_dir: str | Path, log_every: int = 1, metrics: list[str] = ()):
         self.accelerator, self.output_dir, self.log_every = accelerator, Path(output_dir), log_every
+        self.metrics = list(metrics)
         self.console = Console()
         self.progress: Progress | None = None
         # Short headers, so that the table fits an 80-column terminal; history.jsonl has the full names.
         self.table = Table(title="epochs", pad_edge=False,
                            caption="train, val: loss per trained token; drift: KL(base || adapted) per token; "
-                                   "tgt/s: trained tokens/s")
-        for column in ("ep", "train", "val", "drift", "lr", "gnorm", "tok/s", "tgt/s", "pad%", "sec"):
+                                   "tgt/s: trained tokens/s" + ("; scores of greedy replies to the validation "
+                                                                "rows, 0-1" if self.metrics else ""))
+        for column in ("ep", "train", "val", "drift", *(METRIC_HEADERS.get(m, m) for m in self.metrics), "lr",
+                       "gnorm", "tok/s", "tgt/s", "pad%", "sec"):
             self.table.add_column(column, justify="right")
 
     @main_process
@@ -112,12 +121,14 @@ class RunLog:
         self.progress.stop()
         val = "-" if row["val_loss"] is None else f"{row['val_loss']:.4f}"
         drift = "-" if row.get("drift") is None else f"{row['drift']:.4f}"
-        self.table.add_row(str(row["epoch"]), f"{row['train_loss']:.4f}", val, drift, f"{row['lr']:.1e}",
+        measured = row.get("metrics") or {}
+        scores = ["-" if measured.get(m) is None else f"{measured[m]:.3f}" for m in self.metrics]
+        self.table.add_row(str(row["epoch"]), f"{row['train_loss']:.4f}", val, drift, *scores, f"{row['lr']:.1e}",
                            f"{row['grad_norm']:.2f}", f"{row['tokens_per_second']:,.0f}",
                            f"{row['loss_tokens_per_second']:,.0f}", f"{100 * row['padding_share']:.1f}",
                            f"{row['seconds']:.0f}")
         self.console.print(self.table)
-        self._append("history.jsonl", {k: row[k] for k in HISTORY_COLUMNS})
+        self._append("history.jsonl", {**{k: row[k] for k in HISTORY_COLUMNS}, **{m: measured.get(m) for m in self.metrics}})
         if self.accelerator.trackers:
             self.accelerator.log(epoch_metrics(row), step=row["step"])
 

@@ -4,7 +4,7 @@ Accelerate quietly skips a tracker whose package is missing, so a run would trai
 log nothing; check_trackers makes that an error before anything loads. What is sent:
   start      the resolved config, flattened to `section.key` hyper-parameters
   each step  train/loss, train/lr, train/grad_norm, train/tokens_per_second, train/peak_memory_gib
-  each epoch val/loss, train/epoch_loss, train/epoch_tokens_per_second
+  each epoch val/loss, val/drift, val/METRIC (eval.metrics), train/epoch_loss, train/epoch_tokens_per_second
   samples    prompt and reply texts: TensorBoard text, a W&B table, SwanLab text
 Accelerate opens trackers and logs to them on the main process only.
 """
@@ -86,6 +86,7 @@ def epoch_metrics(row: dict) -> dict:
         metrics["val/loss"] = row["val_loss"]
     if row.get("drift") is not None:
         metrics["val/drift"] = row["drift"]
+    metrics.update({f"val/{name}": value for name, value in row.get("metrics", {}).items()})
     return metrics
 
 

@@ -33,13 +33,13 @@ class Plan:
     """How fit() trains: `epochs` of optimizer steps of `grad_accum` micro-batches; evaluation at
     each epoch end and every `eval_every` steps; a checkpoint at each epoch end and every `save_every`
     steps; early stopping after `patience` evaluations in a row without improvement of `monitor` in
-    `mode` (patience 0 never stops); up to `skip_nonfinite` non-finite steps in a row skipped; an
+    `mode` (patience 0 never stops; `monitor` is val_loss, train_loss or a metric of Watch.metrics); up to `skip_nonfinite` non-finite steps in a row skipped; an
     evaluation whose drift is above `max_drift` never kept as the best. Plan.of(cfg.train, ...) is a
     run's."""
     epochs: int
     grad_accum: int = 1
     patience: int = 0
-    monitor: str = "val_loss"  # val_loss | train_loss
+    monitor: str = "val_loss"  # val_loss | train_loss | a metric's name
     mode: str = "min"
     eval_every: int = 0
     save_every: int = 0
@@ -61,9 +61,11 @@ class Plan:
 @dataclass
 class Watch:
     """What fit measures and shows beside the loss, each optional: `drift()` (forgetting.drift.Drift)
-    at every evaluation, `sample(epoch)` (model.generate.sampler) before the first step (epoch 0)
-    and after each epoch."""
+    and `metrics()` ({name: score} of generated replies, eval.during.metrics_watch) at every
+    evaluation, `sample(epoch)` (model.generate.sampler) before the first step (epoch 0) and after
+    each epoch."""
     drift: Callable[[], float] | None = None
+    metrics: Callable[[], dict[str, float]] | None = None
     sample: Callable[[int], None] | None = None
 
 
@@ -197,11 +199,15 @@ def fit(runner, loaders, plan: Plan, *, log, save_best, checkpoints=None, state:
     state, watch = state or LoopState(), watch or Watch()
     steps = steps_per_epoch(len(train_dl), plan.grad_accum)
 
-    def check(epoch: int) -> tuple[float | None, float | None]:
-        """Evaluate (loss, drift); keep the adapter if it is the best yet; decide whether to stop."""
+    def check(epoch: int) -> tuple[float | None, float | None, dict[str, float]]:
+        """Evaluate (loss, drift, metrics); keep the adapter if it is the best yet; decide whether to stop."""
         val_loss = evaluate(runner.model, val_dl, accelerator, runner.loss_fn)
         moved = watch.drift() if watch.drift is not None else None
-        value = val_loss if plan.monitor == "val_loss" else state.epoch_meter.loss
+        scores = watch.metrics() if watch.metrics is not None else {}
+        value = {"val_loss": val_loss, "train_loss": state.epoch_meter.loss, **scores}.get(plan.monitor)
+        if value is None:
+            raise ValueError(f"monitor {plan.monitor!r} is not measured here: neither a loss nor a metric of "
+                             f"Watch.metrics ({sorted(scores)})")
         if plan.max_drift is not None and moved is not None and moved > plan.max_drift:
             value = math.nan  # too far from the base to be kept; counts as no improvement
         if plan.improves(value, state.best):
@@ -211,7 +217,7 @@ def fit(runner, loaders, plan: Plan, *, log, save_best, checkpoints=None, state:
         else:
             state.bad_evals += 1
         state.stopped = plan.patience > 0 and state.bad_evals >= plan.patience
-        return val_loss, moved
+        return val_loss, moved, scores
 
     def checkpoint():
         if checkpoints is not None:
@@ -224,6 +230,7 @@ def fit(runner, loaders, plan: Plan, *, log, save_best, checkpoints=None, state:
             break
         log.epoch_start(epoch, plan.epochs, steps, done=math.ceil(state.batches_done / plan.grad_accum))
         val_loss = moved = None
+        scores = {}
         # forward/backward/update: one StepRunner call per optimizer step
         for window in windows(epoch_batches(train_dl, epoch, state.batches_done, accelerator), plan.grad_accum):
             t0 = time.perf_counter()
@@ -242,17 +249,17 @@ def fit(runner, loaders, plan: Plan, *, log, save_best, checkpoints=None, state:
                 raise Interrupted(f"stopped by a signal after step {runner.step}")
             mid_epoch = state.batches_done < len(train_dl)
             if plan.eval_every and runner.step % plan.eval_every == 0 and mid_epoch:
-                val_loss, moved = check(epoch)
+                val_loss, moved, scores = check(epoch)
             if state.stopped:
                 break
             if plan.save_every and runner.step % plan.save_every == 0 and mid_epoch:
                 checkpoint()
         # end of epoch: evaluate, keep the best, log, checkpoint the position of the next epoch
         if not state.stopped:
-            val_loss, moved = check(epoch)
+            val_loss, moved, scores = check(epoch)
         meter = state.epoch_meter
         log.epoch_end({"epoch": epoch, "step": runner.step, "train_loss": meter.loss, "val_loss": val_loss,
-                       "drift": moved,
+                       "drift": moved, "metrics": scores,
                        "lr": meter.lr, "grad_norm": meter.grad_norm_sum / max(meter.steps, 1),
                        "train_tokens": meter.tokens, "seconds": meter.seconds, **meter.rates(),
                        "peak_memory_bytes": peak_memory_bytes(accelerator.device)})
