@@ -17,6 +17,7 @@ import pytest
 from qlora_loop.cli import COMMANDS, as_script, command_main, main
 from qlora_loop.data import inspector
 from qlora_loop.errors import ConfigError, DataError, Interrupted, NonFiniteError, exit_line
+from qlora_loop.eval import compare
 from qlora_loop.observe import plot
 from qlora_loop.use import chat, export, merge
 
@@ -79,15 +80,16 @@ def test_qlora_loop_help_lists_every_command(capsys):
     assert exited.value.code == 0
     shown = capsys.readouterr().out
     assert shown.startswith("usage: qlora-loop")
-    assert all(re.search(rf"^  {name} +\S", shown, re.M) for name in ["train", "chat", "merge", "export", "inspect", "plot"])
+    assert all(re.search(rf"^  {name} +\S", shown, re.M) for name in ["train", "chat", "eval", "merge", "export", "inspect",
+                                                                       "plot"])
 
 
 def test_each_command_runs_its_scripts_main():
     from qlora_loop import run
     assert {name: command_main(name) for name in COMMANDS} == {
-        "train": run.main, "chat": chat.main, "merge": merge.main, "export": export.main, "inspect": inspector.main,
+        "train": run.main, "chat": chat.main, "eval": compare.main, "merge": merge.main, "export": export.main, "inspect": inspector.main,
         "plot": plot.main}
-    scripts = {"train": "train.py", "chat": "chat.py", "merge": "merge.py", "export": "export_gguf.py",
+    scripts = {"train": "train.py", "chat": "chat.py", "eval": "eval.py", "merge": "merge.py", "export": "export_gguf.py",
                "inspect": "inspect_data.py", "plot": "plot.py"}
     for name, script in scripts.items():  # the script imports that very main
         module = command_main(name).__module__

@@ -4,6 +4,7 @@ set and the fix; and every shipped config under configs/ loads and builds on a t
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 from pathlib import Path
@@ -23,7 +24,8 @@ from qlora_loop.model.load import load_base_model, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
-SEVEN_B = [p for p in CONFIGS if p.name != "tiny-demo.yaml"]  # the real-model recipes; the tiny demo is tested apart
+# the real-model recipes; the tiny demo and the SmolLM2 dates example are tested apart
+SEVEN_B = [p for p in CONFIGS if p.name not in ("tiny-demo.yaml", "smollm2-dates.yaml")]
 SELF_COGNITION = ASSETS / "self_cognition.jsonl"
 
 # The tiny fixture of each shipped config's architecture family. Baichuan2's own modeling code
@@ -184,6 +186,21 @@ def test_missing_file_is_an_error(tmp_path):
 def test_every_shipped_config_has_a_tiny_family():
     assert CONFIGS, "configs/ holds no *.yaml"
     assert {p.name for p in SEVEN_B} == set(FAMILY), "add each new config to FAMILY with its tiny fixture"
+
+
+def test_the_dates_example_scores_exact_match_and_holds_out_dates_it_never_trains(monkeypatch):
+    path = ROOT / "configs" / "smollm2-dates.yaml"
+    assert path.read_text(encoding="utf-8").startswith(
+        "# accelerate launch scripts/train.py --config configs/smollm2-dates.yaml\n")
+    monkeypatch.chdir(ROOT)  # its data path is relative to the checkout, as the README runs it
+    cfg = load_config(path)
+    assert cfg.model.name_or_path == "builtin:smollm2-135m-instruct"
+    assert (cfg.eval.metrics, cfg.train.monitor, cfg.train.mode) == (["exact_match"], "exact_match", "max")
+    read = [[json.loads(line) for line in (ASSETS / name).read_text(encoding="utf-8").splitlines()]
+            for name in ("dates_train.jsonl", "dates_heldout.jsonl")]
+    assert Path(cfg.data.train).resolve() == ASSETS / "dates_train.jsonl"
+    assert [len(rows) for rows in read] == [80, 40]
+    assert not {r["instruction"] for r in read[0]} & {r["instruction"] for r in read[1]}
 
 
 @pytest.mark.parametrize("path", SEVEN_B, ids=lambda p: p.name)

@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 OUTPUTS = {"best", "checkpoints", "steps.jsonl", "history.jsonl", "samples.jsonl", "summary.json", "curves.png",
            "config.yaml", ".qlora_loop-run"}
+METRICS = ("exact_match", "rouge_l", "chrf", "bleu")
 TRAIN_ROWS, VAL_ROWS = 8, 4  # 2 ranks x batch 2 = 1 process x batch 4: no rank is padded with repeated rows
 
 
@@ -49,7 +50,7 @@ def overrides(tmp_path_factory, tiny_qwen2) -> list[str]:
     return ["--config", "configs/tiny-demo.yaml", f"model.name_or_path={tiny_qwen2}", "model.compute_dtype=float32",
             f"data.train={data / 'train.jsonl'}",
             f"data.val={data / 'val.jsonl'}", "data.max_length=64", "adapter.dropout=0", "train.epochs=3",
-            "train.patience=1", "train.mode=max"]
+            "train.patience=1", "train.mode=max", f"eval.metrics=[{','.join(METRICS)}]", "eval.metrics_max_new_tokens=16"]
 
 
 def run(command: list[str]) -> subprocess.CompletedProcess:
@@ -90,6 +91,10 @@ def test_two_processes_take_the_steps_of_one_process_with_the_same_global_batch(
     assert two[0]["loss"] > 7.0 and two[-1]["loss"] < two[0]["loss"] - 1  # 7.19 -> 5.25 when pinned: it learns
     one_val = [r["val_loss"] for r in rows(one_process / "history.jsonl")]
     assert [r["val_loss"] for r in rows(two_processes[0] / "history.jsonl")] == pytest.approx(one_val, rel=1e-6)
+    # eval.metrics: each rank answers its half of the validation rows; gathered, they score as one process's
+    one_scores = [r[m] for r in rows(one_process / "history.jsonl") for m in METRICS]
+    assert [r[m] for r in rows(two_processes[0] / "history.jsonl") for m in METRICS] == pytest.approx(one_scores)
+    assert any(one_scores)
     # The saved adapters are the same update, whichever way the batch was split.
     a, b = (load_file(out / "best" / "adapter_model.safetensors") for out in (one_process, two_processes[0]))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)

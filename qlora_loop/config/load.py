@@ -121,8 +121,6 @@ def check_monitor(cfg: Config) -> None:
     """train.monitor is a loss or one of eval.metrics (scores, higher is better: mode max); each needs
     the data it is measured on."""
     t, metrics = cfg.train, cfg.eval.metrics
-    if not isinstance(metrics, list) or not all(isinstance(m, str) for m in metrics):
-        raise ConfigError(f"eval.metrics={metrics!r} must be a list of metric names, e.g. [exact_match, rouge_l]")
     if t.monitor not in ("val_loss", "train_loss", *metrics):
         close = difflib.get_close_matches(t.monitor, ["val_loss", "train_loss", *metrics], n=1)
         hint = f"did you mean {close[0]}? " if close else ""

@@ -10,6 +10,7 @@ import json
 import math
 from pathlib import Path
 
+from rich import box
 from rich.console import Console
 from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -36,7 +37,17 @@ def main_process(method):
 
 
 # the epoch table's header of each metric of eval.metrics (history.jsonl has the names)
-METRIC_HEADERS = {"exact_match": "EM", "rouge_l": "rougeL", "chrf": "chrF", "bleu": "BLEU"}
+METRIC_HEADERS = {"exact_match": "EM", "rouge_l": "RL", "chrf": "chrF", "bleu": "BLEU"}
+METRIC_NAMES = {"exact_match": "exact match", "rouge_l": "ROUGE-L"}
+
+
+def _metrics_caption(metrics: list[str]) -> str:
+    """'; EM: exact match of greedy replies to the validation rows, 0-1' for the metrics shown."""
+    if not metrics:
+        return ""
+    named = ", ".join(f"{METRIC_HEADERS.get(m, m)} {METRIC_NAMES[m]}" if m in METRIC_NAMES else METRIC_HEADERS.get(m, m)
+                      for m in metrics)
+    return f"; {named}: greedy replies to the validation rows, 0-1"
 
 
 class RunLog:
@@ -48,10 +59,9 @@ class RunLog:
         self.console = Console()
         self.progress: Progress | None = None
         # Short headers, so that the table fits an 80-column terminal; history.jsonl has the full names.
-        self.table = Table(title="epochs", pad_edge=False,
+        self.table = Table(title="epochs", pad_edge=False, box=box.SIMPLE_HEAD, padding=0, show_edge=False,
                            caption="train, val: loss per trained token; drift: KL(base || adapted) per token; "
-                                   "tgt/s: trained tokens/s" + ("; scores of greedy replies to the validation "
-                                                                "rows, 0-1" if self.metrics else ""))
+                                   "tgt/s: trained tokens/s" + _metrics_caption(self.metrics))
         for column in ("ep", "train", "val", "drift", *(METRIC_HEADERS.get(m, m) for m in self.metrics), "lr",
                        "gnorm", "tok/s", "tgt/s", "pad%", "sec"):
             self.table.add_column(column, justify="right")
@@ -122,7 +132,7 @@ class RunLog:
         val = "-" if row["val_loss"] is None else f"{row['val_loss']:.4f}"
         drift = "-" if row.get("drift") is None else f"{row['drift']:.4f}"
         measured = row.get("metrics") or {}
-        scores = ["-" if measured.get(m) is None else f"{measured[m]:.3f}" for m in self.metrics]
+        scores = ["-" if measured.get(m) is None else f"{measured[m]:.2f}" for m in self.metrics]
         self.table.add_row(str(row["epoch"]), f"{row['train_loss']:.4f}", val, drift, *scores, f"{row['lr']:.1e}",
                            f"{row['grad_norm']:.2f}", f"{row['tokens_per_second']:,.0f}",
                            f"{row['loss_tokens_per_second']:,.0f}", f"{100 * row['padding_share']:.1f}",
