@@ -12,24 +12,28 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-from qlora_loop.config import Config, ConfigError, load_config, to_dict
+from qlora_loop.config import PREFERENCE_METRICS, Config, ConfigError, load_config, to_dict
 from qlora_loop.cpu import cpu_threads, local_processes, physical_cores, resolve_compute_dtype
 from qlora_loop.data.audit import check_label_masks
 from qlora_loop.data.batches import build_dataloaders, check_packing, steps_per_epoch
 from qlora_loop.data.cache import cache_root
 from qlora_loop.data.mixtures import build_datasets, source_lines
+from qlora_loop.data.preference import answer_rows, build_preference_datasets
 from qlora_loop.data.sources import local_files
+from qlora_loop.files import sha256_file
 from qlora_loop.eval.during import metrics_watch
 from qlora_loop.eval.metrics import check_metrics
 from qlora_loop.forgetting.drift import Drift
 from qlora_loop.forgetting.replay import base_replies, choose, read_prompts, replay_conversations
-from qlora_loop.manifest import build_manifest
-from qlora_loop.model.adapter import add_adapter, find_linear4bit_targets, trainable_parameters
+from qlora_loop.manifest import build_manifest, describe_base
+from qlora_loop.model.adapter import add_adapter, continue_adapter, find_linear4bit_targets, trainable_parameters
 from qlora_loop.model.builtin import resolve_model_path
 from qlora_loop.model.generate import as_messages, sampler
 from qlora_loop.model.load import load_base_model, load_tokenizer, quantization_of, set_gradient_checkpointing
@@ -45,6 +49,8 @@ from qlora_loop.training.dryrun import dry_run_config, report
 from qlora_loop.training.fit import Interrupted, LoopState, NonFiniteError, Plan, Watch, fit, stop_on_signals
 from qlora_loop.training.memory import check_memory, longest_batch
 from qlora_loop.training.optim import build_optimizer, build_scheduler
+from qlora_loop.training.preference import Objective, preference_loss, preference_watch
+from qlora_loop.training.reference import reference_logps
 from qlora_loop.training.step import StepRunner
 
 
@@ -53,6 +59,9 @@ def train(cfg: Config, *, overwrite: bool = False, loss_fn=None) -> dict:
     overwrite: replace a finished or unfinished run in cfg.output_dir. loss_fn: (model, batch) ->
     per-sample loss sums (loss.py); None = loss.default_loss(model)."""
     t, d, m, a = cfg.train, cfg.data, cfg.model, cfg.adapter
+    objective = None if t.objective == "sft" else Objective(t.objective, beta=t.beta, dpo_loss=t.dpo_loss,
+                                                            label_smoothing=t.label_smoothing,
+                                                            nll_weight=t.nll_weight if t.objective == "dpo" else 0.0)
     check_output_dir(cfg.output_dir, resume=t.resume, overwrite=overwrite)
     trackers = check_trackers(t.log_with)
     check_metrics(cfg.eval.metrics)
@@ -66,7 +75,8 @@ def train(cfg: Config, *, overwrite: bool = False, loss_fn=None) -> dict:
                               max_grad_norm=t.max_grad_norm, resume=t.resume, adapter_kind=a.kind)
     set_seed(t.seed)
     with hold(accelerator, cfg.output_dir):  # one run at a time in a folder; marks the folder as a run's
-        log = RunLog(accelerator, cfg.output_dir, t.log_every, metrics=cfg.eval.metrics)
+        log = RunLog(accelerator, cfg.output_dir, t.log_every,
+                     metrics=[*(PREFERENCE_METRICS if objective is not None else ()), *cfg.eval.metrics])
         log.print(f"compute dtype {str(dtype).removeprefix('torch.')} ({dtype_why})", soft_wrap=True)
         if threads_why:
             log.print(f"CPU threads {torch.get_num_threads()} per process ({threads_why})", soft_wrap=True)
@@ -85,6 +95,10 @@ def train(cfg: Config, *, overwrite: bool = False, loss_fn=None) -> dict:
         # the base's own greedy replies: replay rows (trained beside data.train) and drift prompts (never
         # trained); generated once, cached, on the main process first so the others read its cache
         replay_prompts, drift_prompts = general_prompts(cfg)
+        if objective is not None and replay_prompts:  # a preference batch holds pairs, not SFT rows
+            log.print(f"data.replay off for train.objective={t.objective}: replay rows are SFT rows; drift still "
+                      "measures forgetting")
+            replay_prompts = []
         with accelerator.main_process_first(), accelerator.autocast():
             replay_replies = base_replies(model, tokenizer, replay_prompts, base=model_path, system=d.system_prompt,
                                           max_new_tokens=d.replay_max_new_tokens, what="replay rows",
@@ -94,13 +108,16 @@ def train(cfg: Config, *, overwrite: bool = False, loss_fn=None) -> dict:
                                          console=log.console)
 
         # data
-        train_rows, val_rows, stats = build_datasets(
-            tokenizer, d, seed=t.seed, replay=replay_conversations(replay_prompts, replay_replies, d.system_prompt),
-            cache=cache_root() if d.cache else None)
+        if objective is None:
+            train_rows, val_rows, stats = build_datasets(
+                tokenizer, d, seed=t.seed, replay=replay_conversations(replay_prompts, replay_replies, d.system_prompt),
+                cache=cache_root() if d.cache else None)
+        else:
+            train_rows, val_rows, stats = build_preference_datasets(tokenizer, d, objective=t.objective, seed=t.seed)
         log.data_report(stats)
         for line in source_lines(stats):
             log.print(line, soft_wrap=True)
-        audited = check_label_masks(tokenizer, train_rows, sample=d.audit_rows, max_length=d.max_length)
+        audited = check_label_masks(tokenizer, answer_rows(train_rows), sample=d.audit_rows, max_length=d.max_length)
         log.print(f"label-mask audit: {audited} rows checked, no problem found" if audited else
                   "[yellow]label-mask audit off (data.audit_rows=0)")
         train_dl, val_dl = build_dataloaders(train_rows, val_rows, d, batch_size=t.batch_size,
@@ -110,14 +127,25 @@ def train(cfg: Config, *, overwrite: bool = False, loss_fn=None) -> dict:
         total_steps = steps_per_epoch(len(train_dl), grad_accum) * t.epochs
 
         # adapter, optimizer
-        targets = find_linear4bit_targets(model) if a.target_modules == "auto" else a.target_modules
-        model = add_adapter(model, dataclasses.replace(a, target_modules=targets), total_steps=total_steps)
+        if a.init_from:
+            model = continue_adapter(model, a.init_from, shared_inputs=a.shared_inputs)
+            targets = sorted(model.peft_config["default"].target_modules)
+            log.print(f"continuing the adapter in {a.init_from} (its r, alpha and targets)", soft_wrap=True)
+        else:
+            targets = find_linear4bit_targets(model) if a.target_modules == "auto" else a.target_modules
+            model = add_adapter(model, dataclasses.replace(a, target_modules=targets), total_steps=total_steps)
         log.model_report(targets, *trainable_parameters(model))
         quant_storage = getattr(torch, m.quant_storage) if m.quant_storage else None
         model = prepare_sharding(accelerator, model, t.batch_size, quant_storage)
         optimizer = build_optimizer(model, t.optimizer, t.lr, t.weight_decay)
         scheduler = build_scheduler(optimizer, t.scheduler, total_steps, t.warmup_ratio)
         model, optimizer = accelerator.prepare(model, optimizer)
+        if objective is not None:
+            loss_fn = loss_fn or preference_loss(model, objective)
+            if objective.needs_reference:  # once, before step 1; then each step is the policy alone
+                with accelerator.main_process_first():  # the first process writes the cache the others read
+                    compute_reference(accelerator, model, train_rows + val_rows, cfg, model_path=model_path,
+                                      dtype=dtype, pad_id=tokenizer.pad_token_id, log=log)
         runner = StepRunner(model, optimizer, scheduler, accelerator, loss_fn=loss_fn, max_grad_norm=t.max_grad_norm)
         drift = None
         if drift_prompts and not launch.shards_parameters:  # the base's distributions, under disable_adapter, once
@@ -170,7 +198,9 @@ def train(cfg: Config, *, overwrite: bool = False, loss_fn=None) -> dict:
         sample = sampler(runner, tokenizer, log, cfg.eval, rows=val_rows or train_rows, system=d.system_prompt,
                          general=(drift_prompts[0], drift_replies[0]) if drift_prompts else None,
                          sharded_by=launch.shards_parameters)
-        metrics = metrics_watch(runner, tokenizer, cfg.eval, rows=val_rows, sharded_by=launch.shards_parameters)
+        metrics = both(metrics_watch(runner, tokenizer, cfg.eval, rows=val_rows, sharded_by=launch.shards_parameters),
+                       preference_watch(runner, val_dl, objective, warn=log.print)
+                       if objective is not None and val_dl is not None else None)
         try:
             with stop_on_signals(accelerator):
                 summary = fit(runner, (train_dl, val_dl), Plan.of(t, grad_accum=grad_accum), log=log,
@@ -187,6 +217,32 @@ def train(cfg: Config, *, overwrite: bool = False, loss_fn=None) -> dict:
         accelerator.on_main_process(plot_run)(log.output_dir)
         accelerator.end_training()
         return summary
+
+
+def compute_reference(accelerator, model, examples: list[dict], cfg: Config, *, model_path: str, dtype, pad_id: int,
+                      log) -> None:
+    """The reference's log-probs of every answer (training/reference.py), with a progress bar, and a
+    line saying what the reference is."""
+    a = cfg.adapter
+    identity = {"base": describe_base(model_path, cfg.model.name_or_path), "dtype": str(dtype),
+                "init_from": sha256_file(Path(a.init_from) / "adapter_model.safetensors") if a.init_from else None}
+    with Progress(TextColumn("reference log-probs"), BarColumn(), MofNCompleteColumn(), console=log.console,
+                  transient=True, disable=not accelerator.is_main_process) as progress:
+        task = progress.add_task("reference", total=len(examples))
+        cached = reference_logps(accelerator.unwrap_model(model), examples, pad_id=pad_id, identity=identity,
+                                 adapter_on=bool(a.init_from), autocast=accelerator.autocast,
+                                 cache=cache_root() if cfg.data.cache else None,
+                                 progress=lambda done, total: progress.update(task, completed=done))
+    what = f"the 4-bit base + the starting adapter {a.init_from}, frozen as it was at step 0" if a.init_from else \
+        "the 4-bit base with the adapter disabled"
+    log.print(f"reference ({cfg.train.objective}): {what}; log-probs of {len(examples)} rows "
+              f"{'read from the cache' if cached else 'computed and cached'}", soft_wrap=True)
+
+
+def both(*watches):
+    """One `metrics()` from several (None skipped): their scores in one dict; None when none is given."""
+    given = [w for w in watches if w is not None]
+    return (lambda: {k: v for w in given for k, v in w().items()}) if given else None
 
 
 def build_accelerator(cfg: Config, trackers: list[str]) -> tuple[Accelerator, torch.dtype, str, str | None]:

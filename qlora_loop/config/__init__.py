@@ -2,10 +2,10 @@
 `key.path=value` overrides into them, and validates."""
 
 from qlora_loop.config.load import flat_config, key_paths, load_config, source_configs, to_dict, validate
-from qlora_loop.config.sections import (ASSETS, CHOICES, AdapterConfig, Config, DataConfig, EvalConfig, ModelConfig,
-                                        SourceConfig, TrainConfig)
+from qlora_loop.config.sections import (ASSETS, CHOICES, PREFERENCE_METRICS, AdapterConfig, Config, DataConfig,
+                                        EvalConfig, ModelConfig, SourceConfig, TrainConfig)
 from qlora_loop.errors import ConfigError
 
-__all__ = ["ASSETS", "CHOICES", "AdapterConfig", "Config", "ConfigError", "DataConfig", "EvalConfig", "ModelConfig",
+__all__ = ["ASSETS", "CHOICES", "PREFERENCE_METRICS", "AdapterConfig", "Config", "ConfigError", "DataConfig", "EvalConfig", "ModelConfig",
            "SourceConfig", "TrainConfig", "flat_config", "key_paths", "load_config", "source_configs", "to_dict",
            "validate"]

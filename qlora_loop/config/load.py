@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from qlora_loop.config.sections import CHOICES, Config, SourceConfig
+from qlora_loop.config.sections import CHOICES, PREFERENCE_METRICS, Config, SourceConfig
 from qlora_loop.errors import ConfigError, not_utf8
 
 
@@ -112,6 +112,7 @@ def validate(cfg: Config) -> None:
     if not 0 <= cfg.data.max_skip_fraction <= 1:
         raise ConfigError(f"data.max_skip_fraction={cfg.data.max_skip_fraction!r} must be in [0, 1]")
     check_monitor(cfg)
+    check_objective(cfg)
     if isinstance(cfg.adapter.target_modules, str) and cfg.adapter.target_modules != "auto":
         raise ConfigError(f"adapter.target_modules={cfg.adapter.target_modules!r}: use auto or a list of "
                           "module names, e.g. [q_proj, v_proj]")
@@ -121,11 +122,15 @@ def check_monitor(cfg: Config) -> None:
     """train.monitor is a loss or one of eval.metrics (scores, higher is better: mode max); each needs
     the data it is measured on."""
     t, metrics = cfg.train, cfg.eval.metrics
-    if t.monitor not in ("val_loss", "train_loss", *metrics):
-        close = difflib.get_close_matches(t.monitor, ["val_loss", "train_loss", *metrics], n=1)
+    measured = [*metrics, *(PREFERENCE_METRICS if t.objective != "sft" else ())]
+    if t.monitor not in ("val_loss", "train_loss", *measured):
+        close = difflib.get_close_matches(t.monitor, ["val_loss", "train_loss", *measured], n=1)
         hint = f"did you mean {close[0]}? " if close else ""
-        raise ConfigError(f"train.monitor={t.monitor!r} is neither val_loss, train_loss nor a metric of "
-                          f"eval.metrics={metrics}; {hint}add it to eval.metrics to monitor it")
+        more = f" nor one of train.objective={t.objective}'s" if t.objective != "sft" else ""
+        raise ConfigError(f"train.monitor={t.monitor!r} is neither val_loss, train_loss, a metric of "
+                          f"eval.metrics={metrics}{more}; {hint}add it to eval.metrics to monitor it")
+    if t.monitor in ("reward_accuracy", "reward_margin") and t.mode != "max":
+        raise ConfigError(f"train.monitor={t.monitor}: higher is better, set train.mode=max")
     if t.monitor in metrics and t.mode != "max":
         raise ConfigError(f"train.monitor={t.monitor} is a score, higher is better: set train.mode=max")
     no_val = cfg.data.val is None and cfg.data.val_split == 0
@@ -137,6 +142,23 @@ def check_monitor(cfg: Config) -> None:
                           "data.val_split > 0, or eval.metrics=[]")
     if cfg.eval.metrics_rows is not None and not cfg.eval.metrics_rows > 0:
         raise ConfigError(f"eval.metrics_rows={cfg.eval.metrics_rows!r} must be > 0, or null for all rows")
+
+
+def check_objective(cfg: Config) -> None:
+    """A preference objective's knobs, and what it cannot be combined with."""
+    t = cfg.train
+    if not t.beta > 0:
+        raise ConfigError(f"train.beta={t.beta!r} must be > 0")
+    if not 0 <= t.label_smoothing < 0.5:
+        raise ConfigError(f"train.label_smoothing={t.label_smoothing!r} must be in [0, 0.5)")
+    if not t.nll_weight >= 0:
+        raise ConfigError(f"train.nll_weight={t.nll_weight!r} must be >= 0")
+    if cfg.adapter.kind == "adalora" and cfg.adapter.init_from:
+        raise ConfigError("adapter.init_from continues a LoRA adapter; with adapter.kind=adalora start fresh "
+                          "(adapter.init_from=null)")
+    if t.objective != "sft" and cfg.data.packing:
+        raise ConfigError(f"data.packing=true with train.objective={t.objective}: an answer's log-prob is taken on "
+                          "its own padded row; set data.packing=false")
 
 
 def source_configs(spec: str | dict | list, key: str = "data.train", *, fmt: str = "auto",

@@ -61,6 +61,9 @@ class AdapterConfig:
     orth_reg_weight: float = 0.5
     # Passed to peft's LoraConfig / AdaLoraConfig as is, e.g. {use_dora: true} or {use_rslora: true}.
     extra: dict = field(default_factory=dict)
+    # Continue training an existing LoRA adapter (a folder a run wrote, e.g. an SFT run's OUTPUT_DIR/best)
+    # instead of a fresh one: its own r, alpha and targets apply. For dpo / kto it is also the reference.
+    init_from: str | None = None
 
 
 @dataclass
@@ -110,6 +113,16 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
+    # sft: next-token loss on the answers. dpo / orpo: pairs {prompt, chosen, rejected}; kto: answers judged
+    # {prompt, completion, label} (or pairs). dpo and kto learn against a reference: the 4-bit base with the
+    # adapter disabled (or base + adapter.init_from), whose log-probs are computed once before step 1.
+    objective: str = "sft"
+    beta: float = 0.1  # dpo / kto: the KL strength; orpo: the odds-ratio term's weight (lambda)
+    dpo_loss: str = "sigmoid"  # sigmoid | ipo | hinge
+    label_smoothing: float = 0.0  # sigmoid dpo: the share of pairs assumed mislabelled (conservative DPO)
+    # dpo: weight of the chosen answer's NLL per token added to each pair's loss (RPO); keeps the chosen
+    # answer likely while the margin grows (without it, DPO on the builtin model lowers both). orpo's is 1.
+    nll_weight: float = 1.0
     epochs: int = 3
     batch_size: int = 4
     grad_accum: int = 1
@@ -120,7 +133,9 @@ class TrainConfig:
     optimizer: str = "paged_adamw_32bit"  # paged_adamw_32bit | paged_adamw_8bit
     max_grad_norm: float = 1.0  # 0 disables clipping; the norm is logged either way
     patience: int = 2  # evaluations without improvement before stopping
-    monitor: str = "val_loss"  # val_loss | train_loss | a metric of eval.metrics (with mode max)
+    # val_loss | train_loss | a metric of eval.metrics (with mode max) | for dpo / orpo / kto also
+    # reward_accuracy, reward_margin (mode max)
+    monitor: str = "val_loss"
     mode: str = "min"  # min | max
     eval_every: int = 0  # also evaluate every N optimizer steps; 0 = once per epoch only
     log_every: int = 1  # a row in steps.jsonl every N optimizer steps
@@ -175,7 +190,12 @@ class Config:
     output_dir: str = "outputs/self-cognition"
 
 
+# measured on the validation pairs at every evaluation of a preference objective (training/preference.py)
+PREFERENCE_METRICS = ("reward_accuracy", "reward_margin", "chosen_logp", "rejected_logp")
+
 CHOICES = {
+    "train.objective": ("sft", "dpo", "orpo", "kto"),
+    "train.dpo_loss": ("sigmoid", "ipo", "hinge"),
     "model.compute_dtype": ("auto", "bfloat16", "float16", "float32"),
     "adapter.kind": ("lora", "adalora"),
     "train.scheduler": ("cosine", "linear", "constant"),

@@ -1,4 +1,4 @@
-"""Examples -> padded or packed batches, the epoch's order of them, and the check that a model can
+"""Examples (SFT rows, preference pairs, judged answers) -> padded or packed batches, the epoch's order of them, and the check that a model can
 be given packed rows."""
 
 from __future__ import annotations
@@ -27,6 +27,37 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         attention_mask[row, :n] = 1
     index = torch.tensor([e["index"] for e in examples])
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "index": index}
+
+
+def collate_pairs(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """B pairs -> one batch of 2B rows, the chosen ones first, right-padded to the longest of all;
+    `units` counts the pairs, `ref_logps` [2B] the reference's log-probs where computed."""
+    rows = [{"input_ids": e["input_ids"], "labels": e["labels"], "index": e["index"]} for e in examples] + \
+           [{"input_ids": e["rejected_ids"], "labels": e["rejected_labels"], "index": e["index"]} for e in examples]
+    batch = collate(rows, pad_id)
+    batch["index"], batch["units"] = batch["index"][:len(examples)], torch.ones(len(examples), dtype=torch.long)
+    if all("ref_logps" in e for e in examples):
+        batch["ref_logps"] = torch.tensor([e["ref_logps"][0] for e in examples] + [e["ref_logps"][1] for e in examples])
+    return batch
+
+
+def collate_judged(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """KTO: one row per judged answer, with `desirable` [B], `units` and `ref_logps` [B] where computed."""
+    batch = collate(examples, pad_id)
+    batch["desirable"] = torch.tensor([e["desirable"] for e in examples])
+    batch["units"] = torch.ones(len(examples), dtype=torch.long)
+    if all("ref_logps" in e for e in examples):
+        batch["ref_logps"] = torch.tensor([e["ref_logps"][0] for e in examples])
+    return batch
+
+
+def collate_any(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """The collate an example's kind takes: pairs, judged answers, or SFT rows."""
+    if "rejected_ids" in examples[0]:
+        return collate_pairs(examples, pad_id)
+    if "desirable" in examples[0]:
+        return collate_judged(examples, pad_id)
+    return collate(examples, pad_id)
 
 
 def collate_packed(examples: list[dict]) -> dict[str, torch.Tensor]:
@@ -97,9 +128,10 @@ def build_dataloaders(train_examples: list[dict], val_examples: list[dict], data
     packing leaves no padding for grouping to remove; validation batches stay padded."""
     packing, num_workers = data.packing, data.num_workers
     def collate_fn(batch):
-        return collate(batch, pad_id)
+        return collate_any(batch, pad_id)
 
-    lengths = [len(e["input_ids"]) for e in train_examples] if data.group_by_length and not packing else None
+    lengths = [max(len(e["input_ids"]), len(e.get("rejected_ids", ()))) for e in train_examples] \
+        if data.group_by_length and not packing else None
     sampler = EpochSampler(len(train_examples), seed, lengths=lengths, batch_size=batch_size * processes)
     # Each loader gets its own generator: creating an iterator draws a seed from it, and without one
     # that draw comes from the global RNG, which dropout uses, so a resumed epoch would shift it.

@@ -73,6 +73,28 @@ def add_adapter(model, adapter: AdapterConfig | None = None, *, total_steps: int
     return model
 
 
+def continue_adapter(model, adapter_dir: str, *, shared_inputs: bool = True) -> PeftModel:
+    """The prepared base with the LoRA adapter saved in `adapter_dir` (adapter.init_from), trainable:
+    training continues from its weights with its own r, alpha and targets."""
+    from pathlib import Path
+
+    config = Path(adapter_dir) / "adapter_config.json"
+    if not config.is_file():
+        hint = f"; did you mean {Path(adapter_dir) / 'best'}?" if (Path(adapter_dir) / "best").is_dir() else ""
+        raise ModelError(f"adapter.init_from={adapter_dir}: no adapter_config.json there{hint}; give the folder a run "
+                         "wrote, e.g. OUTPUT_DIR/best")
+    try:
+        model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise ModelError(f"adapter.init_from={adapter_dir} does not fit this base: "
+                         f"{str(e).strip().splitlines()[0]}") from None
+    if adalora_of(model) is not None:
+        raise ModelError(f"adapter.init_from={adapter_dir} is an AdaLoRA adapter; continue a LoRA adapter")
+    if shared_inputs:
+        share_lora_inputs(model)
+    return model
+
+
 def adalora_of(model) -> AdaLoraModel | None:
     """The AdaLoraModel inside an (unwrapped) PeftModel, or None for LoRA."""
     base = getattr(model, "base_model", None)

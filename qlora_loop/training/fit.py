@@ -24,7 +24,7 @@ import torch
 from qlora_loop.config import TrainConfig
 from qlora_loop.data.batches import steps_per_epoch
 from qlora_loop.errors import CheckpointError, Interrupted, NonFiniteError
-from qlora_loop.training.loss import default_loss, target_mask
+from qlora_loop.training.loss import default_loss, sample_units
 from qlora_loop.training.memory import peak_memory_bytes
 
 
@@ -147,7 +147,7 @@ def _check_fields(cls, saved: dict, what: str) -> dict:
 
 @torch.no_grad()
 def evaluate(model, dataloader, accelerator, loss_fn=None) -> float | None:
-    """Mean loss per target token over the whole validation set, on all processes together.
+    """Mean loss per target token (per sample of a preference batch) over the whole validation set, on all processes together.
     loss_fn: as the StepRunner's; None = loss.default_loss(model)."""
     if dataloader is None:
         return None
@@ -157,7 +157,7 @@ def evaluate(model, dataloader, accelerator, loss_fn=None) -> float | None:
     for batch in dataloader:
         with accelerator.autocast():
             per_sample = loss_fn(model, batch).float()
-        counts = target_mask(batch["labels"]).sum(dim=1)
+        counts = sample_units(batch)
         # gather_for_metrics drops the samples accelerate repeats to even out the last batch.
         per_sample, counts = accelerator.gather_for_metrics((per_sample, counts))
         loss_sum += per_sample.sum().item()

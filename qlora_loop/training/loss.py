@@ -107,6 +107,13 @@ def target_mask(labels: torch.Tensor) -> torch.Tensor:
     return labels[..., 1:] != IGNORE
 
 
+def sample_units(batch: dict) -> torch.Tensor:
+    """What each sample's loss is a sum over [B]: its loss-bearing tokens, or, in a preference batch
+    (training/preference.py), 1 per pair or judged answer (batch["units"])."""
+    return batch["units"] if "units" in batch else target_mask(batch["labels"]).sum(dim=1)
+
+
 def count_targets(batch: dict) -> int:
-    """Loss-bearing tokens of a batch."""
-    return int(target_mask(batch["labels"]).sum())
+    """The loss units of a batch, which the runner divides by: loss-bearing tokens, or samples of a
+    preference batch."""
+    return int(sample_units(batch).sum())

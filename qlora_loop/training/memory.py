@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from qlora_loop.data.batches import collate, collate_packed
+from qlora_loop.data.batches import collate_any, collate_packed
 from qlora_loop.errors import OutOfMemory
 from qlora_loop.files import GIB
 from qlora_loop.model.load import set_gradient_checkpointing
@@ -63,8 +63,9 @@ def longest_batch(examples: list[dict], *, batch_size: int, pad_id: int, packing
     """The `batch_size` longest rows in one batch (one packed row with `packing`): no batch of any
     epoch holds more token slots. Built from the rows, not by iterating the dataloader, which would
     draw from its generator."""
-    longest = sorted(examples, key=lambda e: len(e["input_ids"]), reverse=True)[:batch_size]
-    return collate_packed(longest) if packing else collate(longest, pad_id)
+    longest = sorted(examples, key=lambda e: max(len(e["input_ids"]), len(e.get("rejected_ids", ()))),
+                     reverse=True)[:batch_size]
+    return collate_packed(longest) if packing else collate_any(longest, pad_id)
 
 
 def probe_memory(model, batch: dict, loss_fn, accelerator, *, budget_gib: float | None = None) -> Probe:
