@@ -128,9 +128,10 @@ def train(cfg: Config, *, overwrite: bool = False, loss_fn=None) -> dict:
 
         # adapter, optimizer
         if a.init_from:
-            model = continue_adapter(model, a.init_from, shared_inputs=a.shared_inputs)
+            model = continue_adapter(model, a.init_from, dropout=a.dropout, shared_inputs=a.shared_inputs)
             targets = sorted(model.peft_config["default"].target_modules)
-            log.print(f"continuing the adapter in {a.init_from} (its r, alpha and targets)", soft_wrap=True)
+            log.print(f"continuing the adapter in {a.init_from} (its r, alpha and targets; adapter.dropout="
+                      f"{a.dropout})", soft_wrap=True)
         else:
             targets = find_linear4bit_targets(model) if a.target_modules == "auto" else a.target_modules
             model = add_adapter(model, dataclasses.replace(a, target_modules=targets), total_steps=total_steps)

@@ -25,7 +25,7 @@ from qlora_loop.model.load import load_base_model, load_tokenizer
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 # the real-model recipes; the tiny demo and the SmolLM2 dates example are tested apart
-SEVEN_B = [p for p in CONFIGS if p.name not in ("tiny-demo.yaml", "smollm2-dates.yaml")]
+SEVEN_B = [p for p in CONFIGS if p.name not in ("tiny-demo.yaml", "smollm2-dates.yaml", "smollm2-dpo.yaml")]
 SELF_COGNITION = ASSETS / "self_cognition.jsonl"
 
 # The tiny fixture of each shipped config's architecture family. Baichuan2's own modeling code
@@ -201,6 +201,21 @@ def test_the_dates_example_scores_exact_match_and_holds_out_dates_it_never_train
     assert Path(cfg.data.train).resolve() == ASSETS / "dates_train.jsonl"
     assert [len(rows) for rows in read] == [80, 40]
     assert not {r["instruction"] for r in read[0]} & {r["instruction"] for r in read[1]}
+
+
+def test_the_dpo_example_trains_pairs_and_holds_out_other_kinds_of_question(monkeypatch):
+    path = ROOT / "configs" / "smollm2-dpo.yaml"
+    assert path.read_text(encoding="utf-8").startswith(
+        "# accelerate launch scripts/train.py --config configs/smollm2-dpo.yaml\n")
+    monkeypatch.chdir(ROOT)
+    cfg = load_config(path)
+    assert (cfg.train.objective, cfg.train.monitor, cfg.train.mode) == ("dpo", "reward_accuracy", "max")
+    read = [[json.loads(line) for line in (ASSETS / name).read_text(encoding="utf-8").splitlines()]
+            for name in ("style_train.jsonl", "style_heldout.jsonl")]
+    assert Path(cfg.data.train).resolve() == ASSETS / "style_train.jsonl"
+    assert all(r["chosen"].startswith("In short: ") and not r["rejected"].startswith("In short")
+               for rows in read for r in rows)
+    assert not {r["prompt"] for r in read[0]} & {r["prompt"] for r in read[1]}
 
 
 @pytest.mark.parametrize("path", SEVEN_B, ids=lambda p: p.name)

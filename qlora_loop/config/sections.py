@@ -62,7 +62,8 @@ class AdapterConfig:
     # Passed to peft's LoraConfig / AdaLoraConfig as is, e.g. {use_dora: true} or {use_rslora: true}.
     extra: dict = field(default_factory=dict)
     # Continue training an existing LoRA adapter (a folder a run wrote, e.g. an SFT run's OUTPUT_DIR/best)
-    # instead of a fresh one: its own r, alpha and targets apply. For dpo / kto it is also the reference.
+    # instead of a fresh one: its own r, alpha and targets apply (adapter.dropout this run's). For dpo / kto
+    # it is also the reference.
     init_from: str | None = None
 
 

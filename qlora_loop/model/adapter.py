@@ -73,9 +73,10 @@ def add_adapter(model, adapter: AdapterConfig | None = None, *, total_steps: int
     return model
 
 
-def continue_adapter(model, adapter_dir: str, *, shared_inputs: bool = True) -> PeftModel:
+def continue_adapter(model, adapter_dir: str, *, dropout: float, shared_inputs: bool = True) -> PeftModel:
     """The prepared base with the LoRA adapter saved in `adapter_dir` (adapter.init_from), trainable:
-    training continues from its weights with its own r, alpha and targets."""
+    training continues from its weights with its own r, alpha and targets, and this run's `dropout`
+    (adapter.dropout: a setting of training, not of the adapter)."""
     from pathlib import Path
 
     config = Path(adapter_dir) / "adapter_config.json"
@@ -90,6 +91,10 @@ def continue_adapter(model, adapter_dir: str, *, shared_inputs: bool = True) -> 
                          f"{str(e).strip().splitlines()[0]}") from None
     if adalora_of(model) is not None:
         raise ModelError(f"adapter.init_from={adapter_dir} is an AdaLoRA adapter; continue a LoRA adapter")
+    for layer in model.modules():
+        for name, drop in getattr(layer, "lora_dropout", {}).items():
+            layer.lora_dropout[name] = torch.nn.Dropout(dropout) if dropout else torch.nn.Identity()
+    model.peft_config["default"].lora_dropout = dropout
     if shared_inputs:
         share_lora_inputs(model)
     return model

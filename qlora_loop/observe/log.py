@@ -37,17 +37,22 @@ def main_process(method):
 
 
 # the epoch table's header of each metric of eval.metrics (history.jsonl has the names)
-METRIC_HEADERS = {"exact_match": "EM", "rouge_l": "RL", "chrf": "chrF", "bleu": "BLEU"}
+METRIC_HEADERS = {"exact_match": "EM", "rouge_l": "RL", "chrf": "chrF", "bleu": "BLEU", "reward_accuracy": "acc",
+                  "reward_margin": "margin", "chosen_logp": "logp+", "rejected_logp": "logp-"}
 METRIC_NAMES = {"exact_match": "exact match", "rouge_l": "ROUGE-L"}
+PREFERENCE_CAPTION = ("acc, margin: reward accuracy and margin on the validation pairs; logp+, logp-: the chosen "
+                      "and rejected answers' log-probs")
 
 
 def _metrics_caption(metrics: list[str]) -> str:
-    """'; EM: exact match of greedy replies to the validation rows, 0-1' for the metrics shown."""
-    if not metrics:
-        return ""
-    named = ", ".join(f"{METRIC_HEADERS.get(m, m)} {METRIC_NAMES[m]}" if m in METRIC_NAMES else METRIC_HEADERS.get(m, m)
-                      for m in metrics)
-    return f"; {named}: greedy replies to the validation rows, 0-1"
+    """'; EM exact match: greedy replies to the validation rows, 0-1' for the metrics shown."""
+    scored = [m for m in metrics if m in ("exact_match", "rouge_l", "chrf", "bleu")]
+    parts = [PREFERENCE_CAPTION] if "reward_accuracy" in metrics else []
+    if scored:
+        named = ", ".join(f"{METRIC_HEADERS[m]} {METRIC_NAMES[m]}" if m in METRIC_NAMES else METRIC_HEADERS[m]
+                          for m in scored)
+        parts.append(f"{named}: greedy replies to the validation rows, 0-1")
+    return "".join(f"; {p}" for p in parts)
 
 
 class RunLog:
@@ -59,9 +64,11 @@ class RunLog:
         self.console = Console()
         self.progress: Progress | None = None
         # Short headers, so that the table fits an 80-column terminal; history.jsonl has the full names.
+        unit = "per pair (judged answer for KTO)" if "reward_accuracy" in self.metrics else "per trained token"
+        rate = "pairs/s" if "reward_accuracy" in self.metrics else "trained tokens/s"
         self.table = Table(title="epochs", pad_edge=False, box=box.SIMPLE_HEAD, padding=0, show_edge=False,
-                           caption="train, val: loss per trained token; drift: KL(base || adapted) per token; "
-                                   "tgt/s: trained tokens/s" + _metrics_caption(self.metrics))
+                           caption=f"train, val: loss {unit}; drift: KL(base || adapted) per token; tgt/s: {rate}"
+                                   + _metrics_caption(self.metrics))
         for column in ("ep", "train", "val", "drift", *(METRIC_HEADERS.get(m, m) for m in self.metrics), "lr",
                        "gnorm", "tok/s", "tgt/s", "pad%", "sec"):
             self.table.add_column(column, justify="right")
@@ -132,7 +139,8 @@ class RunLog:
         val = "-" if row["val_loss"] is None else f"{row['val_loss']:.4f}"
         drift = "-" if row.get("drift") is None else f"{row['drift']:.4f}"
         measured = row.get("metrics") or {}
-        scores = ["-" if measured.get(m) is None else f"{measured[m]:.2f}" for m in self.metrics]
+        scores = ["-" if measured.get(m) is None else f"{measured[m]:.1f}" if m.endswith("_logp") else
+                  f"{measured[m]:.2f}" for m in self.metrics]
         self.table.add_row(str(row["epoch"]), f"{row['train_loss']:.4f}", val, drift, *scores, f"{row['lr']:.1e}",
                            f"{row['grad_norm']:.2f}", f"{row['tokens_per_second']:,.0f}",
                            f"{row['loss_tokens_per_second']:,.0f}", f"{100 * row['padding_share']:.1f}",

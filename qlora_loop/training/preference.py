@@ -118,12 +118,16 @@ def preference_loss(model, objective: Objective):
     return loss_fn
 
 
+# a fall of the chosen answers' mean log-prob (nats per answer) between two evaluations worth a warning
+COLLAPSE_NATS = 1.0
+
+
 def preference_watch(runner, val_dl, objective: Objective, *, warn):
     """fit's `metrics()` for a preference objective, on the validation samples of all processes:
     reward_accuracy (pairs: the chosen answer's reward above the rejected one's; KTO: an answer's reward
     on the side of its label), reward_margin (mean chosen minus mean rejected reward), chosen_logp and
-    rejected_logp (mean summed log-probs). A chosen log-prob that falls while the margin grows, the
-    policy pushing both answers down and the rejected one faster, is `warn`ed about."""
+    rejected_logp (mean summed log-probs). A chosen log-prob that falls by more than COLLAPSE_NATS while
+    the margin grows, the policy pushing both answers down and the rejected one faster, is `warn`ed about."""
     accelerator, inner = runner.accelerator, default_loss(runner.model)
     last: dict[str, float] = {}
 
@@ -152,7 +156,8 @@ def preference_watch(runner, val_dl, objective: Objective, *, warn):
         scores = {"reward_accuracy": _mean(right),
                   "reward_margin": _mean(got["chosen_reward"]) - _mean(got["rejected_reward"]),
                   "chosen_logp": _mean(got["chosen_logp"]), "rejected_logp": _mean(got["rejected_logp"])}
-        if last and scores["chosen_logp"] < last["chosen_logp"] and scores["reward_margin"] > last["reward_margin"]:
+        if last and last["chosen_logp"] - scores["chosen_logp"] > COLLAPSE_NATS and \
+                scores["reward_margin"] > last["reward_margin"]:
             warn(f"[yellow]chosen_logp fell {last['chosen_logp']:.1f} -> {scores['chosen_logp']:.1f} while the reward "
                  f"margin grew {last['reward_margin']:.2f} -> {scores['reward_margin']:.2f}: the policy is pushing both "
                  "answers down, the rejected one faster; watch the samples for degrading answers, and consider a "

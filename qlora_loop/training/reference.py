@@ -19,6 +19,9 @@ from qlora_loop.model.generate import generation_state
 from qlora_loop.training.preference import sequence_logps
 
 
+BATCH = 8  # rows (pairs) per forward; no gradients are kept, so memory is the forward's alone
+
+
 def reference_key(examples: list[dict], identity: dict) -> str:
     """A hash of what the reference is (`identity`: base, starting adapter, compute dtype) and of the rows."""
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode())
@@ -30,7 +33,7 @@ def reference_key(examples: list[dict], identity: dict) -> str:
 
 @torch.no_grad()
 def reference_logps(model, examples: list[dict], *, pad_id: int, identity: dict, adapter_on: bool, autocast,
-                    cache: Path | None = None, batch_size: int = 8, progress=None) -> bool:
+                    cache: Path | None = None, progress=None) -> bool:
     """Set each example's "ref_logps" ([chosen, rejected] for a pair, [answer] for a judged one):
     log p(answer | prompt) summed over its tokens, by `model` (the unwrapped PeftModel) with its adapter
     disabled unless `adapter_on`. From `cache` (a folder) when it holds these; returns whether it did.
@@ -44,8 +47,8 @@ def reference_logps(model, examples: list[dict], *, pad_id: int, identity: dict,
             return True
     off = contextlib.nullcontext() if adapter_on else model.disable_adapter()
     with generation_state(model), off, autocast():
-        for start in range(0, len(examples), batch_size):
-            chunk = examples[start:start + batch_size]
+        for start in range(0, len(examples), BATCH):
+            chunk = examples[start:start + BATCH]
             batch = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v
                      for k, v in collate_any([{k: v for k, v in e.items() if k != "ref_logps"} for e in chunk],
                                              pad_id).items()}
@@ -54,7 +57,7 @@ def reference_logps(model, examples: list[dict], *, pad_id: int, identity: dict,
             for k, e in enumerate(chunk):
                 e["ref_logps"] = [logps[k], logps[len(chunk) + k]] if pairs else [logps[k]]
             if progress is not None:
-                progress(min(start + batch_size, len(examples)), len(examples))
+                progress(min(start + BATCH, len(examples)), len(examples))
     if path is not None:
         write_atomic(path, json.dumps([e["ref_logps"] for e in examples]))
     return False
