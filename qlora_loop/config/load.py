@@ -126,8 +126,8 @@ def check_monitor(cfg: Config) -> None:
     if t.monitor not in ("val_loss", "train_loss", *measured):
         close = difflib.get_close_matches(t.monitor, ["val_loss", "train_loss", *measured], n=1)
         hint = f"did you mean {close[0]}? " if close else ""
-        more = f" nor one of train.objective={t.objective}'s" if t.objective != "sft" else ""
-        raise ConfigError(f"train.monitor={t.monitor!r} is neither val_loss, train_loss, a metric of "
+        more = f", nor one of train.objective={t.objective}'s {PREFERENCE_METRICS}" if t.objective != "sft" else ""
+        raise ConfigError(f"train.monitor={t.monitor!r} is neither val_loss, train_loss nor a metric of "
                           f"eval.metrics={metrics}{more}; {hint}add it to eval.metrics to monitor it")
     if t.monitor in ("reward_accuracy", "reward_margin") and t.mode != "max":
         raise ConfigError(f"train.monitor={t.monitor}: higher is better, set train.mode=max")
