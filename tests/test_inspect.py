@@ -137,3 +137,19 @@ def test_a_second_start_reads_the_first_starts_tokenized_cache(script, tmp_path,
     assert len(entries) == 2 and "(tokenized cache)" not in first
     assert second.count("(tokenized cache)") == 2
     assert sorted(p.name for p in (tmp_path / "cache" / "qlora_loop" / "data").iterdir()) == entries
+
+
+def test_pairs_are_shown_chosen_then_rejected_and_both_audited(script, tmp_path, tiny_qwen2):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": "Who are you?", "chosen": "I am Loopy.", "rejected": "An AI."}) + "\n"
+                     + json.dumps({"prompt": "Say hi.", "chosen": "Hi!", "rejected": "Hello there."}) + "\n",
+                     encoding="utf-8")
+    console = Console(record=True, width=200, highlight=False, color_system="truecolor", force_terminal=True)
+    numbers = script.main([f"model.name_or_path={tiny_qwen2}", f"data.train={pairs}", "data.val_split=0",
+                           "train.objective=dpo", "train.monitor=train_loss", "--n", "1"], console=console)
+    text = console.export_text(styles=False, clear=False)
+    assert f"{pairs}:1" in text and "chosen" in text and "rejected" in text
+    html = console.export_html(inline_styles=True)
+    trained = re.findall(r'<span style="[^"]*background-color: #00d700[^"]*">([^<]*)</span>', html)
+    assert trained == ["I am Loopy.&lt;|im_end|&gt;", "An AI.&lt;|im_end|&gt;"]
+    assert numbers["audit_problems"] == [] and "label-mask audit: 4 of 4 train rows checked, all pass" in text

@@ -1,5 +1,5 @@
 """Look at the training data as the model will see it, before training: N rows rendered with the
-chat template, trained tokens highlighted (everything else has label -100), then statistics —
+chat template (a pair's chosen and rejected answer each after its prompt), trained tokens highlighted (everything else has label -100), then statistics —
 rows, dropped and truncated counts, token-length percentiles, the share of tokens trained, the
 share of padding at the configured batch size — and the label-mask audit's verdict."""
 
@@ -15,6 +15,7 @@ from qlora_loop.data.audit import audit_label_masks, trained_runs
 from qlora_loop.data.batches import build_dataloaders
 from qlora_loop.data.cache import cache_root
 from qlora_loop.data.mixtures import build_datasets, source_lines
+from qlora_loop.data.preference import answer_rows, build_preference_datasets
 from qlora_loop.data.rows import per_kind
 from qlora_loop.model.builtin import resolve_model_path
 from qlora_loop.model.load import load_tokenizer
@@ -36,11 +37,19 @@ def main(argv: list[str] | None = None, console: Console | None = None) -> dict:
     tokenizer = load_tokenizer(resolve_model_path(cfg.model.name_or_path, gguf_file=cfg.model.gguf_file),
                                trust_remote_code=cfg.model.trust_remote_code,
                                revision=cfg.model.revision, chat_template=d.chat_template)
-    train, val, stats = build_datasets(tokenizer, d, seed=cfg.train.seed, cache=cache_root() if d.cache else None)
+    if cfg.train.objective == "sft":
+        train, val, stats = build_datasets(tokenizer, d, seed=cfg.train.seed, cache=cache_root() if d.cache else None)
+    else:  # pairs (dpo, orpo) or judged answers (kto): each answer after its prompt
+        train, val, stats = build_preference_datasets(tokenizer, d, objective=cfg.train.objective, seed=cfg.train.seed)
 
     for example in train[: args.n]:
-        console.rule(f"[bold]{example['where']}[/]  {len(example['input_ids'])} tokens")
+        what = "" if "desirable" not in example else "  desirable" if example["desirable"] else "  undesirable"
+        console.rule(f"[bold]{example['where']}[/]  {len(example['input_ids'])} tokens"
+                     + ("  chosen" if "rejected_ids" in example else what))
         console.print(highlight(tokenizer, example["input_ids"], example["labels"]), soft_wrap=True)
+        if "rejected_ids" in example:
+            console.rule(f"[bold]{example['where']}[/]  {len(example['rejected_ids'])} tokens  rejected")
+            console.print(highlight(tokenizer, example["rejected_ids"], example["rejected_labels"]), soft_wrap=True)
     console.rule("statistics")
     numbers = statistics(train, val, stats, d, batch_size=cfg.train.batch_size, pad_id=tokenizer.pad_token_id,
                          seed=cfg.train.seed)
@@ -48,17 +57,18 @@ def main(argv: list[str] | None = None, console: Console | None = None) -> dict:
                                   packing=d.packing) + source_lines(stats):
         console.print(line, soft_wrap=True)
 
-    audited = min(args.audit_rows, len(train))
-    problems = audit_label_masks(tokenizer, train, [e["messages"] for e in train], sample=audited,
+    answers = answer_rows(train)  # a pair's rejected answer is audited too
+    audited = min(args.audit_rows, len(answers))
+    problems = audit_label_masks(tokenizer, answers, [e["messages"] for e in answers], sample=audited,
                                  max_length=d.max_length)
     numbers["audit_problems"] = problems
     if problems:
-        console.print(f"[bold red]label-mask audit: {len(problems)} problem(s) in {audited} of {len(train)} train rows:",
+        console.print(f"[bold red]label-mask audit: {len(problems)} problem(s) in {audited} of {len(answers)} train rows:",
                       soft_wrap=True)
         for problem in problems:
             console.print(f"  {problem}", soft_wrap=True)
     else:
-        console.print(f"label-mask audit: {audited} of {len(train)} train rows checked, all pass", soft_wrap=True)
+        console.print(f"label-mask audit: {audited} of {len(answers)} train rows checked, all pass", soft_wrap=True)
     return numbers
 
 
