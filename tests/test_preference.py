@@ -276,3 +276,28 @@ def test_orpo_and_kto_train_on_the_same_loop(objective, identity_pairs, train_ma
     history = rows(out / "history.jsonl")
     assert history[-1]["val_loss"] < history[0]["val_loss"]
     assert history[-1]["reward_margin"] > 0
+
+
+def test_a_chosen_log_prob_below_the_references_while_the_margin_grows_is_warned_about(tiny_qwen2, pairs,
+                                                                                        qwen2_tokenizer, accelerator):
+    """At the first evaluation the starting point is the reference itself: a policy 10 nats below it
+    on the chosen answers and 30 below on the rejected ones (margin +2 at beta 0.1) has collapsed."""
+    from types import SimpleNamespace
+
+    from qlora_loop.training.preference import preference_watch
+
+    model = peft_model(tiny_qwen2, seed=2)
+    model.eval()
+    pad = qwen2_tokenizer.pad_token_id
+    with torch.no_grad():
+        logps, _ = sequence_logps(model, collate_pairs(pairs, pad))
+    n = len(pairs)
+    examples = [{**e, "ref_logps": [logps[k].item() + 10, logps[n + k].item() + 30]} for k, e in enumerate(pairs)]
+    warnings = []
+    watch = preference_watch(SimpleNamespace(model=model, accelerator=accelerator),
+                             [collate_pairs(examples, pad)], Objective("dpo", beta=0.1), warn=warnings.append)
+    scores = watch()
+    assert scores["reward_accuracy"] == 1.0 and scores["reward_margin"] == pytest.approx(2.0, abs=1e-3)
+    assert len(warnings) == 1 and "chosen_logp fell" in warnings[0]
+    watch()  # the same again: nothing fell since the last evaluation
+    assert len(warnings) == 1

@@ -127,7 +127,8 @@ def preference_watch(runner, val_dl, objective: Objective, *, warn):
     reward_accuracy (pairs: the chosen answer's reward above the rejected one's; KTO: an answer's reward
     on the side of its label), reward_margin (mean chosen minus mean rejected reward), chosen_logp and
     rejected_logp (mean summed log-probs). A chosen log-prob that falls by more than COLLAPSE_NATS while
-    the margin grows, the policy pushing both answers down and the rejected one faster, is `warn`ed about."""
+    the margin grows, the policy pushing both answers down and the rejected one faster, is `warn`ed about:
+    against the previous evaluation, and at the first one against the reference's own log-probs."""
     accelerator, inner = runner.accelerator, default_loss(runner.model)
     last: dict[str, float] = {}
 
@@ -138,12 +139,20 @@ def preference_watch(runner, val_dl, objective: Objective, *, warn):
         keys = ("reward", "logp", "desirable") if objective.name == "kto" else \
             ("chosen_reward", "rejected_reward", "chosen_logp", "rejected_logp")
         seen = {k: [] for k in keys}
+        start = []  # the reference's log-probs of the chosen answers: where chosen_logp starts from
         for batch in val_dl:
             with accelerator.autocast():
                 terms = preference_terms(model, batch, objective, inner)
             gathered = accelerator.gather_for_metrics(tuple(terms[k] for k in keys))
             for key, value in zip(keys, gathered):
                 seen[key].append(value)
+            if not last and "ref_logps" in batch:
+                b = batch["units"].shape[0]
+                chosen = batch["ref_logps"][batch["desirable"]] if objective.name == "kto" else batch["ref_logps"][:b]
+                start.append(accelerator.gather_for_metrics(chosen.float())
+                             if objective.name != "kto" else chosen.float())
+        if start:  # before the first evaluation: the reference itself, with no margin
+            last.update(chosen_logp=_mean(torch.cat(start)), reward_margin=0.0)
         model.train()
         got = {k: torch.cat(v) for k, v in seen.items()}
         if objective.name == "kto":  # an answer is right when its reward lies on the side of its label
