@@ -73,49 +73,53 @@ def _answer(row: dict, name: str, where: str) -> str:
     return value
 
 
-def to_pairs(rows: list[tuple[str, object]], *, columns: dict | None, system_prompt: str | None,
-             rejects: Rejects) -> list[Pair]:
-    pairs = []
+def _rows(rows: list[tuple[str, object]], *, columns: dict | None, rejects: Rejects, convert) -> list:
+    """Each row renamed by `columns` and converted by `convert(where, row)` (a list of items); a bad row
+    goes to `rejects` (an error in strict mode)."""
+    items = []
     for where, row in ((w, _rename(r, columns)) for w, r in rows):
         try:
             if not isinstance(row, dict):
                 raise DataError(f"{where}: a row must be a JSON object, got {type(row).__name__}", "wrong_type")
-            if "completion" in row and "chosen" not in row:
-                raise DataError(f"{where}: a KTO row (prompt, completion, label) where DPO and ORPO need pairs "
-                                "{prompt, chosen, rejected}; use train.objective=kto, or map your fields with "
-                                "data.columns", "format")
-            pair = Pair(where, _prompt(row, where, system_prompt), _answer(row, "chosen", where),
-                        _answer(row, "rejected", where))
-            if pair.chosen.strip() == pair.rejected.strip():
-                raise DataError(f"{where}: chosen and rejected are the same answer, so there is no preference to "
-                                "learn; fix or drop the row", "identical_pair")
+            items += convert(where, row)
         except DataError as e:
             rejects.reject(e)
-            continue
-        pairs.append(pair)
-    return pairs
+    return items
+
+
+def _pair(where: str, row: dict, system_prompt: str | None) -> Pair:
+    if "completion" in row and "chosen" not in row:
+        raise DataError(f"{where}: a KTO row (prompt, completion, label) where DPO and ORPO need pairs "
+                        "{prompt, chosen, rejected}; use train.objective=kto, or map your fields with "
+                        "data.columns", "format")
+    pair = Pair(where, _prompt(row, where, system_prompt), _answer(row, "chosen", where),
+                _answer(row, "rejected", where))
+    if pair.chosen.strip() == pair.rejected.strip():
+        raise DataError(f"{where}: chosen and rejected are the same answer, so there is no preference to "
+                        "learn; fix or drop the row", "identical_pair")
+    return pair
+
+
+def _judged(where: str, row: dict, system_prompt: str | None) -> list[Judged]:
+    """A judged answer, or a pair split into a desirable and an undesirable answer."""
+    if "chosen" in row:
+        pair = _pair(where, row, system_prompt)
+        return [Judged(where, pair.prompt, pair.chosen, True), Judged(where, pair.prompt, pair.rejected, False)]
+    if not isinstance(row.get("label"), bool):
+        raise DataError(f"{where}: field 'label' must be true (a desirable answer) or false, got "
+                        f"{row.get('label')!r}", "missing_field" if "label" not in row else "wrong_type")
+    return [Judged(where, _prompt(row, where, system_prompt), _answer(row, "completion", where), row["label"])]
+
+
+def to_pairs(rows: list[tuple[str, object]], *, columns: dict | None, system_prompt: str | None,
+             rejects: Rejects) -> list[Pair]:
+    return _rows(rows, columns=columns, rejects=rejects, convert=lambda w, r: [_pair(w, r, system_prompt)])
 
 
 def to_judged(rows: list[tuple[str, object]], *, columns: dict | None, system_prompt: str | None,
               rejects: Rejects) -> list[Judged]:
     """KTO's rows: judged answers, and pairs split into a desirable and an undesirable answer."""
-    judged = []
-    for where, row in ((w, _rename(r, columns)) for w, r in rows):
-        try:
-            if isinstance(row, dict) and "chosen" in row:
-                pair = to_pairs([(where, row)], columns=None, system_prompt=system_prompt, rejects=Rejects())[0]
-                judged += [Judged(where, pair.prompt, pair.chosen, True), Judged(where, pair.prompt, pair.rejected, False)]
-                continue
-            if not isinstance(row, dict):
-                raise DataError(f"{where}: a row must be a JSON object, got {type(row).__name__}", "wrong_type")
-            if not isinstance(row.get("label"), bool):
-                raise DataError(f"{where}: field 'label' must be true (a desirable answer) or false, got "
-                                f"{row.get('label')!r}", "missing_field" if "label" not in row else "wrong_type")
-            judged.append(Judged(where, _prompt(row, where, system_prompt), _answer(row, "completion", where),
-                                 row["label"]))
-        except DataError as e:
-            rejects.reject(e)
-    return judged
+    return _rows(rows, columns=columns, rejects=rejects, convert=lambda w, r: _judged(w, r, system_prompt))
 
 
 def tokenize_answer(tokenizer, prompt: list[dict], answer: str, max_length: int, where: str) -> tuple[list, list, bool]:

@@ -31,7 +31,7 @@ def check_tasks(spec: str) -> dict:
             path = Path(entry)
             if not path.is_file():
                 raise InferenceError(f"--tasks {entry}: no such task file")
-            task = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("task") if path.is_file() else None
+            task = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("task")
             if not isinstance(task, str):
                 raise InferenceError(f"--tasks {entry}: the file names no `task:`; lm_eval task files start with "
                                      "`task: NAME`")
