@@ -22,7 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from qlora_loop.config import PREFERENCE_METRICS, Config, ConfigError, load_config, to_dict
 from qlora_loop.cpu import cpu_threads, local_processes, physical_cores, resolve_compute_dtype
 from qlora_loop.data.audit import check_label_masks
-from qlora_loop.data.batches import build_dataloaders, check_packing, steps_per_epoch
+from qlora_loop.data.batches import build_dataloaders, check_packing, collate_any, steps_per_epoch
 from qlora_loop.data.cache import cache_root
 from qlora_loop.data.mixtures import build_datasets, source_lines
 from qlora_loop.data.preference import answer_rows, build_preference_datasets
@@ -33,9 +33,11 @@ from qlora_loop.eval.metrics import check_metrics
 from qlora_loop.forgetting.drift import Drift
 from qlora_loop.forgetting.replay import base_replies, choose, read_prompts, replay_conversations
 from qlora_loop.manifest import build_manifest, describe_base
-from qlora_loop.model.adapter import add_adapter, continue_adapter, find_linear4bit_targets, trainable_parameters
+from qlora_loop.model.adapter import (add_adapter, add_neftune, continue_adapter, describe_variants,
+                                      find_linear4bit_targets, trainable_parameters)
 from qlora_loop.model.builtin import resolve_model_path
 from qlora_loop.model.generate import as_messages, sampler
+from qlora_loop.model.init import eva_init
 from qlora_loop.model.load import load_base_model, load_tokenizer, quantization_of, set_gradient_checkpointing
 from qlora_loop.observe.log import RunLog
 from qlora_loop.observe.plot import plot_run
@@ -47,9 +49,9 @@ from qlora_loop.training.distributed import (LaunchError, check_engine_taken, ch
                                              prepare_sharding)
 from qlora_loop.training.dryrun import dry_run_config, report
 from qlora_loop.training.fit import Interrupted, LoopState, NonFiniteError, Plan, Watch, fit, stop_on_signals
-from qlora_loop.training.memory import check_memory, longest_batch
+from qlora_loop.training.memory import check_memory, choose_pair_forward, longest_batch
 from qlora_loop.training.optim import build_optimizer, build_scheduler
-from qlora_loop.training.preference import Objective, preference_loss, preference_watch
+from qlora_loop.training.preference import Objective, preference_loss, preference_watch, split_pairs
 from qlora_loop.training.reference import reference_logps
 from qlora_loop.training.step import StepRunner
 
@@ -135,10 +137,18 @@ def train(cfg: Config, *, overwrite: bool = False, loss_fn=None) -> dict:
         else:
             targets = find_linear4bit_targets(model) if a.target_modules == "auto" else a.target_modules
             model = add_adapter(model, dataclasses.replace(a, target_modules=targets), total_steps=total_steps)
+            if a.init == "eva":  # from the first training batches' answer tokens, the same on every process
+                eva_init(model, eva_batches(train_rows, batch_size=t.batch_size, pad_id=tokenizer.pad_token_id,
+                                            device=accelerator.device))
         log.model_report(targets, *trainable_parameters(model))
+        for line in describe_variants(a, loraplus_lr_ratio=t.loraplus_lr_ratio, neftune_alpha=t.neftune_alpha,
+                                      device_type=accelerator.device.type):
+            log.print(line)
+        if t.neftune_alpha:
+            add_neftune(model, t.neftune_alpha)
         quant_storage = getattr(torch, m.quant_storage) if m.quant_storage else None
         model = prepare_sharding(accelerator, model, t.batch_size, quant_storage)
-        optimizer = build_optimizer(model, t.optimizer, t.lr, t.weight_decay)
+        optimizer = build_optimizer(model, t.optimizer, t.lr, t.weight_decay, loraplus_lr_ratio=t.loraplus_lr_ratio)
         scheduler = build_scheduler(optimizer, t.scheduler, total_steps, t.warmup_ratio)
         model, optimizer = accelerator.prepare(model, optimizer)
         if objective is not None:
@@ -147,7 +157,9 @@ def train(cfg: Config, *, overwrite: bool = False, loss_fn=None) -> dict:
                 with accelerator.main_process_first():  # the first process writes the cache the others read
                     compute_reference(accelerator, model, train_rows + val_rows, cfg, model_path=model_path,
                                       dtype=dtype, pad_id=tokenizer.pad_token_id, log=log)
-        runner = StepRunner(model, optimizer, scheduler, accelerator, loss_fn=loss_fn, max_grad_norm=t.max_grad_norm)
+        pairs = objective is not None and objective.name != "kto"
+        runner = StepRunner(model, optimizer, scheduler, accelerator, loss_fn=loss_fn, max_grad_norm=t.max_grad_norm,
+                            split=split_pairs(objective) if pairs and t.pair_forward == "split" else None)
         drift = None
         if drift_prompts and not launch.shards_parameters:  # the base's distributions, under disable_adapter, once
             asked = [as_messages(p, d.system_prompt) for p in drift_prompts]
@@ -162,6 +174,8 @@ def train(cfg: Config, *, overwrite: bool = False, loss_fn=None) -> dict:
         # memory: the longest batch, forward and backward, before step 1; it decides gradient_checkpointing=auto
         if t.memory_probe:
             worst = longest_batch(train_rows, batch_size=t.batch_size, pad_id=tokenizer.pad_token_id, packing=d.packing)
+            if pairs and t.pair_forward == "auto":
+                choose_pair_forward(runner, worst, split_pairs(objective), log=log, budget_gib=t.memory_budget_gib)
             check_memory(runner, worst, log=log, budget_gib=t.memory_budget_gib, batch_size=t.batch_size,
                          grad_accum=grad_accum, max_length=d.max_length, checkpointing=m.gradient_checkpointing)
         elif m.gradient_checkpointing == "auto":  # nothing shows the batch fits without it
@@ -238,6 +252,13 @@ def compute_reference(accelerator, model, examples: list[dict], cfg: Config, *, 
         "the 4-bit base with the adapter disabled"
     log.print(f"reference ({cfg.train.objective}): {what}; log-probs of {len(examples)} rows "
               f"{'read from the cache' if cached else 'computed and cached'}", soft_wrap=True)
+
+
+def eva_batches(rows: list[dict], *, batch_size: int, pad_id: int, device, count: int = 16) -> list[dict]:
+    """adapter.init=eva's batches: the first `count` batches of the training rows, in file order."""
+    rows = rows[:count * batch_size]
+    batches = [collate_any(rows[i:i + batch_size], pad_id) for i in range(0, len(rows), batch_size)]
+    return [{k: b[k].to(device) for k in ("input_ids", "attention_mask", "labels")} for b in batches]
 
 
 def both(*watches):

@@ -21,7 +21,10 @@ from qlora_loop.data.preference import build_preference_datasets
 from qlora_loop.errors import DataError
 from qlora_loop.model.adapter import continue_adapter
 from qlora_loop.model.load import load_base_model
-from qlora_loop.training.preference import Objective, dpo_terms, kto_terms, orpo_terms, preference_loss, sequence_logps
+from qlora_loop.training.memory import choose_pair_forward
+from qlora_loop.training.preference import (Objective, dpo_terms, kto_terms, orpo_terms, pieces_of, preference_loss,
+                                            sequence_logps, split_pairs)
+from qlora_loop.training.step import StepRunner
 from qlora_loop.training.reference import reference_logps
 
 
@@ -173,6 +176,86 @@ def test_the_reference_is_the_base_under_disable_adapter(tiny_qwen2, pairs, qwen
     assert not torch.allclose(adapted, expected, atol=1e-2)  # the adapter does change them
 
 
+# --- train.pair_forward=split: the same loss and gradient in pieces ----------------------------------
+
+LONG_PAIRS = PAIRS + [{"prompt": "Say something.", "chosen": "Fine.",
+                       "rejected": "Here is a much longer answer that goes on and on, " * 4}]
+
+
+@pytest.fixture(scope="module")
+def long_pairs(qwen2_tokenizer, tmp_path_factory):
+    path = write(tmp_path_factory.mktemp("long-pairs") / "p.jsonl", LONG_PAIRS)
+    examples = build_preference_datasets(qwen2_tokenizer, DataConfig(train=str(path), val_split=0), objective="dpo")[0]
+    batch = collate_pairs(examples, qwen2_tokenizer.pad_token_id)
+    batch["ref_logps"] = torch.tensor([-20.0, -25.0, -9.0, -30.0, -28.0, -200.0])
+    return batch
+
+
+def gradients(model) -> dict[str, torch.Tensor]:
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+@pytest.mark.parametrize("objective", [Objective("dpo", nll_weight=1.0), Objective("orpo")], ids=["dpo", "orpo"])
+def test_split_pairs_give_the_concatenated_forwards_loss_and_gradient(objective, tiny_qwen2, long_pairs):
+    model = peft_model(tiny_qwen2, seed=3, dropout=0.0)
+    with torch.no_grad():  # B is zero at start, which would make every gradient but B's zero
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    model.train()
+    joint = preference_loss(model, objective)(model, long_pairs).sum()
+    joint.backward()
+    want = gradients(model)
+    pieces = split_pairs(objective)(model, long_pairs)
+    got_loss = sum(preference_loss(model, objective)(model, piece).sum() for piece in pieces)
+    got_loss.backward()  # one backward of the sum: the gradients the runner accumulates piece by piece
+    got = gradients(model)
+    assert float(got_loss.detach()) == pytest.approx(float(joint.detach()), rel=1e-5)
+    assert got.keys() == want.keys()
+    for name in want:  # bfloat16 4-bit matmuls over other batch shapes: equal up to their rounding
+        assert (got[name] - want[name]).norm() <= 1e-3 * want[name].norm(), name
+    # no piece holds more token slots than the chosen side, but the long rejected answer, alone
+    budget = 3 * int(long_pairs["attention_mask"][:3].sum(dim=1).max())
+    assert len(pieces) == 3 and pieces[-1]["input_ids"].shape[0] == 1
+    assert all(p["input_ids"].numel() <= budget for p in pieces[:-1])
+    assert sorted(int(r) for rows in pieces_of(long_pairs) for r in rows) == list(range(6))
+
+
+def test_a_split_piece_replays_the_dropout_its_loss_was_taken_with(tiny_qwen2, long_pairs):
+    model = peft_model(tiny_qwen2, seed=3, dropout=0.3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    model.train()
+    pieces = split_pairs(Objective("dpo"))(model, long_pairs)
+    for piece in pieces:
+        torch.set_rng_state(piece["rng"][0])  # what preference_loss does before a piece's forward
+        replayed = sequence_logps(model, piece)[0]
+        assert torch.allclose(replayed, piece["logps"], atol=1e-4)
+        fresh = sequence_logps(model, piece)[0]  # a new draw of dropout gives other log-probs
+        assert not torch.allclose(fresh, piece["logps"], atol=1e-3)
+
+
+def test_pair_forward_auto_splits_only_what_does_not_fit(tiny_qwen2, long_pairs, accelerator):
+    from types import SimpleNamespace
+
+    model = peft_model(tiny_qwen2, seed=3)
+    said = []
+    log = SimpleNamespace(print=said.append)
+    for budget_gib, chosen in ((1000.0, None), (1e-6, "split")):
+        runner = StepRunner(model, None, None, accelerator, loss_fn=preference_loss(model, Objective("dpo")))
+        split = split_pairs(Objective("dpo"))
+        choose_pair_forward(runner, long_pairs, split, log=log, budget_gib=budget_gib)
+        assert runner.split is (split if chosen else None)
+        assert said[-1].startswith(f"pair forward {chosen or 'joint'} (train.pair_forward=auto)")
+    runner = StepRunner(model, None, None, accelerator)
+    choose_pair_forward(runner, long_pairs, split, log=log, budget_gib=None)  # a CPU with no limit known
+    assert runner.split is None and "no memory limit known" in said[-1]
+
+
 # --- tiny runs through the real 4-bit path ---------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -266,6 +349,20 @@ def test_continuing_an_sft_adapter_makes_it_the_reference(best, identity_pairs, 
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-3)
     config = json.loads((out / "best" / "adapter_config.json").read_text(encoding="utf-8"))
     assert config["r"] == json.loads((best / "adapter_config.json").read_text(encoding="utf-8"))["r"]
+
+
+def test_a_split_dpo_run_takes_the_joint_runs_steps(identity_pairs, train_main, tmp_path):
+    """Without dropout, train.pair_forward=split gives the steps of joint, up to float rounding."""
+    runs = {}
+    for how in ("joint", "split"):
+        out = tmp_path / how
+        train_main([f"data.train={identity_pairs}", "train.objective=dpo", f"output_dir={out}", "train.epochs=1",
+                    "adapter.dropout=0", f"train.pair_forward={how}"])
+        runs[how] = rows(out / "steps.jsonl")
+    assert len(runs["split"]) == len(runs["joint"]) > 3
+    for split, joint in zip(runs["split"], runs["joint"]):
+        assert split["loss"] == pytest.approx(joint["loss"], rel=2e-3, abs=1e-3)
+        assert split["grad_norm"] == pytest.approx(joint["grad_norm"], rel=2e-2)
 
 
 @pytest.mark.parametrize("objective", ["orpo", "kto"])

@@ -32,8 +32,9 @@ import torch
 from qlora_loop.config import ASSETS, DataConfig
 from qlora_loop.training.memory import peak_memory_bytes, reset_peak
 
-# ours / sft: model.gradient_checkpointing=auto (off when the batch fits, as here); *_gc: on, as TRL has it by default
-PEERS = ("ours", "ours_gc", "trl", "sft", "sft_gc")
+# ours / sft: model.gradient_checkpointing=auto (off when the batch fits, as here); *_gc: on, as TRL has it by default;
+# ours_split: train.pair_forward=split (pieces no larger than the chosen side), checkpointing auto
+PEERS = ("ours", "ours_split", "ours_gc", "trl", "sft", "sft_gc")
 PAIRS = ASSETS / "style_train.jsonl"
 HELD_OUT = ASSETS / "style_heldout.jsonl"
 SETTINGS = dict(lr=5e-4, batch_size=4, beta=0.1, r=16, alpha=32, dropout=0.05, max_length=512, warmup_ratio=0.05)
@@ -62,7 +63,7 @@ def heldout_reward_accuracy(model, tokenizer, beta: float = 0.1) -> float:
     return right / len(pairs)
 
 
-def run_ours(out: Path, *, epochs: int, objective: str, checkpointing: bool) -> dict:
+def run_ours(out: Path, *, epochs: int, objective: str, checkpointing: bool, pair_forward: str = "auto") -> dict:
     from qlora_loop.config import load_config
     from qlora_loop.run import train
     from qlora_loop.use.inference import load_for_inference
@@ -81,7 +82,8 @@ def run_ours(out: Path, *, epochs: int, objective: str, checkpointing: bool) -> 
                              f"train.warmup_ratio={s['warmup_ratio']}", "data.val_split=0", "data.replay=0",
                              "train.monitor=train_loss", "eval.drift_samples=0", "eval.num_samples=0",
                              "data.cache=false", f"output_dir={out / 'run'}",
-                             f"model.gradient_checkpointing={'true' if checkpointing else 'auto'}"])
+                             f"model.gradient_checkpointing={'true' if checkpointing else 'auto'}",
+                             f"train.pair_forward={pair_forward}"])
     started = time.perf_counter()
     summary = train(cfg)
     seconds = time.perf_counter() - started
@@ -137,7 +139,7 @@ def work(peer: str, out: Path, epochs: int) -> dict:
     reset_peak(torch.device("cpu"))
     result = run_trl(out, epochs=epochs) if peer == "trl" else \
         run_ours(out, epochs=epochs, objective="sft" if peer.startswith("sft") else "dpo",
-                 checkpointing=peer.endswith("_gc"))
+                 checkpointing=peer.endswith("_gc"), pair_forward="split" if peer == "ours_split" else "auto")
     result["pairs_per_second"] = result["pairs"] / result["seconds"]
     return result
 
@@ -169,12 +171,13 @@ def main(argv: list[str] | None = None) -> dict:
               "medians": medians}
     if "ours" in medians and "trl" in medians:
         report["ours_over_trl_pairs_per_second"] = medians["ours"]["pairs_per_second"] / medians["trl"]["pairs_per_second"]
-    for ours, sft in (("ours", "sft"), ("ours_gc", "sft_gc")):
+    for ours, sft in (("ours", "sft"), ("ours_split", "sft"), ("ours_gc", "sft_gc")):
         if ours in medians and sft in medians:
             report[f"{ours}_over_{sft}_peak_memory"] = medians[ours]["peak_memory_bytes"] / medians[sft]["peak_memory_bytes"]
-    if "ours_gc" in medians and "trl" in medians:
-        report["ours_gc_over_trl_pairs_per_second"] = (medians["ours_gc"]["pairs_per_second"]
-                                                       / medians["trl"]["pairs_per_second"])
+    for ours in ("ours_split", "ours_gc"):
+        if ours in medians and "trl" in medians:
+            report[f"{ours}_over_trl_pairs_per_second"] = (medians[ours]["pairs_per_second"]
+                                                           / medians["trl"]["pairs_per_second"])
     Path(args.report).parent.mkdir(parents=True, exist_ok=True)
     Path(args.report).write_text(json.dumps(report, indent=2))
     print(json.dumps({k: v for k, v in report.items() if k != "runs"}, indent=2))

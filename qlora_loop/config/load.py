@@ -113,6 +113,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.max_skip_fraction={cfg.data.max_skip_fraction!r} must be in [0, 1]")
     check_monitor(cfg)
     check_objective(cfg)
+    check_variants(cfg)
     if isinstance(cfg.adapter.target_modules, str) and cfg.adapter.target_modules != "auto":
         raise ConfigError(f"adapter.target_modules={cfg.adapter.target_modules!r}: use auto or a list of "
                           "module names, e.g. [q_proj, v_proj]")
@@ -159,6 +160,28 @@ def check_objective(cfg: Config) -> None:
     if t.objective != "sft" and cfg.data.packing:
         raise ConfigError(f"data.packing=true with train.objective={t.objective}: an answer's log-prob is taken on "
                           "its own padded row; set data.packing=false")
+
+
+def check_variants(cfg: Config) -> None:
+    """LoRA's variants (DoRA, rsLoRA, the initialisations, LoRA+, NEFTune): their values, and what they
+    cannot be combined with."""
+    a, t = cfg.adapter, cfg.train
+    for key, value in (("train.loraplus_lr_ratio", t.loraplus_lr_ratio), ("train.neftune_alpha", t.neftune_alpha)):
+        if value is not None and not value > 0:
+            raise ConfigError(f"{key}={value!r} must be > 0, or null to leave it out")
+    if a.kind == "adalora":
+        taken = [k for k, on in (("adapter.use_dora", a.use_dora), ("adapter.use_rslora", a.use_rslora),
+                                 (f"adapter.init={a.init}", a.init != "default"),
+                                 ("train.loraplus_lr_ratio", t.loraplus_lr_ratio is not None)) if on]
+        if taken:
+            raise ConfigError(f"adapter.kind=adalora cannot take {', '.join(taken)}: AdaLoRA's SVD-form adapter "
+                              "(P, Lambda, Q) has no B matrix, magnitude or LoRA init of these; use adapter.kind=lora")
+    if a.init_from and a.init != "default":
+        raise ConfigError(f"adapter.init={a.init} with adapter.init_from: a continued adapter starts from its saved "
+                          "weights; drop one of them")
+    if a.use_dora and a.init in ("pissa", "loftq", "eva"):
+        raise ConfigError(f"adapter.use_dora with adapter.init={a.init}: DoRA's magnitudes are taken from the base "
+                          "weights at the start, which this init does not account for; use one of them")
 
 
 def source_configs(spec: str | dict | list, key: str = "data.train", *, fmt: str = "auto",

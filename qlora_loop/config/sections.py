@@ -59,7 +59,17 @@ class AdapterConfig:
     tfinal: float = 0.2
     delta_t: int = 1
     orth_reg_weight: float = 0.5
-    # Passed to peft's LoraConfig / AdaLoraConfig as is, e.g. {use_dora: true} or {use_rslora: true}.
+    # LoRA's variants (peft's). DoRA: a trained magnitude per output besides B A (peft's forward runs, not the
+    # shared-inputs one; slower). rsLoRA: scaling alpha / sqrt(r) instead of alpha / r (steadier at high r).
+    use_dora: bool = False
+    use_rslora: bool = False
+    # How A and B start (qlora_loop.model.init): default (peft's: A Kaiming-uniform, B zero), gaussian (A normal),
+    # loftq (fitted to the 4-bit quantization error of the original weights: starts nearer the unquantized
+    # model), pissa (the top singular directions of each weight, their product subtracted so training starts
+    # at the base; saved as a rank-2r LoRA of the unmodified base), eva (A from the SVD of each layer's inputs
+    # on training batches, ranks redistributed). The 4-bit base is never changed.
+    init: str = "default"
+    # Passed to peft's LoraConfig / AdaLoraConfig as is, for options without a key here.
     extra: dict = field(default_factory=dict)
     # Continue training an existing LoRA adapter (a folder a run wrote, e.g. an SFT run's OUTPUT_DIR/best)
     # instead of a fresh one: its own r, alpha and targets apply (adapter.dropout this run's). For dpo / kto
@@ -124,6 +134,11 @@ class TrainConfig:
     # dpo: weight of the chosen answer's NLL per token added to each pair's loss (RPO); keeps the chosen
     # answer likely while the margin grows (without it, DPO on the builtin model lowers both). orpo's is 1.
     nll_weight: float = 1.0
+    # dpo / orpo: joint = chosen and rejected answers in one forward/backward (2B rows, the fastest); split =
+    # a forward without gradients for both log-probs, then forward/backward in pieces no larger than the
+    # chosen side (SFT's activations on the chosen answers, one more forward); auto = joint when the
+    # longest pair batch fits the memory budget (always on a CPU without train.memory_budget_gib), else split
+    pair_forward: str = "auto"
     epochs: int = 3
     batch_size: int = 4
     grad_accum: int = 1
@@ -133,6 +148,11 @@ class TrainConfig:
     scheduler: str = "cosine"  # cosine | linear | constant
     optimizer: str = "paged_adamw_32bit"  # paged_adamw_32bit | paged_adamw_8bit
     max_grad_norm: float = 1.0  # 0 disables clipping; the norm is logged either way
+    # LoRA+: the B matrices (and DoRA's magnitudes) learn at loraplus_lr_ratio x train.lr, e.g. 16; null = one lr
+    loraplus_lr_ratio: float | None = None
+    # NEFTune: uniform noise of size alpha / sqrt(length x hidden) on the input embeddings of training forwards
+    # only (never evaluation, samples, metrics or drift), e.g. 5; null = none
+    neftune_alpha: float | None = None
     patience: int = 2  # evaluations without improvement before stopping
     # val_loss | train_loss | a metric of eval.metrics (with mode max) | for dpo / orpo / kto also
     # reward_accuracy, reward_margin (mode max)
@@ -196,6 +216,8 @@ PREFERENCE_METRICS = ("reward_accuracy", "reward_margin", "chosen_logp", "reject
 
 CHOICES = {
     "train.objective": ("sft", "dpo", "orpo", "kto"),
+    "train.pair_forward": ("auto", "joint", "split"),
+    "adapter.init": ("default", "gaussian", "pissa", "loftq", "eva"),
     "train.dpo_loss": ("sigmoid", "ipo", "hinge"),
     "model.compute_dtype": ("auto", "bfloat16", "float16", "float32"),
     "adapter.kind": ("lora", "adalora"),

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import bitsandbytes as bnb
 import torch
-from peft import AdaLoraConfig, LoraConfig, PeftModel, get_peft_model
+from peft import AdaLoraConfig, EvaConfig, LoraConfig, PeftModel, get_peft_model
 from peft.tuners.adalora import AdaLoraModel
 
 from qlora_loop.config import AdapterConfig
 from qlora_loop.errors import ModelError
 from qlora_loop.model.fused_lora import share_lora_inputs
+from qlora_loop.model.init import PEFT_INITS, loftq_init, pissa_init
 
 
 def find_linear4bit_targets(model, layer: type = bnb.nn.Linear4bit) -> list[str]:
@@ -35,7 +37,8 @@ def add_adapter(model, adapter: AdapterConfig | None = None, *, total_steps: int
     adapter.tfinal are fractions of it. adapter.shared_inputs: on a CPU, the LoRA layers that read the
     same input (q/k/v, gate/up) share one A matmul and one dropout mask of that input
     (qlora_loop.model.fused_lora), with fewer copies than peft's forward; False keeps peft's, each layer
-    with its own mask."""
+    with its own mask. adapter.use_dora / use_rslora are peft's; adapter.init: model.init (eva is
+    configured here and computed by model.init.eva_init on training batches)."""
     a = adapter or AdapterConfig()
     kind, r, target_modules = a.kind, a.r, a.target_modules
     targets = find_linear4bit_targets(model) if target_modules == "auto" else list(target_modules)
@@ -43,7 +46,9 @@ def add_adapter(model, adapter: AdapterConfig | None = None, *, total_steps: int
                   **(a.extra or {}))
     try:
         if kind == "lora":
-            config = LoraConfig(r=r, **common)
+            eva = dict(eva_config=EvaConfig()) if a.init == "eva" else {}
+            config = LoraConfig(r=r, use_dora=a.use_dora, use_rslora=a.use_rslora,
+                                init_lora_weights=PEFT_INITS[a.init], **eva, **common)
         else:
             if not total_steps:
                 raise ModelError("AdaLoRA needs the run's total optimizer steps to schedule its rank budget")
@@ -59,7 +64,9 @@ def add_adapter(model, adapter: AdapterConfig | None = None, *, total_steps: int
         raise ModelError(f"adapter.extra: {e}; see peft's {'LoraConfig' if kind == 'lora' else 'AdaLoraConfig'} "
                          "for the accepted options") from None
     try:
-        model = get_peft_model(model, config)
+        with warnings.catch_warnings():  # eva: peft suggests low_cpu_mem_usage, which would leave A, B on meta
+            warnings.filterwarnings("ignore", message="lora with eva initialization")
+            model = get_peft_model(model, config)
     except ValueError as e:
         raise ModelError(f"adapter.target_modules={targets}: {e}") from None
     # peft leaves AdaLoRA's `ranknum` (the fixed init_r its updates are divided by) trainable, so
@@ -68,9 +75,37 @@ def add_adapter(model, adapter: AdapterConfig | None = None, *, total_steps: int
     for name, param in model.named_parameters():
         if ".ranknum." in name:
             param.requires_grad_(False)
+    if a.init in ("loftq", "pissa") and not on_meta(model):  # eva needs batches: model.init.eva_init, later
+        (loftq_init if a.init == "loftq" else pissa_init)(model)
     if a.shared_inputs and kind == "lora":
         share_lora_inputs(model)
     return model
+
+
+def describe_variants(a: AdapterConfig, *, loraplus_lr_ratio: float | None = None, neftune_alpha: float | None = None,
+                      device_type: str = "cpu") -> list[str]:
+    """The run's and the dry run's lines on LoRA's variants in use; none for plain LoRA."""
+    used = [name for name, on in (("DoRA", a.use_dora), ("rsLoRA (scaling alpha / sqrt r)", a.use_rslora),
+                                  (f"init {a.init}", a.init != "default"),
+                                  (f"LoRA+ (B at {loraplus_lr_ratio:g}x lr)" if loraplus_lr_ratio else "", loraplus_lr_ratio),
+                                  (f"NEFTune (alpha {neftune_alpha:g})" if neftune_alpha else "", neftune_alpha)) if on]
+    lines = [f"adapter variants: {', '.join(used)}"] if used else []
+    if a.use_dora and a.shared_inputs and device_type == "cpu":
+        lines.append("DoRA runs peft's own forward: adapter.shared_inputs (one A matmul per shared input) does not "
+                     "apply to it")
+    return lines
+
+
+def on_meta(model) -> bool:
+    """The dry run's model: weights on the meta device, nothing to compute an init from."""
+    return any(p.device.type == "meta" for p in model.parameters())
+
+
+def add_neftune(model, alpha: float):
+    """NEFTune on the input embeddings (transformers' own hook): noise in training forwards only."""
+    from transformers.integrations.neftune import activate_neftune
+
+    return activate_neftune(model, alpha)
 
 
 def continue_adapter(model, adapter_dir: str, *, dropout: float, shared_inputs: bool = True) -> PeftModel:

@@ -27,6 +27,7 @@ from qlora_loop.errors import CheckpointError
 from qlora_loop.files import replace_dir
 from qlora_loop.manifest import FILE as MANIFEST, check_manifest, text_hash, write_manifest
 from qlora_loop.model.adapter import adalora_of
+from qlora_loop.model.init import convert_pissa, pissa_layers
 from qlora_loop.training.disk import WRITE_ERRORS, describe
 
 MARKER = "COMPLETE"
@@ -53,6 +54,8 @@ def save_adapter(accelerator, model, tokenizer, directory: str | Path, *, manife
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             peft_model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+            if pissa_layers(peft_model):  # a LoRA of the unmodified base, as peft converts PiSSA
+                convert_pissa(tmp, peft_model)
             tokenizer.save_pretrained(tmp)
             if manifest is not None:
                 write_manifest(tmp, manifest)

@@ -21,7 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from qlora_loop.config import Config
 from qlora_loop.cpu import resolve_compute_dtype
 from qlora_loop.errors import ModelError
-from qlora_loop.model.adapter import add_adapter, find_linear4bit_targets, trainable_parameters
+from qlora_loop.model.adapter import add_adapter, describe_variants, find_linear4bit_targets, trainable_parameters
 from qlora_loop.model.load import embedding_parameters
 from qlora_loop.training.loss import chunk_tokens, chunked_lm_loss, default_loss
 
@@ -49,6 +49,7 @@ class DryRun:
     compute_dtype: str = "bfloat16"
     dtype_why: str = ""  # why that compute dtype (cpu.resolve_compute_dtype)
     gpu_total: int | None = None  # on a CPU: the same batch's total on a GPU under bfloat16 autocast
+    variants: list[str] = field(default_factory=list)  # model.adapter.describe_variants
 
 
 def dry_run(name_or_path: str, cfg: Config, *, compute_dtype: str = "bfloat16",
@@ -149,6 +150,8 @@ def dry_run_config(cfg: Config, model_path: str, logits_chunk: int | None | str 
     run = dry_run(model_path, cfg, compute_dtype=str(dtype).removeprefix("torch."), logits_chunk=logits_chunk,
                   autocast=precision != "no" if precision != "auto" else device.type == "cuda")
     run.device, run.dtype_why = device.type, why
+    run.variants = describe_variants(cfg.adapter, loraplus_lr_ratio=cfg.train.loraplus_lr_ratio,
+                                     neftune_alpha=cfg.train.neftune_alpha, device_type=device.type)
     if device.type == "cpu":
         run.gpu_total = dry_run(model_path, cfg, compute_dtype="bfloat16", logits_chunk=logits_chunk).memory["total"]
     return run
@@ -159,6 +162,8 @@ def report(run: DryRun, print_fn=print) -> None:
     print_fn(f"dry run: {run.model} ({run.model_type}), no weights loaded")
     print_fn(f"LoRA targets: {', '.join(run.targets)}")
     print_fn(f"trainable parameters: {run.trainable:,} of {run.total:,} ({100 * run.trainable / run.total:.3f}%)")
+    for line in run.variants:
+        print_fn(line)
     if run.dtype_why:
         print_fn(f"compute dtype {run.compute_dtype} ({run.dtype_why})")
     where, extra = ("GPU memory", "; plus ~0.5 GiB CUDA context") if run.device == "cuda" else ("memory on this CPU", "")

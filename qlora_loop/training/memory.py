@@ -68,10 +68,11 @@ def longest_batch(examples: list[dict], *, batch_size: int, pad_id: int, packing
     return collate_packed(longest) if packing else collate_any(longest, pad_id)
 
 
-def probe_memory(model, batch: dict, loss_fn, accelerator, *, budget_gib: float | None = None) -> Probe:
-    """Forward + backward of `batch` as a training step runs it, gradients then dropped: the peak
-    memory of the heaviest micro-step. Leaves weights, gradients, optimizer and RNG as they were, so
-    the run that follows computes exactly what it would have without the probe."""
+def probe_memory(model, batch: dict, loss_fn, accelerator, *, budget_gib: float | None = None, split=None) -> Probe:
+    """Forward + backward of `batch` as a training step runs it (in the pieces of the runner's `split`,
+    if it has one), gradients then dropped: the peak memory of the heaviest micro-step. Leaves weights,
+    gradients, optimizer and RNG as they were, so the run that follows computes exactly what it would
+    have without the probe."""
     device = accelerator.device
     budget = int(budget_gib * GIB) if budget_gib else (
         torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None)
@@ -82,8 +83,11 @@ def probe_memory(model, batch: dict, loss_fn, accelerator, *, budget_gib: float 
         try:
             with accelerator.no_sync(model):  # no gradient all-reduce: the gradients are dropped
                 with accelerator.autocast():
-                    loss = loss_fn(model, batch).sum()
-                accelerator.backward(loss)
+                    pieces = split(model, batch) if split else [batch]
+                for piece in pieces:
+                    with accelerator.autocast():
+                        loss = loss_fn(model, piece).sum()
+                    accelerator.backward(loss)
         except torch.cuda.OutOfMemoryError:
             out_of_memory = True
         finally:
@@ -118,7 +122,7 @@ def check_memory(runner, batch: dict, *, log, budget_gib: float | None, batch_si
     turned on and the batch probed again; only a batch that does not fit without it costs a second probe."""
     accelerator = runner.accelerator
     batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-    probe = probe_memory(runner.model, batch, runner.loss_fn, accelerator, budget_gib=budget_gib)
+    probe = probe_memory(runner.model, batch, runner.loss_fn, accelerator, budget_gib=budget_gib, split=runner.split)
     log.memory_report(probe)
     misfits = accelerator.reduce(torch.tensor(int(not probe.fits), device=accelerator.device), "sum")
     if checkpointing == "auto":
@@ -128,13 +132,34 @@ def check_memory(runner, batch: dict, *, log, budget_gib: float | None, batch_si
         if checkpointing:
             set_gradient_checkpointing(accelerator.unwrap_model(runner.model), True)
             release_freed_memory(accelerator.device)
-            probe = probe_memory(runner.model, batch, runner.loss_fn, accelerator, budget_gib=budget_gib)
+            probe = probe_memory(runner.model, batch, runner.loss_fn, accelerator, budget_gib=budget_gib,
+                                 split=runner.split)
             log.memory_report(probe)
             misfits = accelerator.reduce(torch.tensor(int(not probe.fits), device=accelerator.device), "sum")
     if misfits:
         raise OutOfMemory(advice(probe, batch_size=batch_size, grad_accum=grad_accum, max_length=max_length,
                                  checkpointing=checkpointing))
     return probe
+
+
+def choose_pair_forward(runner, batch: dict, split, *, log, budget_gib: float | None) -> None:
+    """train.pair_forward=auto: chosen and rejected answers in one forward (the fastest) when the longest
+    pair batch fits so, always on a CPU with no limit known; else runner.split = `split` (the activations
+    of the chosen side alone, for one more forward without gradients). Before check_memory, which then
+    probes what was chosen and decides gradient checkpointing."""
+    accelerator = runner.accelerator
+    if budget_gib is None and accelerator.device.type != "cuda":
+        log.print("pair forward joint (train.pair_forward=auto): no memory limit known on a CPU "
+                  "(set train.memory_budget_gib to give one)")
+        return
+    batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+    probe = probe_memory(runner.model, batch, runner.loss_fn, accelerator, budget_gib=budget_gib)
+    misfits = accelerator.reduce(torch.tensor(int(not probe.fits), device=accelerator.device), "sum")
+    if misfits:
+        runner.split = split
+        release_freed_memory(accelerator.device)
+    log.print(f"pair forward {'split' if misfits else 'joint'} (train.pair_forward=auto): the longest pair batch in "
+              f"one forward {'does not fit' if misfits else 'fits'}, peak {probe.peak_bytes / GIB:.2f} GiB")
 
 
 def why(probe: Probe, *, fits: bool) -> str:

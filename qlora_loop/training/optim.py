@@ -15,10 +15,19 @@ OPTIMIZERS = {
 }
 
 
-def build_optimizer(model, name: str = "paged_adamw_32bit", lr: float = 2e-4, weight_decay: float = 0.0):
+def build_optimizer(model, name: str = "paged_adamw_32bit", lr: float = 2e-4, weight_decay: float = 0.0, *,
+                    loraplus_lr_ratio: float | None = None):
+    """`name` over the adapter's parameters. loraplus_lr_ratio: LoRA+, peft's create_loraplus_optimizer:
+    the B matrices (and 1-d parameters such as DoRA's magnitudes) in groups at lr x ratio, A at lr; the
+    schedule scales every group alike, so the ratio holds through warmup and decay."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters; was the adapter added?")
+    if loraplus_lr_ratio:
+        from peft.optimizers import create_loraplus_optimizer
+
+        return create_loraplus_optimizer(model, OPTIMIZERS[name], lr=lr, loraplus_lr_ratio=loraplus_lr_ratio,
+                                         loraplus_weight_decay=weight_decay)
     return OPTIMIZERS[name](params, lr=lr, weight_decay=weight_decay)
 
 

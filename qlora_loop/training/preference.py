@@ -8,6 +8,12 @@ after its prompt: one forward of the policy gives both (the concatenated forward
 `ref_logps` [2B] are the reference's log-probabilities of the same rows, computed once before step 1
 (training/reference.py), so a step is one forward/backward of the policy alone.
 
+With train.pair_forward=split (`split_pairs`) a pair batch never goes through one forward with
+gradients: a forward without them gives every row's log-prob, hence each pair's loss and its
+derivative by each row's log-prob; the rows then go through forward/backward in pieces no larger
+than the chosen side, each row's loss being that derivative x its log-prob. The gradient is the
+same, in the activation memory of SFT on the chosen answers, for one more forward without gradients.
+
 Log-probabilities are sums over an answer's tokens (its end-of-turn included) through the chunked
 loss, so no [tokens, vocabulary] logits are ever held.
 """
@@ -91,15 +97,20 @@ def kto_terms(logps: torch.Tensor, ref_logps: torch.Tensor, desirable: torch.Ten
     return {"loss": loss, "reward": (objective.beta * ratio).detach()}
 
 
+def pair_terms(logps: torch.Tensor, counts: torch.Tensor, ref_logps: torch.Tensor | None, objective: Objective) -> dict:
+    """DPO's or ORPO's per-pair terms of a pair batch's log-probs [2B]."""
+    if objective.name == "orpo":
+        return orpo_terms(logps, counts, objective)
+    return dpo_terms(logps, counts, ref_logps, objective)
+
+
 def preference_terms(model, batch: dict, objective: Objective, loss_fn=None) -> dict:
     """The objective's per-sample terms for a batch (one forward of the policy)."""
     logps, counts = sequence_logps(model, batch, loss_fn)
-    if objective.name == "orpo":
-        terms = orpo_terms(logps, counts, objective)
-    elif objective.name == "kto":
+    if objective.name == "kto":
         terms = kto_terms(logps, batch["ref_logps"], batch["desirable"], objective)
     else:
-        terms = dpo_terms(logps, counts, batch["ref_logps"], objective)
+        terms = pair_terms(logps, counts, batch.get("ref_logps"), objective)
     b = batch["units"].shape[0]
     if objective.name == "kto":
         terms.update(logp=logps.detach(), desirable=batch["desirable"])
@@ -113,9 +124,77 @@ def preference_loss(model, objective: Objective):
     inner = default_loss(model)
 
     def loss_fn(model, batch: dict) -> torch.Tensor:
+        if "grad_logps" in batch:  # a piece of split_pairs: per row, loss + d loss / d log-prob x log-prob
+            _set_rng_state(batch["rng"])  # dropout as in the pass without gradients that gave the loss
+            logps = -inner(model, batch).float()
+            return batch["losses"] + batch["grad_logps"] * (logps - logps.detach())
         return preference_terms(model, batch, objective, inner)["loss"]
 
     return loss_fn
+
+
+def split_pairs(objective: Objective, loss_fn=None):
+    """train.pair_forward=split: the StepRunner's `split`, (model, pair batch) -> the pieces it takes through
+    forward/backward one at a time. The pieces' per-row losses add up to the pairs' losses and their
+    gradients to the gradient of the concatenated forward; each piece holds at most the chosen side's
+    token slots (rows x width), so a step's activations are those of SFT on the chosen answers. Every
+    piece first goes through a forward without gradients, the RNG state before it kept, so that its
+    forward with gradients draws the same dropout as the one its loss was taken from."""
+
+    def split(model, batch: dict) -> list[dict]:
+        if "desirable" in batch:  # KTO: one row per sample already
+            return [batch]
+        inner = loss_fn or default_loss(model)
+        pieces, logps, states = pieces_of(batch), torch.empty(batch["input_ids"].shape[0]), []
+        with torch.no_grad():
+            for rows in pieces:
+                states.append(_rng_state(batch["input_ids"].device))
+                logps[rows] = -inner(model, rows_of(batch, rows)).float().cpu()
+        logps.requires_grad_(True)
+        counts = target_mask(batch["labels"]).sum(dim=1).cpu()
+        ref = batch["ref_logps"].cpu() if "ref_logps" in batch else None
+        losses = pair_terms(logps, counts, ref, objective)["loss"]
+        grad_logps, = torch.autograd.grad(losses.sum(), logps)
+        row_losses = torch.cat([losses.detach(), torch.zeros_like(losses)])  # a pair's loss on its chosen row
+        device = batch["input_ids"].device
+        return [{**rows_of(batch, rows), "losses": row_losses[rows].to(device), "grad_logps": grad_logps[rows].to(device),
+                 "logps": logps[rows].detach(), "rng": state} for rows, state in zip(pieces, states)]
+
+    return split
+
+
+def pieces_of(batch: dict) -> list[torch.Tensor]:
+    """A pair batch's rows in runs of consecutive rows, each run's rows x its longest row no more than
+    the chosen side's (B x its longest chosen row): the chosen side is one run; a row longer than
+    that is a run alone."""
+    lengths = batch["attention_mask"].sum(dim=1).tolist()
+    b = len(lengths) // 2
+    budget = b * max(lengths[:b])
+    pieces, start, width = [], 0, 0
+    for row, n in enumerate(lengths):
+        if row > start and (row - start + 1) * max(width, n) > budget:
+            pieces.append(torch.arange(start, row))
+            start, width = row, 0
+        width = max(width, n)
+    pieces.append(torch.arange(start, len(lengths)))
+    return pieces
+
+
+def rows_of(batch: dict, rows: torch.Tensor) -> dict:
+    """The given rows of a right-padded batch, cut to their longest."""
+    width = int(batch["attention_mask"][rows].sum(dim=1).max())
+    return {k: batch[k][rows.to(batch[k].device), :width] for k in ("input_ids", "attention_mask", "labels")}
+
+
+def _rng_state(device: torch.device) -> tuple:
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None, device
+
+
+def _set_rng_state(state: tuple) -> None:
+    cpu, cuda, device = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
 
 
 # a fall of the chosen answers' mean log-prob (nats per answer) between two evaluations worth a warning

@@ -30,11 +30,14 @@ class StepResult:
 
 class StepRunner:
     def __init__(self, model, optimizer, scheduler, accelerator, *, loss_fn=None, max_grad_norm: float = 1.0,
-                 step: int = 0):
-        """loss_fn: (model, batch) -> per-sample loss sums (see loss.py); None = loss.default_loss(model)."""
+                 step: int = 0, split=None):
+        """loss_fn: (model, batch) -> per-sample loss sums (see loss.py); None = loss.default_loss(model).
+        split: (model, micro-batch) -> the pieces that go through forward/backward one at a time, their
+        losses adding up to the micro-batch's (training/preference.split_pairs); None = the micro-batch whole."""
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.accelerator, self.max_grad_norm = accelerator, max_grad_norm
         self.loss_fn = loss_fn or default_loss(model)
+        self.split = split
         self.step = step  # optimizer steps taken so far
         self.adalora = adalora_of(accelerator.unwrap_model(model))
 
@@ -47,17 +50,21 @@ class StepRunner:
         local = torch.tensor([count_targets(b) for b in micro_batches], device=accelerator.device).sum()
         n_targets = int(accelerator.reduce(local, "sum"))
         scale = accelerator.num_processes / max(n_targets, 1)  # max(): a step with no targets is a no-op, not NaN
+        pieces = micro_batches
+        if self.split is not None:  # its passes without gradients run under the step's autocast
+            with accelerator.autocast():
+                pieces = [piece for batch in micro_batches for piece in self.split(model, batch)]
         loss_sum = torch.zeros((), device=accelerator.device)
-        for i, batch in enumerate(micro_batches):
-            # Gradients are all-reduced once per step, on the last micro-batch only.
-            last = i == len(micro_batches) - 1
+        for i, batch in enumerate(pieces):
+            # Gradients are all-reduced once per step, on the last piece only.
+            last = i == len(pieces) - 1
             with contextlib.nullcontext() if last else accelerator.no_sync(model):
                 with accelerator.autocast():
                     per_sample = self.loss_fn(model, batch)
                     loss = per_sample.sum() * scale
                     if self.adalora is not None:  # spread over the window: added once per step
                         weight = self.adalora.peft_config[self.adalora.trainable_adapter_name].orth_reg_weight
-                        loss = loss + weight * adalora_orth_reg(self.adalora) / len(micro_batches)
+                        loss = loss + weight * adalora_orth_reg(self.adalora) / len(pieces)
                 accelerator.backward(loss)
             loss_sum += per_sample.detach().sum().float()
 
