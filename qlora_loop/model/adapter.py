@@ -47,8 +47,8 @@ def add_adapter(model, adapter: AdapterConfig | None = None, *, total_steps: int
     try:
         if kind == "lora":
             eva = dict(eva_config=EvaConfig()) if a.init == "eva" else {}
-            config = LoraConfig(r=r, use_dora=a.use_dora, use_rslora=a.use_rslora,
-                                init_lora_weights=PEFT_INITS[a.init], **eva, **common)
+            lora = dict(r=r, use_dora=a.use_dora, use_rslora=a.use_rslora, init_lora_weights=PEFT_INITS[a.init], **eva)
+            config = LoraConfig(**{**lora, **common})  # adapter.extra's keys win
         else:
             if not total_steps:
                 raise ModelError("AdaLoRA needs the run's total optimizer steps to schedule its rank budget")
