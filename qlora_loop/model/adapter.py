@@ -86,9 +86,11 @@ def describe_variants(a: AdapterConfig, *, loraplus_lr_ratio: float | None = Non
                       device_type: str = "cpu") -> list[str]:
     """The run's and the dry run's lines on LoRA's variants in use; none for plain LoRA."""
     used = [name for name, on in (("DoRA", a.use_dora), ("rsLoRA (scaling alpha / sqrt r)", a.use_rslora),
-                                  (f"init {a.init}", a.init != "default"),
-                                  (f"LoRA+ (B at {loraplus_lr_ratio:g}x lr)" if loraplus_lr_ratio else "", loraplus_lr_ratio),
-                                  (f"NEFTune (alpha {neftune_alpha:g})" if neftune_alpha else "", neftune_alpha)) if on]
+                                  (f"init {a.init}", a.init != "default")) if on]
+    if loraplus_lr_ratio:
+        used.append(f"LoRA+ (B at {loraplus_lr_ratio:g}x lr)")
+    if neftune_alpha:
+        used.append(f"NEFTune (alpha {neftune_alpha:g})")
     lines = [f"adapter variants: {', '.join(used)}"] if used else []
     if a.use_dora and a.shared_inputs and device_type == "cpu":
         lines.append("DoRA runs peft's own forward: adapter.shared_inputs (one A matmul per shared input) does not "
