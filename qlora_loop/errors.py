@@ -55,6 +55,10 @@ class InferenceError(UserError, ValueError):
     """The adapter, its base or the prompts cannot be used; the message names the flag or folder and the fix."""
 
 
+class RewardError(UserError, RuntimeError):
+    """A GRPO reward function failed or returned what is not a score; the message names it and the row."""
+
+
 class NonFiniteError(UserError, RuntimeError):
     """Training stopped on a non-finite loss or gradient norm; `sample_ids` are the step's examples."""
     status = 3

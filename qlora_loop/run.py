@@ -19,7 +19,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-from qlora_loop.config import PREFERENCE_METRICS, Config, ConfigError, load_config, to_dict
+from qlora_loop.config import Config, ConfigError, load_config, objective_metrics, resolved_beta, to_dict
 from qlora_loop.cpu import cpu_threads, local_processes, physical_cores, resolve_compute_dtype
 from qlora_loop.data.audit import check_label_masks
 from qlora_loop.data.batches import build_dataloaders, check_packing, collate_any, steps_per_epoch
@@ -30,6 +30,7 @@ from qlora_loop.data.sources import local_files
 from qlora_loop.files import sha256_file
 from qlora_loop.eval.during import metrics_watch
 from qlora_loop.eval.metrics import check_metrics
+from qlora_loop.eval.rewards import build_rewards, reward_watch, scorer
 from qlora_loop.forgetting.drift import Drift
 from qlora_loop.forgetting.replay import base_replies, choose, read_prompts, replay_conversations
 from qlora_loop.manifest import build_manifest, describe_base
@@ -48,6 +49,7 @@ from qlora_loop.training.disk import check_free_space
 from qlora_loop.training.distributed import (LaunchError, check_engine_taken, check_launch, describe_launch,
                                              prepare_sharding)
 from qlora_loop.training.dryrun import dry_run_config, report
+from qlora_loop.training.grpo import Grpo, grpo_loss, grpo_split, probe_piece
 from qlora_loop.training.fit import Interrupted, LoopState, NonFiniteError, Plan, Watch, fit, stop_on_signals
 from qlora_loop.training.memory import check_memory, choose_pair_forward, longest_batch
 from qlora_loop.training.optim import build_optimizer, build_scheduler
@@ -61,12 +63,15 @@ def train(cfg: Config, *, overwrite: bool = False, loss_fn=None) -> dict:
     overwrite: replace a finished or unfinished run in cfg.output_dir. loss_fn: (model, batch) ->
     per-sample loss sums (loss.py); None = loss.default_loss(model)."""
     t, d, m, a = cfg.train, cfg.data, cfg.model, cfg.adapter
-    objective = None if t.objective == "sft" else Objective(t.objective, beta=t.beta, dpo_loss=t.dpo_loss,
-                                                            label_smoothing=t.label_smoothing,
-                                                            nll_weight=t.nll_weight if t.objective == "dpo" else 0.0)
+    objective = None if t.objective in ("sft", "grpo") else Objective(
+        t.objective, beta=resolved_beta(t), dpo_loss=t.dpo_loss, label_smoothing=t.label_smoothing,
+        nll_weight=t.nll_weight if t.objective == "dpo" else 0.0)
+    grpo = Grpo(t.num_generations, t.max_new_tokens, t.temperature, beta=resolved_beta(t), epsilon=t.epsilon,
+                loss=t.grpo_loss) if t.objective == "grpo" else None
     check_output_dir(cfg.output_dir, resume=t.resume, overwrite=overwrite)
     trackers = check_trackers(t.log_with)
     check_metrics(cfg.eval.metrics)
+    rewards = build_rewards(t.rewards) if grpo else None  # a user's reward module imported now, before any loading
 
     # setup: the launch is checked before anything is loaded or written
     accelerator, dtype, dtype_why, threads_why = build_accelerator(cfg, trackers)
@@ -78,7 +83,7 @@ def train(cfg: Config, *, overwrite: bool = False, loss_fn=None) -> dict:
     set_seed(t.seed)
     with hold(accelerator, cfg.output_dir):  # one run at a time in a folder; marks the folder as a run's
         log = RunLog(accelerator, cfg.output_dir, t.log_every,
-                     metrics=[*(PREFERENCE_METRICS if objective is not None else ()), *cfg.eval.metrics])
+                     metrics=[*objective_metrics(cfg), *cfg.eval.metrics])
         log.print(f"compute dtype {str(dtype).removeprefix('torch.')} ({dtype_why})", soft_wrap=True)
         if threads_why:
             log.print(f"CPU threads {torch.get_num_threads()} per process ({threads_why})", soft_wrap=True)
@@ -97,7 +102,7 @@ def train(cfg: Config, *, overwrite: bool = False, loss_fn=None) -> dict:
         # the base's own greedy replies: replay rows (trained beside data.train) and drift prompts (never
         # trained); generated once, cached, on the main process first so the others read its cache
         replay_prompts, drift_prompts = general_prompts(cfg)
-        if objective is not None and replay_prompts:  # a preference batch holds pairs, not SFT rows
+        if t.objective != "sft" and replay_prompts:  # a preference batch holds pairs, a GRPO batch prompts
             log.print(f"data.replay off for train.objective={t.objective}: replay rows are SFT rows; drift still "
                       "measures forgetting")
             replay_prompts = []
@@ -110,7 +115,7 @@ def train(cfg: Config, *, overwrite: bool = False, loss_fn=None) -> dict:
                                          console=log.console)
 
         # data
-        if objective is None:
+        if t.objective == "sft":
             train_rows, val_rows, stats = build_datasets(
                 tokenizer, d, seed=t.seed, replay=replay_conversations(replay_prompts, replay_replies, d.system_prompt),
                 cache=cache_root() if d.cache else None)
@@ -119,9 +124,11 @@ def train(cfg: Config, *, overwrite: bool = False, loss_fn=None) -> dict:
         log.data_report(stats)
         for line in source_lines(stats):
             log.print(line, soft_wrap=True)
-        audited = check_label_masks(tokenizer, answer_rows(train_rows), sample=d.audit_rows, max_length=d.max_length)
-        log.print(f"label-mask audit: {audited} rows checked, no problem found" if audited else
-                  "[yellow]label-mask audit off (data.audit_rows=0)")
+        if grpo is None:  # a GRPO row trains no tokens of its own: its completions are sampled
+            audited = check_label_masks(tokenizer, answer_rows(train_rows), sample=d.audit_rows,
+                                        max_length=d.max_length)
+            log.print(f"label-mask audit: {audited} rows checked, no problem found" if audited else
+                      "[yellow]label-mask audit off (data.audit_rows=0)")
         train_dl, val_dl = build_dataloaders(train_rows, val_rows, d, batch_size=t.batch_size,
                                              pad_id=tokenizer.pad_token_id, seed=t.seed,
                                              processes=accelerator.num_processes)
@@ -158,8 +165,16 @@ def train(cfg: Config, *, overwrite: bool = False, loss_fn=None) -> dict:
                     compute_reference(accelerator, model, train_rows + val_rows, cfg, model_path=model_path,
                                       dtype=dtype, pad_id=tokenizer.pad_token_id, log=log)
         pairs = objective is not None and objective.name != "kto"
+        split = split_pairs(objective) if pairs and t.pair_forward == "split" else None
+        if grpo is not None:  # sampling and scoring in the runner's split, the policy gradient in its loss
+            loss_fn, split = loss_fn or grpo_loss(grpo), grpo_split(grpo, examples=train_rows, tokenizer=tokenizer,
+                                                                    score=scorer(rewards))
+            log.print(f"grpo: {grpo.num_generations} completions per prompt, at most {grpo.max_new_tokens} tokens, "
+                      f"temperature {grpo.temperature}, loss {grpo.loss}, "
+                      + (f"KL to the base x {grpo.beta} (adapter disabled)" if grpo.beta else "no reference pass (beta 0)")
+                      + f"; rewards {', '.join(f'{r.name} x {r.weight:g}' for r in rewards)}", soft_wrap=True)
         runner = StepRunner(model, optimizer, scheduler, accelerator, loss_fn=loss_fn, max_grad_norm=t.max_grad_norm,
-                            split=split_pairs(objective) if pairs and t.pair_forward == "split" else None)
+                            split=split)
         drift = None
         if drift_prompts and not launch.shards_parameters:  # the base's distributions, under disable_adapter, once
             asked = [as_messages(p, d.system_prompt) for p in drift_prompts]
@@ -173,7 +188,8 @@ def train(cfg: Config, *, overwrite: bool = False, loss_fn=None) -> dict:
 
         # memory: the longest batch, forward and backward, before step 1; it decides gradient_checkpointing=auto
         if t.memory_probe:
-            worst = longest_batch(train_rows, batch_size=t.batch_size, pad_id=tokenizer.pad_token_id, packing=d.packing)
+            worst = probe_piece(train_rows, grpo, pad_id=tokenizer.pad_token_id) if grpo else \
+                longest_batch(train_rows, batch_size=t.batch_size, pad_id=tokenizer.pad_token_id, packing=d.packing)
             if pairs and t.pair_forward == "auto":
                 choose_pair_forward(runner, worst, split_pairs(objective), log=log, budget_gib=t.memory_budget_gib)
             check_memory(runner, worst, log=log, budget_gib=t.memory_budget_gib, batch_size=t.batch_size,
@@ -210,12 +226,19 @@ def train(cfg: Config, *, overwrite: bool = False, loss_fn=None) -> dict:
             log.print(f"resumed from {resume_from}: step {runner.step}, epoch {state.epoch}")
 
         # train
-        sample = sampler(runner, tokenizer, log, cfg.eval, rows=val_rows or train_rows, system=d.system_prompt,
+        answered = [r for r in val_rows or train_rows if r["messages"][-1]["role"] == "assistant"]  # GRPO's may not be
+        sample = sampler(runner, tokenizer, log, cfg.eval, rows=answered, system=d.system_prompt,
                          general=(drift_prompts[0], drift_replies[0]) if drift_prompts else None,
                          sharded_by=launch.shards_parameters)
-        metrics = both(metrics_watch(runner, tokenizer, cfg.eval, rows=val_rows, sharded_by=launch.shards_parameters),
-                       preference_watch(runner, val_dl, objective, warn=log.print)
-                       if objective is not None and val_dl is not None else None)
+        if grpo is not None:  # no validation loss: rewards and eval.metrics of greedy completions instead
+            metrics = reward_watch(runner, tokenizer, rewards, rows=val_rows[:cfg.eval.metrics_rows or None],
+                                   metrics=cfg.eval.metrics, max_new_tokens=grpo.max_new_tokens, log=log,
+                                   num_samples=cfg.eval.num_samples) if val_rows else None
+            val_dl = None
+        else:
+            metrics = both(metrics_watch(runner, tokenizer, cfg.eval, rows=val_rows, sharded_by=launch.shards_parameters),
+                           preference_watch(runner, val_dl, objective, warn=log.print)
+                           if objective is not None and val_dl is not None else None)
         try:
             with stop_on_signals(accelerator):
                 summary = fit(runner, (train_dl, val_dl), Plan.of(t, grad_accum=grad_accum), log=log,

@@ -127,8 +127,13 @@ class TrainConfig:
     # sft: next-token loss on the answers. dpo / orpo: pairs {prompt, chosen, rejected}; kto: answers judged
     # {prompt, completion, label} (or pairs). dpo and kto learn against a reference: the 4-bit base with the
     # adapter disabled (or base + adapter.init_from), whose log-probs are computed once before step 1.
+    # grpo: prompts {prompt, and the columns rewards read, e.g. answer}; each step samples num_generations
+    # completions per prompt with the current adapter, scores them by train.rewards and learns from the
+    # group-normalised rewards (training/grpo.py).
     objective: str = "sft"
-    beta: float = 0.1  # dpo / kto: the KL strength; orpo: the odds-ratio term's weight (lambda)
+    # dpo / kto: the KL strength; orpo: the odds-ratio term's weight (lambda); grpo: the weight of the KL to
+    # the base with the adapter off (0 = no reference pass). null = 0.1, for grpo 0.0.
+    beta: float | None = None
     dpo_loss: str = "sigmoid"  # sigmoid | ipo | hinge
     label_smoothing: float = 0.0  # sigmoid dpo: the share of pairs assumed mislabelled (conservative DPO)
     # dpo: weight of the chosen answer's NLL per token added to each pair's loss (RPO); keeps the chosen
@@ -139,6 +144,17 @@ class TrainConfig:
     # chosen side (SFT's activations on the chosen answers, one more forward); auto = joint when the
     # longest pair batch fits the memory budget (always on a CPU without train.memory_budget_gib), else split
     pair_forward: str = "auto"
+    # grpo: rewards, each a name (exact_match, rouge_l, chrf against the row's answer; format; length), a
+    # package.module:function, or a mapping {name, weight, options}, e.g. {name: format, pattern: '\d+'}
+    # (qlora_loop/eval/rewards.py); a completion's reward is their weighted sum
+    rewards: list[str | dict] = field(default_factory=lambda: ["exact_match"])
+    num_generations: int = 4  # grpo: completions sampled per prompt (the group); train.batch_size counts prompts
+    max_new_tokens: int = 64  # grpo: the longest completion
+    temperature: float = 1.0  # grpo: of the sampling
+    epsilon: float = 0.2  # grpo: the clip of the probability ratio
+    # grpo: the loss's normalisation: grpo (each completion's mean over its tokens), dapo (every token of the
+    # step alike), dr_grpo (sums / max_new_tokens, and advantages not divided by the group's spread)
+    grpo_loss: str = "dapo"
     epochs: int = 3
     batch_size: int = 4
     grad_accum: int = 1
@@ -213,9 +229,19 @@ class Config:
 
 # measured on the validation pairs at every evaluation of a preference objective (training/preference.py)
 PREFERENCE_METRICS = ("reward_accuracy", "reward_margin", "chosen_logp", "rejected_logp")
+# measured on the validation prompts at every evaluation of grpo (eval/rewards.py), beside reward/NAME of each reward
+GRPO_METRICS = ("reward",)
+
+
+def resolved_beta(train: "TrainConfig") -> float:
+    """train.beta, or its default for the objective: 0.0 for grpo (no reference pass), else 0.1."""
+    if train.beta is not None:
+        return train.beta
+    return 0.0 if train.objective == "grpo" else 0.1
 
 CHOICES = {
-    "train.objective": ("sft", "dpo", "orpo", "kto"),
+    "train.objective": ("sft", "dpo", "orpo", "kto", "grpo"),
+    "train.grpo_loss": ("grpo", "dapo", "dr_grpo"),
     "train.pair_forward": ("auto", "joint", "split"),
     "adapter.init": ("default", "gaussian", "pissa", "loftq", "eva"),
     "train.dpo_loss": ("sigmoid", "ipo", "hinge"),

@@ -4,6 +4,7 @@ Rows, from every source a run reads (data.columns maps other field names):
   pairs   {"prompt", "chosen", "rejected"[, "system"]}, strings; or conversational: prompt a list of
           messages, chosen / rejected a list holding the assistant's message
   judged  {"prompt", "completion", "label": true|false}; KTO also takes pairs (chosen true, rejected false)
+  prompts {"prompt", and any columns the rewards read}: GRPO's (data/prompts.py)
 Each answer is tokenized after its prompt by the chat template, as SFT rows are, its label mask
 covering the answer (and its end-of-turn) only. A pair example keeps the chosen row as input_ids /
 labels and the rejected one as rejected_ids / rejected_labels; data.batches.collate_pairs puts the B chosen rows,
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from qlora_loop.config import DataConfig, source_configs
 from qlora_loop.data.examples import IGNORE, DataStats, tokenize_conversation
 from qlora_loop.data.mixtures import check_rejects, split_validation, weigh
+from qlora_loop.data.prompts import prompt_example, prompt_messages
 from qlora_loop.data.rows import DataError, Rejects, _rename
 from qlora_loop.data.sources import open_source
 
@@ -36,25 +38,6 @@ class Pair:
     prompt: list[dict]
     chosen: str
     rejected: str
-
-
-def _prompt(row: dict, where: str, system_prompt: str | None) -> list[dict]:
-    prompt = row.get("prompt")
-    if isinstance(prompt, str) and prompt.strip():
-        messages = [{"role": "user", "content": prompt}]
-    elif isinstance(prompt, list) and prompt and all(isinstance(m, dict) and isinstance(m.get("content"), str)
-                                                      and m.get("role") in ("system", "user", "assistant")
-                                                      for m in prompt):
-        messages = [{"role": m["role"], "content": m["content"]} for m in prompt]
-        if messages[-1]["role"] != "user":
-            raise DataError(f"{where}: the prompt ends with a {messages[-1]['role']} turn; it must end with the user's "
-                            "turn the answers reply to", "format")
-    elif prompt is None:
-        raise DataError(f"{where}: missing field 'prompt'", "missing_field")
-    else:
-        raise DataError(f"{where}: field 'prompt' must be a non-empty string or a list of messages", "wrong_type")
-    system = row.get("system") or (system_prompt if messages[0]["role"] != "system" else None)
-    return ([{"role": "system", "content": system}] if system else []) + messages
 
 
 def _answer(row: dict, name: str, where: str) -> str:
@@ -92,7 +75,7 @@ def _pair(where: str, row: dict, system_prompt: str | None) -> Pair:
         raise DataError(f"{where}: a KTO row (prompt, completion, label) where DPO and ORPO need pairs "
                         "{prompt, chosen, rejected}; use train.objective=kto, or map your fields with "
                         "data.columns", "format")
-    pair = Pair(where, _prompt(row, where, system_prompt), _answer(row, "chosen", where),
+    pair = Pair(where, prompt_messages(row, where, system_prompt), _answer(row, "chosen", where),
                 _answer(row, "rejected", where))
     if pair.chosen.strip() == pair.rejected.strip():
         raise DataError(f"{where}: chosen and rejected are the same answer, so there is no preference to "
@@ -108,7 +91,7 @@ def _judged(where: str, row: dict, system_prompt: str | None) -> list[Judged]:
     if not isinstance(row.get("label"), bool):
         raise DataError(f"{where}: field 'label' must be true (a desirable answer) or false, got "
                         f"{row.get('label')!r}", "missing_field" if "label" not in row else "wrong_type")
-    return [Judged(where, _prompt(row, where, system_prompt), _answer(row, "completion", where), row["label"])]
+    return [Judged(where, prompt_messages(row, where, system_prompt), _answer(row, "completion", where), row["label"])]
 
 
 def to_pairs(rows: list[tuple[str, object]], *, columns: dict | None, system_prompt: str | None,
@@ -120,6 +103,13 @@ def to_judged(rows: list[tuple[str, object]], *, columns: dict | None, system_pr
               rejects: Rejects) -> list[Judged]:
     """KTO's rows: judged answers, and pairs split into a desirable and an undesirable answer."""
     return _rows(rows, columns=columns, rejects=rejects, convert=lambda w, r: _judged(w, r, system_prompt))
+
+
+def to_prompts(rows: list[tuple[str, object]], *, columns: dict | None, system_prompt: str | None,
+               rejects: Rejects) -> list[dict]:
+    """GRPO's rows: {"where", "messages" (the prompt's), "row"} (data/prompts.py)."""
+    return _rows(rows, columns=columns, rejects=rejects, convert=lambda w, r: [
+        {"where": w, "messages": prompt_messages(r, w, system_prompt), "row": r}])
 
 
 def tokenize_answer(tokenizer, prompt: list[dict], answer: str, max_length: int, where: str) -> tuple[list, list, bool]:
@@ -147,7 +137,7 @@ def judged_example(tokenizer, judged: Judged, max_length: int) -> dict:
 
 def build_preference_datasets(tokenizer, data: DataConfig, *, objective: str, seed: int = 0):
     """(train examples, val examples, {"train": DataStats, "val": DataStats}) for a preference
-    objective, each source read, split (data.val, or data.val_split of each source) and weighted as
+    objective, or GRPO's prompts (data/prompts.py), each source read, split (data.val, or data.val_split of each source) and weighted as
     data.mixtures.build_datasets does for SFT rows; bad rows as data.on_error says."""
     strict = data.on_error == "error"
     splits = {"train": ([], DataStats()), "val": ([], DataStats())}
@@ -157,7 +147,8 @@ def build_preference_datasets(tokenizer, data: DataConfig, *, objective: str, se
         rows = opened.read(rejects)
         if not rows and not rejects.count:
             raise DataError(f"{opened.label}: no rows", "empty")
-        convert, make = (to_judged, judged_example) if objective == "kto" else (to_pairs, pair_example)
+        convert, make = {"kto": (to_judged, judged_example), "grpo": (to_prompts, prompt_example)}.get(
+            objective, (to_pairs, pair_example))
         examples = []
         for item in convert(rows, columns=source.columns, system_prompt=data.system_prompt, rejects=rejects):
             try:
@@ -188,7 +179,7 @@ def build_preference_datasets(tokenizer, data: DataConfig, *, objective: str, se
             add("val", read(source))
     (train, train_stats), (val, val_stats) = splits["train"], splits["val"]
     if not train:
-        raise DataError("data.train: no usable preference rows left")
+        raise DataError(f"data.train: no usable {'prompt' if objective == 'grpo' else 'preference'} rows left")
     return train, val, {"train": train_stats, "val": val_stats}
 
 

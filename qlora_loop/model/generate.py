@@ -136,6 +136,30 @@ def generate_replies(model, tokenizer, conversations: list[list[dict]], *, max_n
     return replies
 
 
+def sample_completions(model, tokenizer, prompts: list[torch.Tensor], *, num_generations: int, max_new_tokens: int,
+                       sampling: Sampling) -> list[torch.Tensor]:
+    """`num_generations` sampled completions of each prompt (token ids [T]), all in one batched
+    generate() with the KV cache, left-padded, under generation_state (eval mode: no dropout, no
+    gradients): the group of prompt i is completions[i * G:(i + 1) * G]. Each completion runs to its
+    first stop token, kept, or to max_new_tokens. Draws from torch's global RNG (saved in checkpoints)."""
+    rows = [ids for ids in prompts for _ in range(num_generations)]
+    width = max(len(ids) for ids in rows)
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, ids in enumerate(rows):
+        input_ids[row, width - len(ids):], attention_mask[row, width - len(ids):] = ids, 1
+    options = generation_kwargs(model, tokenizer, max_new_tokens=max_new_tokens, sampling=sampling)
+    with generation_state(model):
+        output = model.generate(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
+                                **options)
+    stops = torch.tensor(options["eos_token_id"])
+    completions = []
+    for new in output[:, width:].cpu():
+        ends = torch.isin(new, stops).nonzero()
+        completions.append(new[:int(ends[0]) + 1] if len(ends) else new)
+    return completions
+
+
 class _StopWhenSet(StoppingCriteria):
     def __init__(self, event: threading.Event):
         self.event = event

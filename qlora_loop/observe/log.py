@@ -38,7 +38,7 @@ def main_process(method):
 
 # the epoch table's header of each metric of eval.metrics (history.jsonl has the names)
 METRIC_HEADERS = {"exact_match": "EM", "rouge_l": "RL", "chrf": "chrF", "bleu": "BLEU", "reward_accuracy": "acc",
-                  "reward_margin": "margin", "chosen_logp": "logp+", "rejected_logp": "logp-"}
+                  "reward_margin": "margin", "chosen_logp": "logp+", "rejected_logp": "logp-", "reward": "reward"}
 METRIC_NAMES = {"exact_match": "exact match", "rouge_l": "ROUGE-L"}
 PREFERENCE_CAPTION = ("acc, margin: reward accuracy and margin on the validation pairs; logp+, logp-: the chosen "
                       "and rejected answers' log-probs")
@@ -48,6 +48,9 @@ def _metrics_caption(metrics: list[str]) -> str:
     """'; EM exact match: greedy replies to the validation rows, 0-1' for the metrics shown."""
     scored = [m for m in metrics if m in ("exact_match", "rouge_l", "chrf", "bleu")]
     parts = [PREFERENCE_CAPTION] if "reward_accuracy" in metrics else []
+    if "reward" in metrics:
+        parts.append("reward, R.name: the weighted reward and each function's, greedy completions of the validation "
+                     "prompts")
     if scored:
         named = ", ".join(f"{METRIC_HEADERS[m]} {METRIC_NAMES[m]}" if m in METRIC_NAMES else METRIC_HEADERS[m]
                           for m in scored)
@@ -69,7 +72,7 @@ class RunLog:
         self.table = Table(title="epochs", pad_edge=False, box=box.SIMPLE_HEAD, padding=0, show_edge=False,
                            caption=f"train, val: loss {unit}; drift: KL(base || adapted) per token; tgt/s: {rate}"
                                    + _metrics_caption(self.metrics))
-        for column in ("ep", "train", "val", "drift", *(METRIC_HEADERS.get(m, m) for m in self.metrics), "lr",
+        for column in ("ep", "train", "val", "drift", *(METRIC_HEADERS.get(m, m.replace("reward/", "R.")) for m in self.metrics), "lr",
                        "gnorm", "tok/s", "tgt/s", "pad%", "sec"):
             self.table.add_column(column, justify="right")
 
@@ -116,7 +119,7 @@ class RunLog:
         """Cut the logs back to a checkpoint taken after `step`, inside `epoch`."""
         for name, keep in (("steps.jsonl", lambda row: row["step"] <= step),
                            ("history.jsonl", lambda row: row["epoch"] < epoch),
-                           ("samples.jsonl", lambda row: row["epoch"] < epoch)):
+                           ("samples.jsonl", lambda row: row["epoch"] < epoch if "epoch" in row else row["step"] <= step)):
             path = self.output_dir / name
             if path.exists():
                 rows = [line for line in path.read_text(encoding="utf-8").splitlines() if keep(_row(line))]
@@ -124,10 +127,11 @@ class RunLog:
 
     @main_process
     def step(self, step: int, epoch: int, result, tokens_per_second: float) -> None:
-        stats = f"loss {result.loss:.4f}  lr {result.lr:.2e}  gnorm {result.grad_norm:.3f}  {tokens_per_second:,.0f} tok/s"
+        reward = f"  reward {result.stats['reward']:.3f}" if "reward" in result.stats else ""
+        stats = f"loss {result.loss:.4f}{reward}  lr {result.lr:.2e}  gnorm {result.grad_norm:.3f}  {tokens_per_second:,.0f} tok/s"
         self.progress.update(self.task, advance=1, stats=stats)
         if step % self.log_every == 0:
-            row = {"step": step, "epoch": epoch, **{k: getattr(result, k) for k in STEP_COLUMNS}}
+            row = {"step": step, "epoch": epoch, **{k: getattr(result, k) for k in STEP_COLUMNS}, **result.stats}
             self._append("steps.jsonl", row)
             if self.accelerator.trackers:
                 self.accelerator.log(step_metrics(result, tokens_per_second,
@@ -164,6 +168,18 @@ class RunLog:
             self._append("samples.jsonl", {"epoch": epoch, "prompt": prompt, "response": response,
                                            "reference": reference, "reference_from": source})
         log_samples(self.accelerator, list(zip(prompts, responses)), step)
+
+    @main_process
+    def scored_samples(self, step: int, *, prompts: list[str], completions: list[str], rewards: list[float],
+                       by_name: list[dict]) -> None:
+        """GRPO's greedy completions of validation prompts with their rewards: a panel each, a row each in
+        samples.jsonl."""
+        for prompt, completion, reward, named in zip(prompts, completions, rewards, by_name):
+            parts = ", ".join(f"{k} {v:.2f}" for k, v in named.items())
+            self.console.print(Panel(f"[bold]Q:[/] {prompt}\n[bold]A:[/] {completion}\n[dim]reward {reward:.3f} "
+                                     f"({parts})[/]", title=f"validation completion, step {step}", expand=False))
+            self._append("samples.jsonl", {"step": step, "prompt": prompt, "response": completion, "reward": reward,
+                                           "rewards": named})
 
     @main_process
     def summary(self, summary: dict) -> None:

@@ -75,7 +75,8 @@ def hyperparameters(config: dict) -> dict:
 def step_metrics(result, tokens_per_second: float, peak_memory_bytes: int) -> dict:
     """One optimizer step's numbers (result: step.StepResult)."""
     return {"train/loss": result.loss, "train/lr": result.lr, "train/grad_norm": result.grad_norm,
-            "train/tokens_per_second": tokens_per_second, "train/peak_memory_gib": peak_memory_bytes / GIB}
+            "train/tokens_per_second": tokens_per_second, "train/peak_memory_gib": peak_memory_bytes / GIB,
+            **{f"train/{k}": v for k, v in result.stats.items()}}
 
 
 def epoch_metrics(row: dict) -> dict:

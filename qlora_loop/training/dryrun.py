@@ -50,6 +50,7 @@ class DryRun:
     dtype_why: str = ""  # why that compute dtype (cpu.resolve_compute_dtype)
     gpu_total: int | None = None  # on a CPU: the same batch's total on a GPU under bfloat16 autocast
     variants: list[str] = field(default_factory=list)  # model.adapter.describe_variants
+    prompts: int = 0  # grpo: prompts per micro-batch (batch_size is then the group, max_length prompt + completion)
 
 
 def dry_run(name_or_path: str, cfg: Config, *, compute_dtype: str = "bfloat16",
@@ -61,8 +62,11 @@ def dry_run(name_or_path: str, cfg: Config, *, compute_dtype: str = "bfloat16",
     a time (loss.chunked_lm_loss), "auto" for the loss a run picks (loss.default_loss). `autocast`: a
     GPU run's autocast in the compute dtype (train.mixed_precision=auto); without it (a CPU run)
     every weight beside the 4-bit ones, and so the residual stream, is float32. Reads config.json only."""
-    m, adapter = cfg.model, cfg.adapter
-    batch_size, max_length, packing = cfg.train.batch_size, cfg.data.max_length, cfg.data.packing
+    m, adapter, t = cfg.model, cfg.adapter, cfg.train
+    batch_size, max_length, packing = t.batch_size, cfg.data.max_length, cfg.data.packing
+    grpo = t.objective == "grpo"
+    if grpo:  # forward/backward one prompt's group at a time, each row a prompt + a completion
+        batch_size, max_length = t.num_generations, max_length + t.max_new_tokens
     attn_implementation = m.attn_implementation
     gradient_checkpointing = m.gradient_checkpointing is not False
     try:
@@ -116,11 +120,13 @@ def dry_run(name_or_path: str, cfg: Config, *, compute_dtype: str = "bfloat16",
         "logits": min(tokens, logits_chunk or tokens) * vocab * (act + 3 * FP32),
         "dequantized_weight": largest_linear * act * 2,  # one Linear4bit unpacked for its matmul, and its grad path
     }
+    if grpo:  # generation holds the KV cache of every prompt's group at once, at full length
+        memory["kv_cache"] = 2 * layers * t.batch_size * t.num_generations * max_length * (hidden * kv // heads) * act
     if packing and attn_implementation != "flash_attention_2":  # flash attention takes row lengths, no mask
         memory["packed_mask"] = tokens ** 2 * (1 + act)  # transformers' boolean T x T mask, and sdpa's float copy
     memory["total"] = sum(memory.values())
     return DryRun(name_or_path, config.model_type, list(targets), trainable, total, batch_size, max_length, memory,
-                  compute_dtype=compute_dtype)
+                  compute_dtype=compute_dtype, prompts=t.batch_size if grpo else 0)
 
 
 def activation_bytes(tokens: int, *, hidden: int, intermediate: int, kv_width: int, layers: int,
@@ -167,8 +173,10 @@ def report(run: DryRun, print_fn=print) -> None:
     if run.dtype_why:
         print_fn(f"compute dtype {run.compute_dtype} ({run.dtype_why})")
     where, extra = ("GPU memory", "; plus ~0.5 GiB CUDA context") if run.device == "cuda" else ("memory on this CPU", "")
-    print_fn(f"estimated peak {where} for batch_size={run.batch_size} x max_length={run.max_length}: "
-             f"{run.memory['total'] / gib:.2f} GiB (rows at full length{extra})")
+    shape = f"batch_size={run.batch_size} x max_length={run.max_length}" if not run.prompts else \
+        (f"grpo, {run.prompts} prompts x {run.batch_size} completions of {run.max_length} tokens (data.max_length + "
+         "train.max_new_tokens), generated at once, trained one group at a time")
+    print_fn(f"estimated peak {where} for {shape}: {run.memory['total'] / gib:.2f} GiB (rows at full length{extra})")
     for part, value in run.memory.items():
         if part != "total":
             print_fn(f"  {part:<22} {value / gib:8.3f} GiB")

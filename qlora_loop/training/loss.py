@@ -45,19 +45,39 @@ def chunked_lm_loss(model, batch: dict, chunk_size: int | None = None) -> torch.
 
     The forward still goes through `model` (the DDP wrapper under several processes), so gradient
     synchronisation is untouched; lm_head is frozen, so applying it outside costs DDP nothing."""
-    labels = batch["labels"][:, 1:]
+    per_token = chunked_token_losses(model, batch, chunk_size)
+    rows = target_mask(batch["labels"]).nonzero()[:, 0]
+    sums = torch.zeros(batch["labels"].shape[0], device=per_token.device)
+    if not len(rows):  # zero, but through the graph
+        return sums + per_token.sum()
+    return sums.index_add(0, rows, per_token)
+
+
+def chunked_token_losses(model, batch: dict, chunk_size: int | None = None) -> torch.Tensor:
+    """The cross-entropy of each trained token [K], in the order of target_mask(labels).nonzero(),
+    lm_head applied `chunk_size` tokens at a time (see chunked_lm_loss). With no trained token, [1]
+    zero through the graph, so backward (and DDP's all-reduce) still runs."""
     keep = target_mask(batch["labels"])
     final = final_hidden_states(model, batch)
-    if not keep.any():  # zero, but through the graph: backward (and DDP's all-reduce) still runs
-        return final.float().sum(dim=(1, 2)) * 0
+    if not keep.any():
+        return final.float().sum().view(1) * 0
     hidden = final[:, :-1][keep]  # [trained tokens, hidden]
-    targets, rows = labels[keep], keep.nonzero()[:, 0]
+    targets = batch["labels"][:, 1:][keep]
     head = output_head(model)
     chunk_size = chunk_size or chunk_tokens(head.out_features)
     losses = [checkpoint(_token_losses, head, hidden[i:i + chunk_size], targets[i:i + chunk_size], use_reentrant=False)
               for i in range(0, len(targets), chunk_size)]
-    per_token = torch.cat(losses)
-    return torch.zeros(labels.shape[0], device=per_token.device).index_add(0, rows, per_token)
+    return torch.cat(losses)
+
+
+def token_losses(model, batch: dict) -> torch.Tensor:
+    """The cross-entropy of each trained token [K] (target_mask order): chunked where default_loss is,
+    else from the model's whole logits. -token_losses is each token's log-probability (GRPO's ratio)."""
+    if default_loss(model) is chunked_lm_loss:
+        return chunked_token_losses(model, batch)
+    logits = model(**model_inputs(batch)).logits
+    keep = target_mask(batch["labels"])
+    return F.cross_entropy(logits[:, :-1][keep].float(), batch["labels"][:, 1:][keep], reduction="none")
 
 
 def final_hidden_states(model, batch: dict) -> torch.Tensor:

@@ -157,8 +157,10 @@ def split_pairs(objective: Objective, loss_fn=None):
         grad_logps, = torch.autograd.grad(losses.sum(), logps)
         row_losses = torch.cat([losses.detach(), torch.zeros_like(losses)])  # a pair's loss on its chosen row
         device = batch["input_ids"].device
+        b = batch["units"].shape[0]  # the runner counts a pair once, on its chosen row
         return [{**rows_of(batch, rows), "losses": row_losses[rows].to(device), "grad_logps": grad_logps[rows].to(device),
-                 "logps": logps[rows].detach(), "rng": state} for rows, state in zip(pieces, states)]
+                 "units": (rows < b).long().to(device), "logps": logps[rows].detach(), "rng": state}
+                for rows, state in zip(pieces, states)]
 
     return split
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -26,6 +26,7 @@ class StepResult:
     positions: int = 0  # token slots through forward, padding included, all processes
     finite: bool = True  # False: loss or grad norm was inf/NaN and the update was not applied
     sample_ids: list[int] | None = None  # the step's example indices on all processes, when not finite
+    stats: dict[str, float] = field(default_factory=dict)  # the split's and loss's numbers (GRPO: rewards, lengths)
 
 
 class StepRunner:
@@ -44,16 +45,16 @@ class StepRunner:
     def __call__(self, micro_batches: list[dict]) -> StepResult:
         accelerator, model = self.accelerator, self.model
         model.train()
-        # Normalise by the target tokens of the whole step on all processes, so a step is the mean
-        # over its tokens whatever the split into micro-batches and ranks. DDP averages gradients
-        # over ranks, hence the x num_processes.
-        local = torch.tensor([count_targets(b) for b in micro_batches], device=accelerator.device).sum()
-        n_targets = int(accelerator.reduce(local, "sum"))
-        scale = accelerator.num_processes / max(n_targets, 1)  # max(): a step with no targets is a no-op, not NaN
         pieces = micro_batches
-        if self.split is not None:  # its passes without gradients run under the step's autocast
+        if self.split is not None:  # its passes without gradients (and GRPO's sampling) under the step's autocast
             with accelerator.autocast():
                 pieces = [piece for batch in micro_batches for piece in self.split(model, batch)]
+        # Normalise by the target tokens (or the samples of a preference or GRPO step) of the whole step on
+        # all processes, so a step is the mean over them whatever the split into micro-batches and ranks.
+        # DDP averages gradients over ranks, hence the x num_processes.
+        local = torch.tensor([count_targets(b) for b in pieces], device=accelerator.device).sum()
+        n_targets = int(accelerator.reduce(local, "sum"))
+        scale = accelerator.num_processes / max(n_targets, 1)  # max(): a step with no targets is a no-op, not NaN
         loss_sum = torch.zeros((), device=accelerator.device)
         for i, batch in enumerate(pieces):
             # Gradients are all-reduced once per step, on the last piece only.
@@ -71,9 +72,10 @@ class StepRunner:
         # Clip (or, with max_grad_norm 0, only measure) the norm; accelerate unscales fp16 first.
         grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), self.max_grad_norm or math.inf))
         loss = (accelerator.reduce(loss_sum, "sum") / max(n_targets, 1)).item()  # a CPU-GPU sync point
-        tokens = int(accelerator.reduce(sum(b["attention_mask"].sum() for b in micro_batches), "sum"))
-        positions = int(accelerator.reduce(torch.tensor(sum(b["attention_mask"].numel() for b in micro_batches),
+        tokens = int(accelerator.reduce(sum(b["attention_mask"].sum() for b in pieces), "sum"))
+        positions = int(accelerator.reduce(torch.tensor(sum(b["attention_mask"].numel() for b in pieces),
                                                         device=accelerator.device), "sum"))
+        stats = step_stats(pieces, accelerator)
         lr = self.scheduler.get_last_lr()[0]
         # Loss and norm are reduced over processes, so every rank takes the same branch. Under fp16
         # an inf norm is the grad scaler's business (it skips the step and lowers the scale).
@@ -81,11 +83,25 @@ class StepRunner:
         if not finite:  # leave weights, optimizer, schedule and AdaLoRA budget as they were
             self.optimizer.zero_grad(set_to_none=True)
             ids = accelerator.gather(torch.cat([b["index"] for b in micro_batches]))
-            return StepResult(loss, grad_norm, lr, tokens, n_targets, positions, finite=False, sample_ids=ids.tolist())
+            return StepResult(loss, grad_norm, lr, tokens, n_targets, positions, finite=False, sample_ids=ids.tolist(),
+                              stats=stats)
         self.optimizer.step()
         self.scheduler.step()
         if self.adalora is not None:  # needs this step's gradients, so before zero_grad
             self.adalora.update_and_allocate(self.step)
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return StepResult(loss, grad_norm, lr, tokens, n_targets, positions)
+        return StepResult(loss, grad_norm, lr, tokens, n_targets, positions, stats=stats)
+
+
+def step_stats(pieces: list[dict], accelerator) -> dict[str, float]:
+    """The means over pieces, then over processes, of what the split and the loss put in the pieces'
+    "stats" dicts (GRPO's rewards, lengths, KL); {} for a step without any."""
+    seen: dict[str, list[float]] = {}
+    for piece in pieces:
+        for key, value in piece.get("stats", {}).items():
+            seen.setdefault(key, []).append(value)
+    if not seen:
+        return {}
+    means = torch.tensor([sum(v) / len(v) for v in seen.values()], device=accelerator.device, dtype=torch.float64)
+    return dict(zip(seen, accelerator.reduce(means, "mean").tolist()))
