@@ -25,7 +25,8 @@ from qlora_loop.model.load import load_base_model, load_tokenizer
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 # the real-model recipes; the tiny demo and the SmolLM2 dates example are tested apart
-SEVEN_B = [p for p in CONFIGS if p.name not in ("tiny-demo.yaml", "smollm2-dates.yaml", "smollm2-dpo.yaml")]
+SEVEN_B = [p for p in CONFIGS if p.name not in ("tiny-demo.yaml", "smollm2-dates.yaml", "smollm2-dpo.yaml",
+                                                 "smollm2-dates-grpo.yaml")]
 SELF_COGNITION = ASSETS / "self_cognition.jsonl"
 
 # The tiny fixture of each shipped config's architecture family. Baichuan2's own modeling code
@@ -218,6 +219,19 @@ def test_the_dpo_example_trains_pairs_and_holds_out_other_kinds_of_question(monk
     assert not {r["prompt"] for r in read[0]} & {r["prompt"] for r in read[1]}
 
 
+def test_the_grpo_example_continues_a_brief_sft_adapter_on_the_dates_prompts(monkeypatch):
+    path = ROOT / "configs" / "smollm2-dates-grpo.yaml"
+    text = path.read_text(encoding="utf-8")
+    assert text.startswith("# accelerate launch scripts/train.py --config configs/smollm2-dates-grpo.yaml\n")
+    monkeypatch.chdir(ROOT)
+    cfg = load_config(path)
+    assert (cfg.train.objective, cfg.train.rewards, cfg.train.monitor, cfg.train.mode) == \
+        ("grpo", ["exact_match"], "reward", "max")
+    assert cfg.data.columns == {"prompt": "instruction", "answer": "output"}
+    assert Path(cfg.data.train).resolve() == ASSETS / "dates_train.jsonl"
+    assert f"output_dir={cfg.adapter.init_from.removesuffix('/best')}" in text  # the SFT command it continues
+
+
 @pytest.mark.parametrize("path", SEVEN_B, ids=lambda p: p.name)
 def test_shipped_config_loads_and_starts_with_its_command(path):
     first = path.read_text(encoding="utf-8").splitlines()[0]
@@ -237,6 +251,19 @@ def test_shipped_chat_templates_render_the_model_format(tiny_llama, name, expect
     messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "Q1"},
                 {"role": "assistant", "content": "A1"}, {"role": "user", "content": "Q2"}]
     assert tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == expected
+
+
+def test_the_grpo_example_continues_a_brief_sft_adapter_on_the_dates_prompts(monkeypatch):
+    path = ROOT / "configs" / "smollm2-dates-grpo.yaml"
+    text = path.read_text(encoding="utf-8")
+    assert text.startswith("# accelerate launch scripts/train.py --config configs/smollm2-dates-grpo.yaml\n")
+    monkeypatch.chdir(ROOT)
+    cfg = load_config(path)
+    assert (cfg.train.objective, cfg.train.rewards, cfg.train.monitor, cfg.train.mode) == \
+        ("grpo", ["exact_match"], "reward", "max")
+    assert cfg.data.columns == {"prompt": "instruction", "answer": "output"}
+    assert Path(cfg.data.train).resolve() == ASSETS / "dates_train.jsonl"
+    assert f"output_dir={cfg.adapter.init_from.removesuffix('/best')}" in text  # the SFT command it continues
 
 
 @pytest.mark.parametrize("path", SEVEN_B, ids=lambda p: p.name)
