@@ -24,6 +24,7 @@ from qlora_loop.model.load import load_base_model, load_tokenizer
 from qlora_loop.training.grpo import (Grpo, completion_rows, grpo_loss, grpo_split, group_advantages,
                                       reference_token_logps, sequence_losses, sequence_units, token_policy_loss)
 from qlora_loop.training.loss import token_losses
+from qlora_loop.use.inference import validation_prompts
 
 
 def latin(prompts, completions, rows):
@@ -282,3 +283,20 @@ def test_a_grpo_run_resumes_exactly(grpo_run, number_prompts, train_main, tmp_pa
     assert got == want
     a, b = (load_file(o / "best" / "adapter_model.safetensors") for o in (out, grpo_run[0]))
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in b)
+
+
+@pytest.mark.parametrize("objective", ["grpo", "dpo"])
+def test_merge_export_and_eval_ask_the_runs_own_validation_prompts(number_prompts, tmp_path, objective):
+    """A GRPO run's validation rows are prompts with an answer, a DPO run's pairs: merge's and export's
+    report (inference.validation_prompts) and eval read them as the prompt and the answer it teaches."""
+    data = {"train": str(number_prompts), "columns": {"prompt": "question"}, "val_split": 0.1, "cache": False}
+    if objective == "dpo":
+        pairs = tmp_path / "pairs.jsonl"
+        pairs.write_text("".join(json.dumps({"prompt": f"Say the number {i}", "chosen": str(i), "rejected": "no"}) + "\n"
+                                 for i in range(40)), encoding="utf-8")
+        data = {"train": str(pairs), "val_split": 0.1, "cache": False}
+    prompts, references, source = validation_prompts({"data": data, "train": {"objective": objective, "seed": 42}}, 8)
+    _, held = split_validation(list(range(40)), 0.1, 42)
+    assert references == [str(i) for i in held]
+    assert [p[-1]["content"] for p in prompts] == [f"Say the number {i}" for i in held]
+    assert "validation rows" in source

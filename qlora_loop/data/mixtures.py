@@ -170,11 +170,13 @@ def weigh(rows: list, weight: float, seed: int) -> list:
     return rows * whole + [rows[i] for i in drawn]
 
 
-def held_out_conversations(data: dict, seed: int, tokenizer=None) -> tuple[list[Conversation], str]:
+def held_out_conversations(data: dict, seed: int, tokenizer=None, *, read=None) -> tuple[list[Conversation], str]:
     """The validation rows of a run, from its config's data section as a dict (run config.yaml):
     data.val's rows, or each source's held-out share, read and split as data.mixtures.build_datasets does.
     With the run's `tokenizer` and data.cache on, each source comes from the tokenized cache the run
-    wrote (read and tokenized again only if it is gone), and rows the run dropped stay out.
+    wrote (read and tokenized again only if it is gone), and rows the run dropped stay out. `read`:
+    (opened source, *, system_prompt, rejects) -> conversations, for rows that are not SFT rows
+    (data.preference.answer_conversations); None = SFT rows.
     Returns (rows, where they come from)."""
     strict = data.get("on_error", DataConfig.on_error) == "error"  # bad rows dropped as in training
     val_split = data.get("val_split", DataConfig.val_split)
@@ -182,7 +184,7 @@ def held_out_conversations(data: dict, seed: int, tokenizer=None) -> tuple[list[
     spec = data.get("val") or data["train"]
     rows, labels = [], []
     for source in source_configs(spec, fmt=fmt, columns=columns):
-        if tokenizer is not None and data.get("cache", DataConfig.cache):
+        if tokenizer is not None and data.get("cache", DataConfig.cache) and read is None:
             prepared = prepare_source(tokenizer, source, max_length=data.get("max_length", DataConfig.max_length),
                                       system_prompt=data.get("system_prompt"),
                                       train_on=data.get("train_on", DataConfig.train_on), strict=False,
@@ -191,8 +193,8 @@ def held_out_conversations(data: dict, seed: int, tokenizer=None) -> tuple[list[
             conversations = prepared.conversations
         else:
             opened = open_source(source)
-            label, conversations = opened.label, conversations_of(opened, system_prompt=data.get("system_prompt"),
-                                                                  rejects=Rejects(strict=strict))
+            label, conversations = opened.label, (read or conversations_of)(
+                opened, system_prompt=data.get("system_prompt"), rejects=Rejects(strict=strict))
             kept = [True] * len(conversations)
         labels.append(label)
         chosen = list(range(len(conversations)))

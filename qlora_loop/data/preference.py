@@ -19,7 +19,7 @@ from qlora_loop.config import DataConfig, source_configs
 from qlora_loop.data.examples import IGNORE, DataStats, tokenize_conversation
 from qlora_loop.data.mixtures import check_rejects, split_validation, weigh
 from qlora_loop.data.prompts import prompt_example, prompt_messages
-from qlora_loop.data.rows import DataError, Rejects, _rename
+from qlora_loop.data.rows import Conversation, DataError, Rejects, _rename
 from qlora_loop.data.sources import open_source
 
 
@@ -110,6 +110,28 @@ def to_prompts(rows: list[tuple[str, object]], *, columns: dict | None, system_p
     """GRPO's rows: {"where", "messages" (the prompt's), "row"} (data/prompts.py)."""
     return _rows(rows, columns=columns, rejects=rejects, convert=lambda w, r: [
         {"where": w, "messages": prompt_messages(r, w, system_prompt), "row": r}])
+
+
+def answer_conversations(objective: str):
+    """data.mixtures.held_out_conversations' `read` for a run of `objective` (dpo, orpo, kto, grpo): each row as
+    its prompt and the answer it teaches (a pair's chosen answer, a desirable KTO answer, a GRPO row's
+    "answer"; GRPO rows without one are left out), so merge, export and eval ask the run's own prompts."""
+    def answer(prompt: list[dict], text: str) -> list[dict]:
+        return prompt + [{"role": "assistant", "content": text}]
+
+    def read(opened, *, system_prompt: str | None, rejects: Rejects) -> list[Conversation]:
+        rows, columns = opened.read(rejects), opened.source.columns
+        if objective == "grpo":
+            items = to_prompts(rows, columns=columns, system_prompt=system_prompt, rejects=rejects)
+            return [Conversation(i["where"], answer(i["messages"], i["row"]["answer"])) for i in items
+                    if isinstance(i["row"].get("answer"), str)]
+        if objective == "kto":
+            judged = to_judged(rows, columns=columns, system_prompt=system_prompt, rejects=rejects)
+            return [Conversation(j.where, answer(j.prompt, j.answer)) for j in judged if j.desirable]
+        pairs = to_pairs(rows, columns=columns, system_prompt=system_prompt, rejects=rejects)
+        return [Conversation(p.where, answer(p.prompt, p.chosen)) for p in pairs]
+
+    return read
 
 
 def tokenize_answer(tokenizer, prompt: list[dict], answer: str, max_length: int, where: str) -> tuple[list, list, bool]:

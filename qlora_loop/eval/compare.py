@@ -19,6 +19,7 @@ from rich.table import Table
 
 from qlora_loop.config import SourceConfig, TrainConfig
 from qlora_loop.data.mixtures import held_out_conversations
+from qlora_loop.data.preference import answer_conversations
 from qlora_loop.data.sources import load_conversations
 from qlora_loop.errors import DataError, InferenceError
 from qlora_loop.eval.during import reference_prompts
@@ -78,8 +79,10 @@ def eval_rows(args, run: dict, tokenizer) -> tuple[list[list[dict]], list[str], 
     if args.data is None:
         if not run.get("data"):
             raise InferenceError(f"--adapter {args.adapter}: no run config.yaml beside it names its data; pass --data")
+        objective = run.get("train", {}).get("objective", "sft")
         conversations, label = held_out_conversations(run["data"], run.get("train", {}).get("seed", TrainConfig.seed),
-                                                      tokenizer)
+                                                      tokenizer, read=None if objective == "sft" else
+                                                      answer_conversations(objective))
     else:
         source = SourceConfig(args.data, format=args.format, columns=parse_columns(args.columns))
         try:

@@ -20,6 +20,7 @@ from transformers import AutoConfig
 from qlora_loop.config import ModelConfig, TrainConfig
 from qlora_loop.cpu import resolve_compute_dtype
 from qlora_loop.data.mixtures import held_out_conversations
+from qlora_loop.data.preference import answer_conversations
 from qlora_loop.errors import InferenceError, ModelError, not_utf8
 from qlora_loop.manifest import check_manifest, read_manifest
 from qlora_loop.model.builtin import check_weights, resolve_model_path
@@ -227,6 +228,8 @@ def validation_prompts(run: dict, n: int, tokenizer=None) -> tuple[list[list[dic
     data, seed = run.get("data"), run.get("train", {}).get("seed", TrainConfig.seed)
     if not data:
         return None
-    rows, source = held_out_conversations(data, seed, tokenizer)
+    objective = run.get("train", {}).get("objective", "sft")
+    rows, source = held_out_conversations(data, seed, tokenizer,
+                                          read=None if objective == "sft" else answer_conversations(objective))
     prompts, references = held_out_prompts([{"messages": row.messages} for row in rows], n)
     return prompts, references, source
