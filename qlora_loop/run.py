@@ -166,6 +166,10 @@ def train(cfg: Config, *, overwrite: bool = False, loss_fn=None) -> dict:
                                       dtype=dtype, pad_id=tokenizer.pad_token_id, log=log)
         pairs = objective is not None and objective.name != "kto"
         split = split_pairs(objective) if pairs and t.pair_forward == "split" else None
+        if grpo is not None and launch.shards_parameters:
+            raise LaunchError(f"train.objective=grpo samples completions on each process, which cannot generate with "
+                              f"its weights spread over all of them under {launch.shards_parameters}; launch with DDP "
+                              "(configs/accelerate/ddp.yaml)")
         if grpo is not None:  # sampling and scoring in the runner's split, the policy gradient in its loss
             loss_fn, split = loss_fn or grpo_loss(grpo), grpo_split(grpo, examples=train_rows, tokenizer=tokenizer,
                                                                     score=scorer(rewards))

@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 from accelerate.utils import gather_object
 
-from qlora_loop.errors import ConfigError, RewardError
+from qlora_loop.errors import ConfigError, DataError, RewardError
 from qlora_loop.eval.metrics import ROW_METRICS, score
 from qlora_loop.model.generate import generate_replies, rng_preserved
 
@@ -159,6 +159,11 @@ def reward_watch(runner, tokenizer, rewards: list[Reward], *, rows: list[dict], 
     answers; the first `num_samples` completions printed with their rewards. Under DDP each process
     completes its share and the completions are gathered. The model and random state are left as they were."""
     accelerator, score_all = runner.accelerator, scorer(rewards)
+    unanswered = [e["where"] for e in rows if not isinstance(e["row"].get("answer"), str)]
+    if metrics and unanswered:
+        raise DataError(f"{unanswered[0]}: eval.metrics={metrics} scores each validation completion against the row's "
+                        f"answer, and {len(unanswered)} validation row(s) have none; add an answer column (data.columns "
+                        "maps yours, e.g. {answer: solution}) or set eval.metrics=[]", "missing_field")
     prompts = [e["messages"][:-1] if e["messages"][-1]["role"] == "assistant" else e["messages"] for e in rows]
     share = list(range(accelerator.process_index, len(rows), accelerator.num_processes))
 
