@@ -30,7 +30,7 @@ from qlora_loop.data.sources import local_files
 from qlora_loop.files import sha256_file
 from qlora_loop.eval.during import metrics_watch
 from qlora_loop.eval.metrics import check_metrics
-from qlora_loop.eval.rewards import build_rewards, reward_watch, scorer
+from qlora_loop.eval.rewards import build_rewards, check_answers, reward_watch, scorer
 from qlora_loop.forgetting.drift import Drift
 from qlora_loop.forgetting.replay import base_replies, choose, read_prompts, replay_conversations
 from qlora_loop.manifest import build_manifest, describe_base
@@ -66,8 +66,8 @@ def train(cfg: Config, *, overwrite: bool = False, loss_fn=None) -> dict:
     objective = None if t.objective in ("sft", "grpo") else Objective(
         t.objective, beta=resolved_beta(t), dpo_loss=t.dpo_loss, label_smoothing=t.label_smoothing,
         nll_weight=t.nll_weight if t.objective == "dpo" else 0.0)
-    grpo = Grpo(t.num_generations, t.max_new_tokens, t.temperature, beta=resolved_beta(t), epsilon=t.epsilon,
-                loss=t.grpo_loss) if t.objective == "grpo" else None
+    grpo = Grpo(num_generations=t.num_generations, max_new_tokens=t.max_new_tokens, temperature=t.temperature,
+                beta=resolved_beta(t), loss=t.grpo_loss) if t.objective == "grpo" else None
     check_output_dir(cfg.output_dir, resume=t.resume, overwrite=overwrite)
     trackers = check_trackers(t.log_with)
     check_metrics(cfg.eval.metrics)
@@ -77,6 +77,10 @@ def train(cfg: Config, *, overwrite: bool = False, loss_fn=None) -> dict:
     accelerator, dtype, dtype_why, threads_why = build_accelerator(cfg, trackers)
     check_engine_taken(accelerator)
     launch = describe_launch(accelerator)
+    if grpo is not None and launch.shards_parameters:
+        raise LaunchError(f"train.objective=grpo samples completions on each process, which cannot generate with "
+                          f"its weights spread over all of them under {launch.shards_parameters}; launch with DDP "
+                          "(configs/accelerate/ddp.yaml)")
     grad_accum = check_launch(launch, batch_size=t.batch_size, grad_accum=t.grad_accum,
                               global_batch_size=t.global_batch_size, quant_storage=m.quant_storage,
                               max_grad_norm=t.max_grad_norm, resume=t.resume, adapter_kind=a.kind)
@@ -122,6 +126,8 @@ def train(cfg: Config, *, overwrite: bool = False, loss_fn=None) -> dict:
         else:
             train_rows, val_rows, stats = build_preference_datasets(tokenizer, d, objective=t.objective, seed=t.seed)
         log.data_report(stats)
+        if grpo is not None:  # a reward that scores against the answer needs one on every row, known now
+            check_answers(rewards, train_rows + val_rows, metrics=cfg.eval.metrics)
         for line in source_lines(stats):
             log.print(line, soft_wrap=True)
         if grpo is None:  # a GRPO row trains no tokens of its own: its completions are sampled
@@ -166,13 +172,10 @@ def train(cfg: Config, *, overwrite: bool = False, loss_fn=None) -> dict:
                                       dtype=dtype, pad_id=tokenizer.pad_token_id, log=log)
         pairs = objective is not None and objective.name != "kto"
         split = split_pairs(objective) if pairs and t.pair_forward == "split" else None
-        if grpo is not None and launch.shards_parameters:
-            raise LaunchError(f"train.objective=grpo samples completions on each process, which cannot generate with "
-                              f"its weights spread over all of them under {launch.shards_parameters}; launch with DDP "
-                              "(configs/accelerate/ddp.yaml)")
         if grpo is not None:  # sampling and scoring in the runner's split, the policy gradient in its loss
             loss_fn, split = loss_fn or grpo_loss(grpo), grpo_split(grpo, examples=train_rows, tokenizer=tokenizer,
-                                                                    score=scorer(rewards))
+                                                                    score=scorer(rewards),
+                                                                    unwrap=accelerator.unwrap_model)
             log.print(f"grpo: {grpo.num_generations} completions per prompt, at most {grpo.max_new_tokens} tokens, "
                       f"temperature {grpo.temperature}, loss {grpo.loss}, "
                       + (f"KL to the base x {grpo.beta} (adapter disabled)" if grpo.beta else "no reference pass (beta 0)")

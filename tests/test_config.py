@@ -253,19 +253,6 @@ def test_shipped_chat_templates_render_the_model_format(tiny_llama, name, expect
     assert tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == expected
 
 
-def test_the_grpo_example_continues_a_brief_sft_adapter_on_the_dates_prompts(monkeypatch):
-    path = ROOT / "configs" / "smollm2-dates-grpo.yaml"
-    text = path.read_text(encoding="utf-8")
-    assert text.startswith("# accelerate launch scripts/train.py --config configs/smollm2-dates-grpo.yaml\n")
-    monkeypatch.chdir(ROOT)
-    cfg = load_config(path)
-    assert (cfg.train.objective, cfg.train.rewards, cfg.train.monitor, cfg.train.mode) == \
-        ("grpo", ["exact_match"], "reward", "max")
-    assert cfg.data.columns == {"prompt": "instruction", "answer": "output"}
-    assert Path(cfg.data.train).resolve() == ASSETS / "dates_train.jsonl"
-    assert f"output_dir={cfg.adapter.init_from.removesuffix('/best')}" in text  # the SFT command it continues
-
-
 @pytest.mark.parametrize("path", SEVEN_B, ids=lambda p: p.name)
 def test_shipped_config_builds_data_and_adapter_on_a_tiny_model(path, request, tmp_path):
     tiny = request.getfixturevalue(FAMILY[path.name])

@@ -298,7 +298,7 @@ def test_a_dpo_run_learns_the_chosen_answers_and_logs_its_reward_metrics(dpo_run
     assert summary["monitor"] == "reward_accuracy" and summary["best_metric"] == max(r["reward_accuracy"]
                                                                                    for r in history)
     steps = rows(out / "steps.jsonl")
-    assert all(s["target_tokens"] <= 8 for s in steps)  # a step's units are its pairs: batch 4 x grad_accum 2
+    assert all(s["target_tokens"] == 8 for s in steps)  # a step's units are its pairs: batch 4 x grad_accum 2
 
 
 def test_the_dpo_adapter_is_a_plain_peft_adapter(dpo_run, tiny_qwen2):
@@ -363,6 +363,7 @@ def test_a_split_dpo_run_takes_the_joint_runs_steps(identity_pairs, train_main, 
     for split, joint in zip(runs["split"], runs["joint"]):
         assert split["loss"] == pytest.approx(joint["loss"], rel=2e-3, abs=1e-3)
         assert split["grad_norm"] == pytest.approx(joint["grad_norm"], rel=2e-2)
+        assert split["target_tokens"] == joint["target_tokens"] == 4  # the runner counts a step's pairs, once each
 
 
 @pytest.mark.parametrize("objective", ["orpo", "kto"])

@@ -83,8 +83,6 @@ def check_grpo(cfg: Config) -> None:
     for key in ("max_new_tokens", "temperature"):
         if not getattr(t, key) > 0:
             raise ConfigError(f"train.{key}={getattr(t, key)!r} must be > 0")
-    if not 0 < t.epsilon < 1:
-        raise ConfigError(f"train.epsilon={t.epsilon!r} must be in (0, 1), e.g. 0.2")
     if not isinstance(t.rewards, list) or not t.rewards:
         raise ConfigError(f"train.rewards={t.rewards!r}: give a list of rewards, e.g. [exact_match]")
     if cfg.adapter.init == "eva":

@@ -150,8 +150,7 @@ class TrainConfig:
     rewards: list[str | dict] = field(default_factory=lambda: ["exact_match"])
     num_generations: int = 4  # grpo: completions sampled per prompt (the group); train.batch_size counts prompts
     max_new_tokens: int = 64  # grpo: the longest completion
-    temperature: float = 1.0  # grpo: of the sampling
-    epsilon: float = 0.2  # grpo: the clip of the probability ratio
+    temperature: float = 1.0  # grpo: of the sampling, and of the log-probs learned from
     # grpo: the loss's normalisation: grpo (each completion's mean over its tokens), dapo (every token of the
     # step alike), dr_grpo (sums / max_new_tokens, and advantages not divided by the group's spread)
     grpo_loss: str = "dapo"

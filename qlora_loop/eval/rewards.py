@@ -115,6 +115,17 @@ def _find(name: str, at: str) -> Callable:
     return fn
 
 
+def check_answers(rewards: list[Reward], examples: list[dict], *, metrics: list[str]) -> None:
+    """Before step 1: every prompt row has a string "answer" when a reward (exact_match, rouge_l, chrf) or
+    eval.metrics `metrics` scores against it; else one DataError naming the first row without."""
+    needs = [r.name for r in rewards if r.name in ROW_METRICS] + [f"eval.metrics {m}" for m in metrics]
+    missing = [e["where"] for e in examples if not isinstance(e["row"].get("answer"), str)]
+    if needs and missing:
+        raise DataError(f"{missing[0]}: no string 'answer' for {', '.join(needs)} to score against ({len(missing)} "
+                        "row(s) without one); map your column with data.columns, e.g. {answer: solution}, or drop "
+                        "those rewards", "missing_field")
+
+
 def scorer(rewards: list[Reward]):
     """score(prompts, completions, examples) -> (weighted rewards [N], {name: [N]}), for grpo_split and
     the evaluation; `examples` are prompt examples (data/prompts.py), whose "row" the functions get and
@@ -132,24 +143,30 @@ def call(reward: Reward, prompts: list, completions: list[str], rows: list[dict]
     """The reward's scores, checked; a failure is found again row by row, so the error names its row."""
     try:
         values = reward.fn(prompts, completions, rows)
-    except Exception:
+    except Exception as whole:
         for k in range(len(completions)):
             try:
                 reward.fn(prompts[k:k + 1], completions[k:k + 1], rows[k:k + 1])
             except Exception as e:
                 raise RewardError(f"reward {reward.name} failed on {examples[k]['where']} (completion "
                                   f"{completions[k][:60]!r}): {type(e).__name__}: {e}") from e
-        raise
+        raise RewardError(f"reward {reward.name} failed on the {len(completions)} completions from "
+                          f"{examples[0]['where']} on, though on none alone: {type(whole).__name__}: {whole}") from whole
     values = list(values) if not isinstance(values, (str, bytes)) else values
     if not isinstance(values, list) or len(values) != len(completions):
         raise RewardError(f"reward {reward.name} returned {type(values).__name__} of length "
                           f"{len(values) if hasattr(values, '__len__') else '?'}, not one score per completion "
                           f"({len(completions)}), for the rows from {examples[0]['where']}")
+    scores = []
     for k, value in enumerate(values):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        try:
+            scores.append(float(value))  # numbers, numpy scalars, 0-d tensors
+        except (TypeError, ValueError):
+            scores.append(math.nan)
+        if not math.isfinite(scores[-1]):
             raise RewardError(f"reward {reward.name} gave {value!r} for {examples[k]['where']} (completion "
                               f"{completions[k][:60]!r}); a reward is a finite number")
-    return [float(v) for v in values]
+    return scores
 
 
 def reward_watch(runner, tokenizer, rewards: list[Reward], *, rows: list[dict], metrics: list[str], max_new_tokens: int,
@@ -159,11 +176,6 @@ def reward_watch(runner, tokenizer, rewards: list[Reward], *, rows: list[dict], 
     answers; the first `num_samples` completions printed with their rewards. Under DDP each process
     completes its share and the completions are gathered. The model and random state are left as they were."""
     accelerator, score_all = runner.accelerator, scorer(rewards)
-    unanswered = [e["where"] for e in rows if not isinstance(e["row"].get("answer"), str)]
-    if metrics and unanswered:
-        raise DataError(f"{unanswered[0]}: eval.metrics={metrics} scores each validation completion against the row's "
-                        f"answer, and {len(unanswered)} validation row(s) have none; add an answer column (data.columns "
-                        "maps yours, e.g. {answer: solution}) or set eval.metrics=[]", "missing_field")
     prompts = [e["messages"][:-1] if e["messages"][-1]["role"] == "assistant" else e["messages"] for e in rows]
     share = list(range(accelerator.process_index, len(rows), accelerator.num_processes))
 

@@ -120,8 +120,11 @@ def dry_run(name_or_path: str, cfg: Config, *, compute_dtype: str = "bfloat16",
         "logits": min(tokens, logits_chunk or tokens) * vocab * (act + 3 * FP32),
         "dequantized_weight": largest_linear * act * 2,  # one Linear4bit unpacked for its matmul, and its grad path
     }
-    if grpo:  # generation holds the KV cache of every prompt's group at once, at full length
-        memory["kv_cache"] = 2 * layers * t.batch_size * t.num_generations * max_length * (hidden * kv // heads) * act
+    if grpo:  # generation holds the KV cache of every prompt's group at once, at full length, never beside
+        # the training activations and logits: the peak is the larger of the two, so only what the cache needs
+        # beyond those is added
+        kv_cache = 2 * layers * t.batch_size * t.num_generations * max_length * (hidden * kv // heads) * act
+        memory["generation_kv_extra"] = max(0, kv_cache - memory["activations"] - memory["logits"])
     if packing and attn_implementation != "flash_attention_2":  # flash attention takes row lengths, no mask
         memory["packed_mask"] = tokens ** 2 * (1 + act)  # transformers' boolean T x T mask, and sdpa's float copy
     memory["total"] = sum(memory.values())

@@ -6,14 +6,16 @@ gradient. A training batch holds B prompts; a step
   2. scores them (`score(prompts, completions, rows)`, the rewards of eval/rewards.py, given by run.py);
   3. normalises the rewards within each prompt's group into advantages (group_advantages);
   4. takes prompt + completion rows through forward/backward one group at a time (the pieces), the loss
-     of each token -min(ratio x A, clip(ratio) x A) (+ beta x KL to the base), summed per completion
-     and normalised as the loss variant defines (sequence_losses); the runner divides by the step's units.
+     of each token -ratio x A (+ beta x KL to the base), summed per completion and normalised as the
+     loss variant defines (sequence_losses); the runner divides by the step's units.
 
-With one update per sampled batch (as here) the ratio p / p_old is exactly 1: its gradient is A x the
-gradient of log p, and epsilon's clip bounds the ratio where old log-probs differ from the current ones
-(a batch's `old_logps`). With beta > 0 the reference is the 4-bit base with the adapter disabled, one
-forward without gradients per group; with beta = 0 there is no reference pass at all. Log-probs come
-through the chunked loss, so no [tokens, vocabulary] logits are held.
+Each sampled batch is learned from once, so the probability ratio p / p_old is exactly 1 and its
+gradient is A x the gradient of log p: PPO's clip of the ratio (TRL's epsilon) would bound nothing, and
+is left out; it matters only when one sample is learned from several times, which this loop does not
+do. Log-probs are taken at the sampling temperature (logits / T), the reference's too. With beta > 0
+the reference is the 4-bit base with the adapter disabled, one forward without gradients per group;
+with beta = 0 there is no reference pass at all. Log-probs come through the chunked loss, so no
+[tokens, vocabulary] logits are held.
 """
 
 from __future__ import annotations
@@ -24,19 +26,18 @@ from dataclasses import dataclass
 import torch
 
 from qlora_loop.data.examples import IGNORE
-from qlora_loop.model.generate import Sampling, sample_completions
+from qlora_loop.model.generate import Sampling, sample_completions, stop_token_ids
 from qlora_loop.training.loss import target_mask, token_losses
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Grpo:
-    """train.objective=grpo's knobs (config.TrainConfig)."""
-    num_generations: int = 4  # completions per prompt: the group
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    beta: float = 0.0  # KL to the base; 0 = no reference pass
-    epsilon: float = 0.2  # the ratio's clip
-    loss: str = "dapo"  # grpo | dapo | dr_grpo
+    """train.objective=grpo's knobs, each config.TrainConfig's key of that name (the defaults live there)."""
+    num_generations: int  # completions per prompt: the group
+    max_new_tokens: int
+    temperature: float
+    beta: float  # KL to the base; 0 = no reference pass
+    loss: str  # grpo | dapo | dr_grpo (train.grpo_loss)
 
     @property
     def scale_rewards(self) -> bool:
@@ -55,14 +56,13 @@ def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: bool = Tr
     return centred.flatten()
 
 
-def token_policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor,
-                      ref_logps: torch.Tensor | None, *, epsilon: float, beta: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(loss of each token [K], KL of each token to the reference or None): -min(r A, clip(r, 1 - eps,
-    1 + eps) A) with r = exp(logp - old logp), plus beta x KL, the estimator exp(ref - logp) - (ref - logp)
-    - 1 (unbiased, never negative). All arguments per token [K]."""
-    ratio = torch.exp(logps - old_logps)
-    clipped = torch.clamp(ratio, 1 - epsilon, 1 + epsilon)
-    loss = -torch.min(ratio * advantages, clipped * advantages)
+def token_policy_loss(logps: torch.Tensor, advantages: torch.Tensor, ref_logps: torch.Tensor | None, *,
+                      beta: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(loss of each token [K], KL of each token to the reference or None): -r A with r = exp(logp -
+    logp.detach()), 1 in value and A x d log p in gradient (the sample's own policy is the current one),
+    plus beta x KL, the estimator exp(ref - logp) - (ref - logp) - 1 (unbiased, never negative). All
+    arguments per token [K]."""
+    loss = -torch.exp(logps - logps.detach()) * advantages
     if not beta:
         return loss, None
     delta = ref_logps - logps
@@ -94,12 +94,10 @@ def grpo_loss(settings: Grpo):
     A piece's "stats" dict gets the mean KL when beta > 0."""
 
     def loss_fn(model, batch: dict) -> torch.Tensor:
-        logps = -token_losses(model, batch).float()
+        logps = -token_losses(model, batch, temperature=settings.temperature).float()
         keep = target_mask(batch["labels"])
         rows = keep.nonzero()[:, 0]
-        old = batch["old_logps"] if "old_logps" in batch else logps.detach()
-        loss, kl = token_policy_loss(logps, old, batch["advantages"][rows], batch.get("ref_logps"),
-                                     epsilon=settings.epsilon, beta=settings.beta)
+        loss, kl = token_policy_loss(logps, batch["advantages"][rows], batch.get("ref_logps"), beta=settings.beta)
         if kl is not None and "stats" in batch:
             batch["stats"]["kl"] = float(kl.detach().mean())
         return sequence_losses(loss, rows, keep.sum(dim=1), loss=settings.loss, max_new_tokens=settings.max_new_tokens)
@@ -107,11 +105,12 @@ def grpo_loss(settings: Grpo):
     return loss_fn
 
 
-def grpo_split(settings: Grpo, *, examples: list[dict], tokenizer, score):
+def grpo_split(settings: Grpo, *, examples: list[dict], tokenizer, score, unwrap):
     """The StepRunner's `split` for GRPO: (model, batch of prompts) -> one piece per prompt, its group of
     completions as rows ready for forward/backward. `examples`: the training examples, by batch["index"]
     (each with "input_ids", the prompt's tokens, "prompt" and "row", what the rewards read).
-    score(prompts, completions, rows) -> (rewards [N], {reward name: [N]}). The first piece carries the
+    score(prompts, completions, rows) -> (rewards [N], {reward name: [N]}); unwrap(model) -> the PeftModel
+    that generates (Accelerate's unwrap_model). The first piece carries the
     step's "stats" (rewards, their spread, lengths, timings); a batch that already holds "advantages" (the
     memory probe's) goes through whole."""
     sampling = Sampling(temperature=settings.temperature, top_p=1.0, top_k=0)
@@ -120,7 +119,7 @@ def grpo_split(settings: Grpo, *, examples: list[dict], tokenizer, score):
     def split(model, batch: dict) -> list[dict]:
         if "advantages" in batch:
             return [batch]
-        policy, device = base_model_of(model), batch["input_ids"].device
+        policy, device = unwrap(model), batch["input_ids"].device
         chosen = [examples[i] for i in batch["index"].tolist()]
         prompts = [torch.tensor(e["input_ids"]) for e in chosen]
         started = time.perf_counter()
@@ -140,20 +139,15 @@ def grpo_split(settings: Grpo, *, examples: list[dict], tokenizer, score):
             piece.update(advantages=advantages[g * size:(g + 1) * size].to(device),
                          units=sequence_units(lengths, settings.loss), stats={})
             if settings.beta:
-                piece["ref_logps"] = reference_token_logps(policy, piece)
+                piece["ref_logps"] = reference_token_logps(policy, piece, temperature=settings.temperature)
             pieces.append(piece)
-        pieces[0]["stats"].update(group_stats(rewards, by_name, completions, size, settings.max_new_tokens),
+        stops = stop_token_ids(policy, tokenizer)
+        pieces[0]["stats"].update(group_stats(rewards, by_name, completions=completions, size=size,
+                                              stopped=[int(c[-1]) in stops for c in completions]),
                                   generate_seconds=generated - started, score_seconds=scored - generated)
         return pieces
 
     return split
-
-
-def base_model_of(model):
-    """The PeftModel inside DDP / Accelerate wrappers (generation and the reference run it directly)."""
-    while hasattr(model, "module"):
-        model = model.module
-    return model
 
 
 def completion_rows(prompt: torch.Tensor, completions: list[torch.Tensor], pad_id: int, device) -> dict:
@@ -170,29 +164,30 @@ def completion_rows(prompt: torch.Tensor, completions: list[torch.Tensor], pad_i
 
 
 @torch.no_grad()
-def reference_token_logps(policy, piece: dict) -> torch.Tensor:
-    """Each completion token's log-prob [K] under the 4-bit base: the adapter disabled, eval mode."""
+def reference_token_logps(policy, piece: dict, *, temperature: float = 1.0) -> torch.Tensor:
+    """Each completion token's log-prob [K] under the 4-bit base, at `temperature`: the adapter disabled,
+    eval mode."""
     training = policy.training
     policy.eval()
     try:
         with policy.disable_adapter():
-            return -token_losses(policy, piece).float()
+            return -token_losses(policy, piece, temperature=temperature).float()
     finally:
         policy.train(training)
 
 
-def group_stats(rewards: torch.Tensor, by_name: dict[str, torch.Tensor], completions: list[torch.Tensor],
-                size: int, max_new_tokens: int) -> dict[str, float]:
+def group_stats(rewards: torch.Tensor, by_name: dict[str, torch.Tensor], *, completions: list[torch.Tensor],
+                size: int, stopped: list[bool]) -> dict[str, float]:
     """What a step's sampling shows: the mean reward and each function's, the spread within groups,
     the share of groups with no signal (every completion the same reward), completion lengths and the
-    share cut at max_new_tokens."""
+    share cut at max_new_tokens (`stopped`: whether each completion ended with a stop token)."""
     groups = rewards.float().view(-1, size)
     lengths = torch.tensor([len(c) for c in completions], dtype=torch.float)
     return {"reward": float(rewards.float().mean()), **{f"reward/{k}": float(v.float().mean()) for k, v in by_name.items()},
             "reward_std": float(groups.std(dim=1).mean()) if size > 1 else 0.0,
             "no_signal": float((groups.max(dim=1).values == groups.min(dim=1).values).float().mean()),
             "completion_tokens": float(lengths.mean()),
-            "cut_share": float((lengths >= max_new_tokens).float().mean())}
+            "cut_share": 1 - sum(stopped) / len(stopped)}
 
 
 def probe_piece(examples: list[dict], settings: Grpo, *, pad_id: int) -> dict:

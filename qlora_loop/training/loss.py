@@ -53,10 +53,11 @@ def chunked_lm_loss(model, batch: dict, chunk_size: int | None = None) -> torch.
     return sums.index_add(0, rows, per_token)
 
 
-def chunked_token_losses(model, batch: dict, chunk_size: int | None = None) -> torch.Tensor:
+def chunked_token_losses(model, batch: dict, chunk_size: int | None = None, temperature: float = 1.0) -> torch.Tensor:
     """The cross-entropy of each trained token [K], in the order of target_mask(labels).nonzero(),
-    lm_head applied `chunk_size` tokens at a time (see chunked_lm_loss). With no trained token, [1]
-    zero through the graph, so backward (and DDP's all-reduce) still runs."""
+    lm_head applied `chunk_size` tokens at a time (see chunked_lm_loss), its logits divided by
+    `temperature`. With no trained token, [1] zero through the graph, so backward (and DDP's all-reduce)
+    still runs."""
     keep = target_mask(batch["labels"])
     final = final_hidden_states(model, batch)
     if not keep.any():
@@ -65,19 +66,20 @@ def chunked_token_losses(model, batch: dict, chunk_size: int | None = None) -> t
     targets = batch["labels"][:, 1:][keep]
     head = output_head(model)
     chunk_size = chunk_size or chunk_tokens(head.out_features)
-    losses = [checkpoint(_token_losses, head, hidden[i:i + chunk_size], targets[i:i + chunk_size], use_reentrant=False)
-              for i in range(0, len(targets), chunk_size)]
+    losses = [checkpoint(_token_losses, head, hidden[i:i + chunk_size], targets[i:i + chunk_size], temperature,
+                         use_reentrant=False) for i in range(0, len(targets), chunk_size)]
     return torch.cat(losses)
 
 
-def token_losses(model, batch: dict) -> torch.Tensor:
-    """The cross-entropy of each trained token [K] (target_mask order): chunked where default_loss is,
-    else from the model's whole logits. -token_losses is each token's log-probability (GRPO's ratio)."""
+def token_losses(model, batch: dict, temperature: float = 1.0) -> torch.Tensor:
+    """The cross-entropy of each trained token [K] (target_mask order) under the logits divided by
+    `temperature`: chunked where default_loss is, else from the model's whole logits. -token_losses is
+    each token's log-probability under the distribution sampled at that temperature (GRPO's)."""
     if default_loss(model) is chunked_lm_loss:
-        return chunked_token_losses(model, batch)
+        return chunked_token_losses(model, batch, temperature=temperature)
     logits = model(**model_inputs(batch)).logits
     keep = target_mask(batch["labels"])
-    return F.cross_entropy(logits[:, :-1][keep].float(), batch["labels"][:, 1:][keep], reduction="none")
+    return F.cross_entropy(logits[:, :-1][keep].float() / temperature, batch["labels"][:, 1:][keep], reduction="none")
 
 
 def final_hidden_states(model, batch: dict) -> torch.Tensor:
@@ -101,8 +103,8 @@ def base_model(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def _token_losses(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(head(hidden).float(), targets, reduction="none")
+def _token_losses(head, hidden: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float() / temperature, targets, reduction="none")
 
 
 def output_head(model):

@@ -18,11 +18,11 @@ from qlora_loop.training.loss import count_targets, default_loss
 
 @dataclass
 class StepResult:
-    loss: float  # mean cross-entropy per target token of this step, over all processes
+    loss: float  # the step's summed per-sample losses / its units (SFT: cross-entropy per target token), all processes
     grad_norm: float  # before clipping
     lr: float  # the learning rate this step used
     tokens: int  # non-padding tokens through forward, all processes
-    target_tokens: int  # loss-bearing tokens, all processes
+    target_tokens: int  # the units the loss is divided by: loss-bearing tokens, or pairs, or GRPO's (loss.sample_units)
     positions: int = 0  # token slots through forward, padding included, all processes
     finite: bool = True  # False: loss or grad norm was inf/NaN and the update was not applied
     sample_ids: list[int] | None = None  # the step's example indices on all processes, when not finite
@@ -33,8 +33,10 @@ class StepRunner:
     def __init__(self, model, optimizer, scheduler, accelerator, *, loss_fn=None, max_grad_norm: float = 1.0,
                  step: int = 0, split=None):
         """loss_fn: (model, batch) -> per-sample loss sums (see loss.py); None = loss.default_loss(model).
-        split: (model, micro-batch) -> the pieces that go through forward/backward one at a time, their
-        losses adding up to the micro-batch's (training/preference.split_pairs); None = the micro-batch whole."""
+        split: (model, micro-batch) -> the pieces that go through forward/backward one at a time, each with
+        the units it counts ("units", else its target tokens) and optional "stats" (training/preference.split_pairs:
+        the same losses as the micro-batch's; training/grpo.grpo_split: its sampled groups); None = the
+        micro-batch whole."""
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.accelerator, self.max_grad_norm = accelerator, max_grad_norm
         self.loss_fn = loss_fn or default_loss(model)
