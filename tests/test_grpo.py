@@ -24,6 +24,7 @@ from qlora_loop.model.generate import generate_replies
 from qlora_loop.model.load import load_base_model, load_tokenizer
 from qlora_loop.training.grpo import (Grpo, completion_rows, grpo_loss, grpo_split, group_advantages,
                                       reference_token_logps, sequence_losses, sequence_units, token_policy_loss)
+from qlora_loop.training.dryrun import dry_run
 from qlora_loop.training.loss import token_losses
 from qlora_loop.use.inference import validation_prompts
 
@@ -319,3 +320,15 @@ def test_merge_export_and_eval_ask_the_runs_own_validation_prompts(number_prompt
     assert references == [str(i) for i in held]
     assert [p[-1]["content"] for p in prompts] == [f"Say the number {i}" for i in held]
     assert "validation rows" in source
+
+
+def test_the_dry_run_sizes_one_group_for_training_and_every_group_for_generation(tiny_qwen2):
+    base = ["train.objective=grpo", "train.monitor=reward", "train.mode=max", "data.max_length=64",
+            "train.max_new_tokens=32", "model.gradient_checkpointing=false"]
+    small, wide = (dry_run(str(tiny_qwen2), tiny_config(*base, f"train.num_generations={g}", f"train.batch_size={b}"),
+                           compute_dtype="float32", autocast=False) for g, b in ((2, 8), (64, 256)))
+    assert (small.batch_size, small.max_length, small.prompts) == (2, 96, 8)  # a group of prompt + completion rows
+    assert wide.batch_size == 64 and wide.memory["activations"] > small.memory["activations"]
+    # 256 prompts x 64 completions of 96 tokens: a KV cache larger than one group's training transients
+    assert wide.memory["generation_kv_extra"] > 0 == small.memory["generation_kv_extra"]
+    assert wide.memory["total"] == sum(v for k, v in wide.memory.items() if k != "total")
