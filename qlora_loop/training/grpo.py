@@ -110,9 +110,8 @@ def grpo_split(settings: Grpo, *, examples: list[dict], tokenizer, score, unwrap
     completions as rows ready for forward/backward. `examples`: the training examples, by batch["index"]
     (each with "input_ids", the prompt's tokens, "prompt" and "row", what the rewards read).
     score(prompts, completions, rows) -> (rewards [N], {reward name: [N]}); unwrap(model) -> the PeftModel
-    that generates (Accelerate's unwrap_model). The first piece carries the
-    step's "stats" (rewards, their spread, lengths, timings); a batch that already holds "advantages" (the
-    memory probe's) goes through whole."""
+    that generates (Accelerate's unwrap_model). The first piece carries the step's "stats" (rewards, their
+    spread, lengths, timings); a batch that already holds "advantages" (the memory probe's) goes through whole."""
     sampling = Sampling(temperature=settings.temperature, top_p=1.0, top_k=0)
     size = settings.num_generations
 
