@@ -11,6 +11,7 @@ import torch
 from accelerate import Accelerator
 
 from qlora_loop.config import ASSETS, AdapterConfig, load_config
+from qlora_loop.cpu import resolve_compute_dtype
 from qlora_loop.model.adapter import add_adapter
 from qlora_loop.model.load import load_base_model, load_tokenizer
 from qlora_loop.model.tiny import build_tiny_model
@@ -44,6 +45,12 @@ def llama_tokenizer(tiny_llama):
 @pytest.fixture
 def accelerator():
     return Accelerator(mixed_precision="no")
+
+
+# The compute dtype a run resolves on this CPU (model.compute_dtype=auto): bfloat16 where its matmuls are
+# native, float32 where torch would emulate it (AVX2 only); a test that reloads a run's adapter loads its
+# base in it, to compare with what the run measured.
+CPU_DTYPE = resolve_compute_dtype("auto", torch.device("cpu"))[0]
 
 
 def peft_model(path, kind: str = "lora", seed: int = 0, total_steps: int | None = None, **adapter):

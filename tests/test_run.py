@@ -14,7 +14,7 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from conftest import tiny_config
+from conftest import CPU_DTYPE, tiny_config
 
 from qlora_loop.config import DataConfig
 from qlora_loop.cpu import physical_cores, resolve_compute_dtype
@@ -89,7 +89,7 @@ def test_reloaded_adapter_reproduces_val_loss_and_answers(tiny_run):
     _, val_dl = build_dataloaders(val_rows, val_rows, DataConfig(group_by_length=False),
                                   batch_size=cfg.train.batch_size, pad_id=tokenizer.pad_token_id)
     from accelerate import Accelerator
-    model = PeftModel.from_pretrained(load_base_model(base_path, torch.device("cpu")), out / "best")
+    model = PeftModel.from_pretrained(load_base_model(base_path, torch.device("cpu"), CPU_DTYPE), out / "best")
     assert evaluate(model, val_dl, Accelerator(mixed_precision="no")) == pytest.approx(summary["best_metric"],
                                                                                       rel=1e-4)
     # Every question that opens a training row gets its trained answer back, verbatim, greedy.

@@ -13,7 +13,7 @@ from accelerate import Accelerator
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from conftest import peft_model, tiny_config
+from conftest import CPU_DTYPE, peft_model, tiny_config
 
 from qlora_loop.config import ConfigError, DataConfig, load_config
 from qlora_loop.data.batches import build_dataloaders
@@ -60,7 +60,7 @@ def test_each_variant_trains_and_reloads_with_plain_peft(name, train_main, tmp_p
     _, val_rows, _ = build_datasets(tokenizer, cfg.data, seed=cfg.train.seed)
     _, val_dl = build_dataloaders(val_rows, val_rows, DataConfig(group_by_length=False),
                                   batch_size=cfg.train.batch_size, pad_id=tokenizer.pad_token_id)
-    base = load_base_model(resolve_model_path(cfg.model.name_or_path), torch.device("cpu"))
+    base = load_base_model(resolve_model_path(cfg.model.name_or_path), torch.device("cpu"), CPU_DTYPE)  # the run's
     model = PeftModel.from_pretrained(base, out / "best")
     assert evaluate(model, val_dl, Accelerator(mixed_precision="no")) == pytest.approx(summary["best_metric"],
                                                                                       rel=1e-4)
