@@ -2,7 +2,7 @@
 label masks, and a run that learns the new identity on phrasings it never saw while keeping the
 base's general answers, with the drift from the base lower with replay than without.
 
-The two trainings here (the default's 3 epochs, one epoch without replay) take about 3 minutes on 2 CPU cores; everything else tests on tiny models."""
+The two trainings here take about 4 minutes on 2 CPU cores; everything else tests on tiny models."""
 
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def test_default_run_learns_the_identity_on_unseen_phrasings_and_keeps_general_a
 def test_without_replay_the_model_drifts_further_from_its_base(default_run, tmp_path):
     out, _ = default_run
     drift = [json.loads(line)["drift"] for line in (out / "history.jsonl").read_text().splitlines()]
-    train(load_config(None, [f"output_dir={tmp_path}", "data.replay=0", "eval.num_samples=0", "train.epochs=1"]))
+    train(load_config(None, [f"output_dir={tmp_path}", "data.replay=0", "eval.num_samples=0"]))
     without = [json.loads(line)["drift"] for line in (tmp_path / "history.jsonl").read_text().splitlines()]
-    # measured: 1.51 after one epoch without replay (1.57, 1.42 after the next two); 0.47, 0.34, 0.41 with it
+    # measured: 1.51, 1.57, 1.42 without replay; 0.47, 0.34, 0.41 with it
     assert min(without) > 2 * max(drift), (without, drift)
