@@ -305,20 +305,28 @@ def test_a_grpo_run_resumes_exactly(grpo_run, number_prompts, train_main, tmp_pa
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in b)
 
 
-@pytest.mark.parametrize("objective", ["grpo", "dpo"])
-def test_merge_export_and_eval_ask_the_runs_own_validation_prompts(number_prompts, tmp_path, objective):
-    """A GRPO run's validation rows are prompts with an answer, a DPO run's pairs: merge's and export's
-    report (inference.validation_prompts) and eval read them as the prompt and the answer it teaches."""
-    data = {"train": str(number_prompts), "columns": {"prompt": "question"}, "val_split": 0.1, "cache": False}
-    if objective == "dpo":
-        pairs = tmp_path / "pairs.jsonl"
-        pairs.write_text("".join(json.dumps({"prompt": f"Say the number {i}", "chosen": str(i), "rejected": "no"}) + "\n"
-                                 for i in range(40)), encoding="utf-8")
-        data = {"train": str(pairs), "val_split": 0.1, "cache": False}
-    prompts, references, source = validation_prompts({"data": data, "train": {"objective": objective, "seed": 42}}, 8)
-    _, held = split_validation(list(range(40)), 0.1, 42)
-    assert references == [str(i) for i in held]
-    assert [p[-1]["content"] for p in prompts] == [f"Say the number {i}" for i in held]
+@pytest.mark.parametrize("objective", ["grpo", "dpo", "kto"])
+def test_merge_export_and_eval_ask_the_runs_own_validation_prompts(tmp_path, objective):
+    """A GRPO run's validation rows are prompts with an answer, a DPO run's pairs, a KTO run's judged answers:
+    merge's and export's report (inference.validation_prompts) and eval read the run's own held-out rows as
+    the prompt and the answer it teaches, the split drawn over the same examples as the run's."""
+    path = tmp_path / "rows.jsonl"
+    if objective == "grpo":  # every third row has no answer: a row the run trains, eval cannot score
+        rows = [{"question": f"Say the number {i}", **({"answer": str(i)} if i % 3 else {})} for i in range(40)]
+        examples = [str(i) if i % 3 else None for i in range(40)]
+    elif objective == "dpo":
+        rows = [{"prompt": f"Say the number {i}", "chosen": str(i), "rejected": "no"} for i in range(40)]
+        examples = [str(i) for i in range(40)]
+    else:  # each pair is two judged examples, the chosen one desirable
+        rows = [{"prompt": f"Say the number {i}", "chosen": str(i), "rejected": "no"} for i in range(20)]
+        examples = [a for i in range(20) for a in (str(i), None)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    data = {"train": str(path), "columns": {"prompt": "question"} if objective == "grpo" else {}, "val_split": 0.2,
+            "cache": False}
+    prompts, references, source = validation_prompts({"data": data, "train": {"objective": objective, "seed": 42}}, 40)
+    _, held = split_validation(examples, 0.2, 42)  # the run's own split of its examples
+    assert references == [e for e in held if e is not None] and references
+    assert [p[-1]["content"] for p in prompts] == [f"Say the number {e}" for e in references]
     assert "validation rows" in source
 
 

@@ -175,8 +175,8 @@ def held_out_conversations(data: dict, seed: int, tokenizer=None, *, read=None) 
     data.val's rows, or each source's held-out share, read and split as data.mixtures.build_datasets does.
     With the run's `tokenizer` and data.cache on, each source comes from the tokenized cache the run
     wrote (read and tokenized again only if it is gone), and rows the run dropped stay out. `read`:
-    (opened source, *, system_prompt, rejects) -> conversations, for rows that are not SFT rows
-    (data.preference.answer_conversations); None = SFT rows.
+    (opened source, *, system_prompt, rejects) -> conversations (None for a row without an answer),
+    for rows that are not SFT rows (data.preference.answer_conversations); None = SFT rows.
     Returns (rows, where they come from)."""
     strict = data.get("on_error", DataConfig.on_error) == "error"  # bad rows dropped as in training
     val_split = data.get("val_split", DataConfig.val_split)
@@ -195,7 +195,7 @@ def held_out_conversations(data: dict, seed: int, tokenizer=None, *, read=None) 
             opened = open_source(source)
             label, conversations = opened.label, (read or conversations_of)(
                 opened, system_prompt=data.get("system_prompt"), rejects=Rejects(strict=strict))
-            kept = [True] * len(conversations)
+            kept = [c is not None for c in conversations]  # `read` gives None for a row with no answer to show
         labels.append(label)
         chosen = list(range(len(conversations)))
         if not (data.get("val") or val_split <= 0):

@@ -113,21 +113,23 @@ def to_prompts(rows: list[tuple[str, object]], *, columns: dict | None, system_p
 
 
 def answer_conversations(objective: str):
-    """data.mixtures.held_out_conversations' `read` for a run of `objective` (dpo, orpo, kto, grpo): each row as
-    its prompt and the answer it teaches (a pair's chosen answer, a desirable KTO answer, a GRPO row's
-    "answer"; GRPO rows without one are left out), so merge, export and eval ask the run's own prompts."""
+    """data.mixtures.held_out_conversations' `read` for a run of `objective` (dpo, orpo, kto, grpo): each of the
+    run's examples as its prompt and the answer it teaches (a pair's chosen answer, a desirable KTO answer, a
+    GRPO row's "answer"), None for one that teaches none (an undesirable KTO answer, a GRPO row without an
+    answer), so that the validation split is drawn over the same list as the run's and merge, export and
+    eval ask the run's own prompts."""
     def answer(prompt: list[dict], text: str) -> list[dict]:
         return prompt + [{"role": "assistant", "content": text}]
 
-    def read(opened, *, system_prompt: str | None, rejects: Rejects) -> list[Conversation]:
+    def read(opened, *, system_prompt: str | None, rejects: Rejects) -> list[Conversation | None]:
         rows, columns = opened.read(rejects), opened.source.columns
         if objective == "grpo":
             items = to_prompts(rows, columns=columns, system_prompt=system_prompt, rejects=rejects)
-            return [Conversation(i["where"], answer(i["messages"], i["row"]["answer"])) for i in items
-                    if isinstance(i["row"].get("answer"), str)]
+            return [Conversation(i["where"], answer(i["messages"], i["row"]["answer"]))
+                    if isinstance(i["row"].get("answer"), str) else None for i in items]
         if objective == "kto":
             judged = to_judged(rows, columns=columns, system_prompt=system_prompt, rejects=rejects)
-            return [Conversation(j.where, answer(j.prompt, j.answer)) for j in judged if j.desirable]
+            return [Conversation(j.where, answer(j.prompt, j.answer)) if j.desirable else None for j in judged]
         pairs = to_pairs(rows, columns=columns, system_prompt=system_prompt, rejects=rejects)
         return [Conversation(p.where, answer(p.prompt, p.chosen)) for p in pairs]
 
