@@ -123,41 +123,41 @@ def generate_replies(model, tokenizer, conversations: list[list[dict]], *, max_n
     replies = []
     options = generation_kwargs(model, tokenizer, max_new_tokens=max_new_tokens)
     for start in range(0, len(prompts), batch_size):
-        batch = prompts[start:start + batch_size]
-        width = max(len(p) for p in batch)
-        input_ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        for row, ids in enumerate(batch):
-            input_ids[row, width - len(ids):], attention_mask[row, width - len(ids):] = ids, 1
-        with generation_state(model):
-            output = model.generate(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
-                                    **options)
-        replies += tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)
+        new = generate_left_padded(model, prompts[start:start + batch_size], pad_id=tokenizer.pad_token_id, **options)
+        replies += tokenizer.batch_decode(new, skip_special_tokens=True)
     return replies
 
 
-def sample_completions(model, tokenizer, prompts: list[torch.Tensor], *, num_generations: int, max_new_tokens: int,
-                       sampling: Sampling) -> list[torch.Tensor]:
-    """`num_generations` sampled completions of each prompt (token ids [T]), all in one batched
-    generate() with the KV cache, left-padded, under generation_state (eval mode: no dropout, no
-    gradients): the group of prompt i is completions[i * G:(i + 1) * G]. Each completion runs to its
-    first stop token, kept, or to max_new_tokens. Draws from torch's global RNG (saved in checkpoints)."""
-    rows = [ids for ids in prompts for _ in range(num_generations)]
-    width = max(len(ids) for ids in rows)
-    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+def generate_left_padded(model, prompts: list[torch.Tensor], *, pad_id: int, **options) -> torch.Tensor:
+    """The new tokens [N, T'] generate() appends to the prompts [T_i], given as one left-padded batch,
+    under generation_state; `options`: generation_kwargs'."""
+    width = max(len(ids) for ids in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros_like(input_ids)
-    for row, ids in enumerate(rows):
+    for row, ids in enumerate(prompts):
         input_ids[row, width - len(ids):], attention_mask[row, width - len(ids):] = ids, 1
-    options = generation_kwargs(model, tokenizer, max_new_tokens=max_new_tokens, sampling=sampling)
     with generation_state(model):
         output = model.generate(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
                                 **options)
+    return output[:, width:]
+
+
+def sample_completions(model, tokenizer, prompts: list[torch.Tensor], *, num_generations: int, max_new_tokens: int,
+                       sampling: Sampling) -> tuple[list[torch.Tensor], list[bool]]:
+    """(completions, whether each ended with a stop token): `num_generations` sampled completions of each
+    prompt (token ids [T]), all in one batched generate() with the KV cache, left-padded, under
+    generation_state (eval mode: no dropout, no gradients): the group of prompt i is completions[i * G:(i + 1) * G].
+    Each completion runs to its first stop token, kept, or to max_new_tokens. Draws from torch's global RNG
+    (saved in checkpoints)."""
+    options = generation_kwargs(model, tokenizer, max_new_tokens=max_new_tokens, sampling=sampling)
+    rows = [ids for ids in prompts for _ in range(num_generations)]
     stops = torch.tensor(options["eos_token_id"])
-    completions = []
-    for new in output[:, width:].cpu():
+    completions, stopped = [], []
+    for new in generate_left_padded(model, rows, pad_id=tokenizer.pad_token_id, **options).cpu():
         ends = torch.isin(new, stops).nonzero()
         completions.append(new[:int(ends[0]) + 1] if len(ends) else new)
-    return completions
+        stopped.append(bool(len(ends)))
+    return completions, stopped
 
 
 class _StopWhenSet(StoppingCriteria):

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from qlora_loop.data.examples import IGNORE
-from qlora_loop.model.generate import Sampling, sample_completions, stop_token_ids
+from qlora_loop.model.generate import Sampling, sample_completions
 from qlora_loop.training.loss import target_mask, token_losses
 
 
@@ -122,8 +122,8 @@ def grpo_split(settings: Grpo, *, examples: list[dict], tokenizer, score, unwrap
         chosen = [examples[i] for i in batch["index"].tolist()]
         prompts = [torch.tensor(e["input_ids"]) for e in chosen]
         started = time.perf_counter()
-        completions = sample_completions(policy, tokenizer, prompts, num_generations=size,
-                                         max_new_tokens=settings.max_new_tokens, sampling=sampling)
+        completions, stopped = sample_completions(policy, tokenizer, prompts, num_generations=size,
+                                                  max_new_tokens=settings.max_new_tokens, sampling=sampling)
         generated = time.perf_counter()
         texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
         asked = [e for e in chosen for _ in range(size)]
@@ -140,9 +140,7 @@ def grpo_split(settings: Grpo, *, examples: list[dict], tokenizer, score, unwrap
             if settings.beta:
                 piece["ref_logps"] = reference_token_logps(policy, piece, temperature=settings.temperature)
             pieces.append(piece)
-        stops = stop_token_ids(policy, tokenizer)
-        pieces[0]["stats"].update(group_stats(rewards, by_name, completions=completions, size=size,
-                                              stopped=[int(c[-1]) in stops for c in completions]),
+        pieces[0]["stats"].update(group_stats(rewards, by_name, completions=completions, size=size, stopped=stopped),
                                   generate_seconds=generated - started, score_seconds=scored - generated)
         return pieces
 
