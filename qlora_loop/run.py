@@ -135,7 +135,8 @@ def train(cfg: Config, *, overwrite: bool = False, loss_fn=None) -> dict:
                                         max_length=d.max_length)
             log.print(f"label-mask audit: {audited} rows checked, no problem found" if audited else
                       "[yellow]label-mask audit off (data.audit_rows=0)")
-        train_dl, val_dl = build_dataloaders(train_rows, val_rows, d, batch_size=t.batch_size,
+        # GRPO has no validation loss: its validation prompts are completed greedily (reward_watch), not batched
+        train_dl, val_dl = build_dataloaders(train_rows, [] if grpo else val_rows, d, batch_size=t.batch_size,
                                              pad_id=tokenizer.pad_token_id, seed=t.seed,
                                              processes=accelerator.num_processes)
         train_dl, val_dl = accelerator.prepare(train_dl, val_dl)
@@ -241,7 +242,6 @@ def train(cfg: Config, *, overwrite: bool = False, loss_fn=None) -> dict:
             metrics = reward_watch(runner, tokenizer, rewards, rows=val_rows[:cfg.eval.metrics_rows or None],
                                    metrics=cfg.eval.metrics, max_new_tokens=grpo.max_new_tokens, log=log,
                                    num_samples=cfg.eval.num_samples) if val_rows else None
-            val_dl = None
         else:
             metrics = both(metrics_watch(runner, tokenizer, cfg.eval, rows=val_rows, sharded_by=launch.shards_parameters),
                            preference_watch(runner, val_dl, objective, warn=log.print)
